@@ -1,0 +1,460 @@
+"""Convert a Hugging Face checkpoint dir to the native format (Meta's `consolidated.00.pth` + `params.json`),
+and back with `--to_hf`.
+
+    python convert.py --ckpt_paths checkpoints/llama3.1_8b_instruct --output_dir checkpoints/llama3.1_8b_instruct
+    python convert.py --to_hf --ckpt_paths outputs/sft_example --output_dir outputs/sft_example_hf
+
+One name map serves both directions. HF stores each q/k projection with its rotary pairs split into two
+halves per head; Meta (and model.py) interleaves them, so q and k are permuted on the way in and back on
+the way out. Conversion streams tensor by tensor, so memory stays near one input shard, and writes into a
+temp dir that is renamed into place only when everything succeeded.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs, Transformer, check_state_dict, load_state_dict, resolve_weights
+
+# native key -> HF key; "{}" is the layer index.
+NAME_MAP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+}
+HF_TO_NATIVE = {hf: native for native, hf in NAME_MAP.items()}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "config.json")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+SHARD_BYTES = 5 * 1024**3
+
+
+class ConvertError(Exception):
+    """Bad input: the message names the file or tensor and what is wrong."""
+
+
+def rename(key: str, mapping: dict) -> str | None:
+    """Map one key through NAME_MAP (or its inverse), treating the layer index as a wildcard."""
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            template = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
+            target = mapping.get(template)
+            return target.format(p) if target else None
+    return mapping.get(key)
+
+
+def permute_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's half-split rotary layout -> Meta's interleaved pairs, per head (rows of a weight or a bias)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# -- HF config -> ModelArgs --------------------------------------------------------------------------------
+def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConvertError(f"{path}: model_type {model_type!r} is not supported; supported: "
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5)")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        if key not in config:
+            raise ConvertError(f"{path}: missing required key {key!r}")
+    if config.get("mlp_bias") or (model_type != "qwen2" and config.get("attention_bias")):
+        raise ConvertError(f"{path}: attention_bias/mlp_bias on a {model_type} model are not supported "
+                           f"(only Qwen2's q/k/v biases are)")
+    if config.get("use_sliding_window"):
+        raise ConvertError(f"{path}: use_sliding_window=true is not supported (full attention only)")
+
+    # transformers 5 nests rotary settings in rope_parameters; 4 has rope_theta + rope_scaling.
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ConvertError(f"{path}: rope type {rope_type!r} is not supported (default and llama3 are)")
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope_scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                             "original_max_position_embeddings")}
+
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or dim // n_heads
+    multiple_of, ffn_dim_multiplier = ffn_params(dim, config["intermediate_size"])
+    return ModelArgs(
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+        multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
+        norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        use_scaled_rope=rope_scaling is not None, rope_scaling=rope_scaling,
+        head_dim=head_dim if head_dim != dim // n_heads else None,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2", max_seq_len=config.get("max_position_embeddings", 8192))
+
+
+def ffn_params(dim: int, intermediate_size: int) -> tuple[int, float | None]:
+    """Meta's schema has no FFN width, only a rule (ModelArgs.hidden_dim). Find the rule's inputs that give
+    `intermediate_size`: Meta's own values where they fit, else multiple_of = the width itself."""
+    for multiple_of, mult in ((256, None), (1024, 1.3), (256, 1.3), (256, 1.5), (1024, None)):
+        if ModelArgs(dim=dim, n_heads=1, vocab_size=1, multiple_of=multiple_of,
+                     ffn_dim_multiplier=mult).hidden_dim == intermediate_size:
+            return multiple_of, mult
+    # Rounding any width in (0, intermediate_size] up to a multiple of intermediate_size gives it exactly.
+    base = int(2 * 4 * dim / 3)
+    return intermediate_size, (None if base <= intermediate_size else intermediate_size / base)
+
+
+def hf_config_from_args(args: ModelArgs, base: dict | None, dtype: torch.dtype) -> dict:
+    """config.json for transformers. Starts from the source model's config.json when the native dir kept
+    one (architecture, token ids, generation fields survive the round trip), else from scratch."""
+    config = dict(base or {})
+    if "model_type" not in config:
+        config["model_type"] = "qwen2" if args.qkv_bias else "llama"
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    config.setdefault("architectures", [arch.get(config["model_type"], "LlamaForCausalLM")])
+    config.update(
+        hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size, intermediate_size=args.hidden_dim,
+        head_dim=args.head_dim, rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=config.get("max_position_embeddings", args.max_seq_len), hidden_act="silu")
+    if config["model_type"] == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    rope = {"rope_type": "default"}
+    if args.use_scaled_rope or args.rope_scaling:
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, **(args.rope_scaling or {})}
+    if "rope_parameters" in config:  # keep the source's style: transformers 5 ...
+        config["rope_parameters"] = {**rope, "rope_theta": args.rope_theta}
+    else:  # ... or 4, which 5 also reads
+        config["rope_theta"] = args.rope_theta
+        config["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+    name = {v: k for k, v in PRECISIONS.items()}[dtype]
+    config["dtype" if "dtype" in config else "torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16",
+                                                               "fp32": "float32"}[name]
+    return config
+
+
+# -- reading HF weights without loading them -----------------------------------------------------------------
+class HFWeights:
+    """Tensor names, shapes and dtypes of an HF checkpoint, and a way to stream them shard by shard."""
+
+    def __init__(self, ckpt_dir: Path):
+        self.dir = ckpt_dir
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = ckpt_dir / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ConvertError(f"{index}: not a valid shard index ({e})") from e
+                self.shards = sorted({ckpt_dir / f for f in weight_map.values()})
+                break
+            if (ckpt_dir / single).is_file():
+                self.shards = [ckpt_dir / single]
+                break
+        else:
+            raise ConvertError(f"{ckpt_dir}: no weights found (looked for model.safetensors[.index.json] and "
+                               f"pytorch_model.bin[.index.json])")
+        for shard in self.shards:
+            if not shard.is_file():
+                raise ConvertError(f"{shard}: shard listed in the index is missing")
+        self.specs = {}  # HF name -> (shape, dtype, shard)
+        for shard in self.shards:
+            for name, tensor in self.open(shard):
+                self.specs[name] = (tuple(tensor.shape), tensor.dtype, shard)
+
+    def open(self, shard: Path):
+        """Yield (name, tensor) of one shard, each read only when asked for."""
+        if shard.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                f = safe_open(shard, framework="pt")
+                names = list(f.keys())
+            except Exception as e:
+                raise ConvertError(f"{shard}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+            for name in names:
+                yield name, _LazySafetensor(f, name, shard)
+        else:
+            try:
+                state = load_state_dict(shard)  # mmap: a .bin shard is paged in tensor by tensor
+            except ValueError as e:
+                raise ConvertError(str(e)) from e
+            yield from state.items()
+
+
+class _LazySafetensor:
+    """Shape and dtype from the safetensors header; data read on .load()."""
+
+    _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+    def __init__(self, handle, name, shard):
+        self.handle, self.name, self.shard = handle, name, shard
+        sl = handle.get_slice(name)
+        self.shape = tuple(sl.get_shape())
+        self.dtype = self._DTYPES.get(sl.get_dtype(), sl.get_dtype())
+
+    def load(self) -> torch.Tensor:
+        try:
+            return self.handle.get_tensor(self.name)
+        except Exception as e:
+            raise ConvertError(f"{self.shard}: cannot read tensor {self.name} (truncated file?): {e}") from e
+
+
+def _materialise(t) -> torch.Tensor:
+    return t.load() if isinstance(t, _LazySafetensor) else t
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+def save_pth_streaming(path: Path, specs: dict, tensors):
+    """Write a `torch.save` file of {name: tensor} without holding the state dict in memory.
+
+    torch's `skip_data` writes the zip with every storage record in place but empty; uninitialised
+    tensors stand in for the real ones (their pages are never touched, so they cost no memory). Each real
+    tensor is then written into its record as it arrives from `tensors` (an iterable of (name, tensor)).
+    Storage records are numbered in the order the dict is pickled, i.e. insertion order.
+    """
+    placeholders = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
+    with torch.serialization.skip_data():
+        torch.save(placeholders, path)
+    del placeholders
+    with zipfile.ZipFile(path) as zf:
+        records = {info.filename.split("/data/")[-1]: info for info in zf.infolist() if "/data/" in info.filename}
+    if len(records) != len(specs):
+        raise ConvertError(f"internal: {path} has {len(records)} storage records for {len(specs)} tensors")
+    slot = {name: str(i) for i, name in enumerate(specs)}
+    written = set()
+    with open(path, "r+b") as f:
+        for name, tensor in tensors:
+            shape, dtype = specs[name]
+            assert tuple(tensor.shape) == shape and tensor.dtype == dtype, name
+            info = records[slot[name]]
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
+            assert data.nbytes == info.file_size, name
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            f.write(memoryview(data))
+            written.add(name)
+    if written != set(specs):
+        raise ConvertError(f"internal: tensors never written: {sorted(set(specs) - written)[:5]}")
+
+
+def save_safetensors_streaming(path: Path, specs: dict, tensors):
+    """A safetensors file is an 8-byte header length, a JSON header of offsets, then raw bytes: write the
+    header from the shapes alone, then each tensor as it arrives, in header order."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    order = list(specs)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for expected, (name, tensor) in zip(order, tensors, strict=True):
+            assert name == expected, (name, expected)
+            f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+def copy_tokenizer_files(src: Path, dst: Path, names=TOKENIZER_FILES):
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    # Meta's tiktoken file sits in original/ in HF's Llama 3 dirs; the native dir wants it at the top.
+    if not (dst / "tokenizer.model").exists() and (src / "original" / "tokenizer.model").is_file():
+        shutil.copy2(src / "original" / "tokenizer.model", dst / "tokenizer.model")
+
+
+class StagingDir:
+    """Files are written to a hidden temp dir inside the output dir and moved into place only on success,
+    so a failure leaves the output dir (which may be the input dir) exactly as it was."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+
+    def __enter__(self) -> Path:
+        self.created = not self.output_dir.exists()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=self.output_dir))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            for f in sorted(self.tmp.iterdir()):
+                os.replace(f, self.output_dir / f.name)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc_type is not None and self.created:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+        return False
+
+
+# -- the two directions --------------------------------------------------------------------------------------
+def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bfloat16):
+    config_path = ckpt_dir / "config.json"
+    if not ckpt_dir.is_dir():
+        raise ConvertError(f"{ckpt_dir}: no such directory")
+    if not config_path.is_file():
+        raise ConvertError(f"{ckpt_dir}: no config.json (is this a Hugging Face checkpoint dir?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{config_path}: invalid JSON: {e}") from e
+    args = args_from_hf_config(config, config_path)
+    weights = HFWeights(ckpt_dir)
+
+    # Check names and shapes against the model that params.json describes before writing anything.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("output.weight")
+    found = {}
+    for hf_name, (shape, _, shard) in weights.specs.items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
+            continue  # recomputed buffers; a tied lm_head duplicates the embedding
+        native = rename(hf_name, HF_TO_NATIVE)
+        if native is None or native not in expected:
+            raise ConvertError(f"{shard}: unexpected tensor {hf_name} for a {config['model_type']} model "
+                               f"with this config.json")
+        found[native] = shape
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ConvertError(f"{ckpt_dir}: missing tensors {[rename(k, NAME_MAP) for k in missing][:8]}")
+    for native, shape in found.items():
+        if shape != expected[native]:
+            raise ConvertError(f"{ckpt_dir}: tensor {rename(native, NAME_MAP)} has shape {shape}, config.json "
+                               f"implies {expected[native]}")
+
+    def converted():
+        for shard in weights.shards:
+            for hf_name, tensor in weights.open(shard):
+                native = rename(hf_name, HF_TO_NATIVE)
+                if native not in found:
+                    continue
+                t = _materialise(tensor)
+                if ".wq." in native:
+                    t = permute_to_native(t, args.n_heads)
+                elif ".wk." in native:
+                    t = permute_to_native(t, args.n_kv_heads)
+                yield native, t.to(dtype)
+
+    specs = {k: (expected[k], dtype) for k in expected}
+    with StagingDir(output_dir) as tmp:
+        save_pth_streaming(tmp / "consolidated.00.pth", specs, converted())
+        (tmp / "params.json").write_text(json.dumps(args.to_json(), indent=2) + "\n")
+        copy_tokenizer_files(ckpt_dir, tmp)
+    return args
+
+
+def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype = torch.bfloat16):
+    try:
+        weights_path = resolve_weights(ckpt_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConvertError(str(e)) from e
+    native_dir = weights_path.parent
+    if not (native_dir / "params.json").is_file():
+        raise ConvertError(f"{native_dir}: no params.json beside {weights_path.name}")
+    args = ModelArgs.from_json(native_dir / "params.json")
+    try:
+        state = load_state_dict(weights_path)
+    except ValueError as e:
+        raise ConvertError(str(e)) from e
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:
+        check_state_dict(model, state, source=str(weights_path))
+    except ValueError as e:
+        raise ConvertError(str(e)) from e
+    if args.tie_word_embeddings:
+        state.pop("output.weight")
+    names = {native: rename(native, NAME_MAP) for native in state}
+
+    def converted(keys):
+        for native in keys:
+            t = state[native]
+            if ".wq." in native:
+                t = permute_to_hf(t, args.n_heads)
+            elif ".wk." in native:
+                t = permute_to_hf(t, args.n_kv_heads)
+            yield names[native], t.to(dtype)
+
+    # Shards of at most 5 GB, as transformers' save_pretrained does.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, size = [[]], 0
+    for native, t in state.items():
+        nbytes = t.numel() * itemsize
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(native)
+        size += nbytes
+    base_config = None
+    if (native_dir / "config.json").is_file():
+        base_config = json.loads((native_dir / "config.json").read_text())
+    with StagingDir(output_dir) as tmp:
+        copy_tokenizer_files(native_dir, tmp, [n for n in TOKENIZER_FILES if n != "config.json"])
+        weight_map = {}
+        for i, keys in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            specs = {names[k]: (tuple(state[k].shape), dtype) for k in keys}
+            save_safetensors_streaming(tmp / fname, specs, converted(keys))
+            weight_map.update({names[k]: fname for k in keys})
+        if len(shards) > 1:
+            total = sum(state[k].numel() for k in state) * itemsize
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = hf_config_from_args(args, base_config, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return args
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_paths", required=True, type=Path,
+                        help="HF checkpoint dir (or, with --to_hf, a native dir or its consolidated.00.pth)")
+    parser.add_argument("--output_dir", "--output", required=True, type=Path,
+                        help="where to write; may be the input dir itself")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="dtype of the written weights")
+    parser.add_argument("--to_hf", action="store_true", help="native -> HF safetensors + config.json")
+    args = parser.parse_args(argv)
+    try:
+        if args.to_hf:
+            model_args = native_to_hf(args.ckpt_paths, args.output_dir, PRECISIONS[args.precision])
+        else:
+            model_args = hf_to_native(args.ckpt_paths, args.output_dir, PRECISIONS[args.precision])
+    except ConvertError as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {args.output_dir} ({model_args.n_layers} layers, dim {model_args.dim}, {args.precision})")
+
+
+if __name__ == "__main__":
+    main()

