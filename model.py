@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
+
 
 @dataclass
 class ModelArgs:
@@ -248,13 +250,20 @@ class Transformer(nn.Module):
         args = ModelArgs.from_json(params)
         with torch.device("meta"):
             model = cls(args)
-        state = {}
+        state, adapter = {}, None
         for w in weights:
-            state.update(load_state_dict(w))
+            overlay = load_state_dict(w)
+            if any(".lora_" in k for k in overlay):
+                adapter = lora.read_adapter_config(w)
+            state.update(overlay)
+        if adapter:  # a LoRA overlay: wrap the targeted projections so its tensors have a place to go
+            lora.apply_lora(model, adapter["rank"], adapter["alpha"], targets=adapter["targets"])
         check_state_dict(model, state, source=", ".join(str(w) for w in weights))
         model.load_state_dict(state, assign=True, strict=True)
         if args.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
             model.output.weight = model.tok_embeddings.weight
+        if adapter:
+            lora.merge_lora(model)
         model.inv_freq = rope_frequencies(args)  # built on meta above
         return model.to(device=device, dtype=dtype)
 

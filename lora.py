@@ -1,0 +1,138 @@
+"""LoRA (Hu et al., 2021): W x + (alpha / r) B A x, with W frozen and only A [r, in], B [out, r] trained.
+
+`LoRALinear` is an `nn.Linear` with two extra parameters, so a wrapped projection keeps its state-dict
+key (`layers.0.attention.wq.weight`) and the adapter sits beside it (`...wq.lora_a`, `...wq.lora_b`): the
+base checkpoint loads unchanged, and the adapter alone is the state dict's `lora_` entries.
+B starts at zero, so a freshly wrapped model computes exactly what the base model did.
+"""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # every attention and MLP projection
+ADAPTER_WEIGHTS = "adapter.pth"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        # The base weight is shared with `base`, not copied: build the nn.Linear part on meta, then assign.
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        device, in_features, out_features = base.weight.device, base.in_features, base.out_features
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        # Adapters stay fp32 even when the frozen base weight is bf16: their updates are small.
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
+        self.adapters_enabled = True
+        self.reset_lora()
+
+    def reset_lora(self):
+        if self.lora_a.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear, and PEFT's default
+            nn.init.zeros_(self.lora_b)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if not self.adapters_enabled:
+            return out
+        a, b = self.lora_a, self.lora_b
+        delta = F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scale
+        return out + delta.to(out.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        w = self.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        return w.to(self.weight.dtype)
+
+
+def _targets(model: nn.Module, targets):
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in targets:
+            yield name, module
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=DEFAULT_TARGETS):
+    """Replace each targeted nn.Linear (by its attribute name) with a LoRALinear sharing its weight."""
+    if rank <= 0:
+        raise ValueError(f"--lora_rank must be positive, got {rank}")
+    found = list(_targets(model, set(targets)))
+    if not found:
+        raise ValueError(f"--lora_targets {list(targets)} match no linear layer (choose from {DEFAULT_TARGETS})")
+    for name, linear in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, LoRALinear(linear, rank, alpha, dropout))
+    return model
+
+
+def lora_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def mark_trainable(model: nn.Module, unfrozen_patterns=()):
+    """Freeze everything but the adapters and any parameter whose name matches an --lora_unfrozen_params
+    regex (e.g. 'norm' or 'tok_embeddings')."""
+    regexes = [re.compile(p) for p in unfrozen_patterns]
+    for name, p in model.named_parameters():
+        p.requires_grad = ".lora_" in name or any(r.search(name) for r in regexes)
+
+
+def set_adapters(model: nn.Module, enabled: bool):
+    """Adapters off = the base model: DPO's reference without a second copy in memory."""
+    for m in lora_modules(model):
+        m.adapters_enabled = enabled
+
+
+def adapter_state_dict(model_state: dict) -> dict:
+    return {k: v for k, v in model_state.items() if ".lora_" in k}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and turn the LoRALinear back into a plain nn.Linear."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                               device="meta")
+            linear.weight = nn.Parameter(module.merged_weight(), requires_grad=False)
+            linear.bias = module.bias
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, linear)
+    return model
+
+
+def merged_state_dict(model_state: dict, rank: int, alpha: float) -> dict:
+    """Merge adapters into a full state dict (e.g. one gathered from FSDP shards) without a model."""
+    out = {}
+    scale = alpha / rank
+    for k, v in model_state.items():
+        if ".lora_" in k:
+            continue
+        if k.endswith(".weight") and k[: -len("weight")] + "lora_a" in model_state:
+            prefix = k[: -len("weight")]
+            delta = model_state[prefix + "lora_b"].float() @ model_state[prefix + "lora_a"].float()
+            v = (v.float() + scale * delta).to(v.dtype)
+        out[k] = v
+    return out
+
+
+def save_adapter(path: Path, adapter_state: dict, rank: int, alpha: float, targets):
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(adapter_state, path / ADAPTER_WEIGHTS)
+    (path / ADAPTER_CONFIG).write_text(json.dumps({"rank": rank, "alpha": alpha, "targets": list(targets)},
+                                                  indent=2) + "\n")
+
+
+def read_adapter_config(weights_path: Path) -> dict:
+    config = Path(weights_path).parent / ADAPTER_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{weights_path} holds LoRA tensors but {config} (rank, alpha) is missing")
+    return json.loads(config.read_text())
