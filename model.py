@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import lora
 
@@ -191,14 +192,20 @@ class Transformer(nn.Module):
         self.inv_freq = rope_frequencies(args)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V].
+                mask: torch.Tensor | None = None, start_pos: int = 0,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V], or with `labels` [B, T] the fp32 log-probs [B, T] of the labels.
 
         position_ids [B, T] default to start_pos + arange(T); packed batches pass per-document positions
         and a boolean `mask` [B, 1, T, T] (True = may attend). Without a mask attention is causal.
         `start_pos` is where these tokens go in the KV cache, when one is set up.
+        Training passes labels: the log-probs are computed here, inside the model's forward, because under
+        FSDP2 the output projection's weight is only gathered while the root module runs.
         """
-        return self.output(self.hidden_states(tokens, position_ids, mask, start_pos))
+        h = self.hidden_states(tokens, position_ids, mask, start_pos)
+        if labels is not None:
+            return token_logprobs(h, self.output.weight, labels)
+        return self.output(h)
 
     def hidden_states(self, tokens, position_ids=None, mask=None, start_pos: int = 0) -> torch.Tensor:
         """The final normalised hidden states [B, T, dim], before the output projection."""
@@ -266,6 +273,35 @@ class Transformer(nn.Module):
             lora.merge_lora(model)
         model.inv_freq = rope_frequencies(args)  # built on meta above
         return model.to(device=device, dtype=dtype)
+
+
+IGNORE_INDEX = -100
+LOGITS_CHUNK_ELEMENTS = 1 << 25  # 128 MB of fp32 logits per chunk
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[b, t]) in fp32 for every position, 0 where labels == IGNORE_INDEX.
+
+    The full fp32 [B, T, V] logits never exist (128k vocab x 8k tokens would be 4 GB): positions go through
+    the output projection a chunk at a time, and with gradients on, each chunk is recomputed in backward
+    instead of kept, so only the hidden states are saved.
+    """
+    B, T, D = hidden.shape
+    h, y = hidden.reshape(B * T, D), labels.reshape(B * T)
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+    chunks = []
+    for i in range(0, B * T, rows):
+        if torch.is_grad_enabled():
+            chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, h[i:i + rows], weight,
+                                                            y[i:i + rows], use_reentrant=False))
+        else:
+            chunks.append(_chunk_logprobs(h[i:i + rows], weight, y[i:i + rows]))
+    return torch.cat(chunks).view(B, T)
+
+
+def _chunk_logprobs(h, weight, y):
+    logits = F.linear(h, weight).float()
+    return -F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def resolve_weights(path) -> Path:

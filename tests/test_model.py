@@ -169,3 +169,25 @@ def test_real_smollm2_checkpoint(tmp_path):
         hf_out = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                              pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
         assert list(generate(ours, ids, max_new_tokens=20)) == hf_out
+
+
+def test_token_logprobs_equal_full_log_softmax(tmp_path, monkeypatch):
+    """The chunked, recomputed log-probs (and their gradients) equal log_softmax of the full logits."""
+    import model as model_module
+
+    _, native_dir = native_model(tmp_path, "llama3.2")
+    model = Transformer.from_pretrained(native_dir)
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels[0, :7] = -100
+    monkeypatch.setattr(model_module, "LOGITS_CHUNK_ELEMENTS", 512 * 9)  # 9 rows a chunk: a ragged last chunk
+    got = model(tokens, labels=labels)
+    got.sum().backward()
+    grad_chunked = model.tok_embeddings.weight.grad.clone()
+    model.zero_grad()
+    full = model(tokens).float().log_softmax(-1)
+    ref = full.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels == -100, 0)
+    ref.sum().backward()
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() <= 1e-5
+    assert (grad_chunked - model.tok_embeddings.weight.grad).abs().max() <= 1e-5
