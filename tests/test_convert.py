@@ -254,7 +254,7 @@ def test_native_missing_tensor_named(native, tmp_path, capsys):
 
 def test_native_extra_tensor_named(native, tmp_path):
     bad = tampered(native, tmp_path, lambda s: s.update({"layers.0.attention.wq.scales": torch.zeros(2)}))
-    with pytest.raises(ValueError, match=r"unexpected tensors.*layers\.0\.attention\.wq\.lora_a"):
+    with pytest.raises(ValueError, match=r"unexpected tensors.*layers\.0\.attention\.wq\.scales"):
         Transformer.from_pretrained(bad)
 
 
