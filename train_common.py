@@ -1,0 +1,536 @@
+"""Plumbing shared by train_sft.py, train_dpo.py and train_simpo.py, as plain functions (no Trainer class):
+the torchrun environment, parallelism (activation checkpointing, compile, FSDP2 or DDP, in that order, as
+torchtitan applies them), AdamW and the LR schedule, step checkpoints that resume exactly, the final
+native output dir, and logging. Each trainer keeps its own loop in plain sight.
+"""
+
+import argparse
+import json
+import math
+import sys
+import os
+import random
+import resource
+import shutil
+import signal
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+import lora
+from lora import DEFAULT_TARGETS as LORA_TARGETS
+from model import ModelArgs
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "config.json")
+
+
+# -- arguments ------------------------------------------------------------------------------------------------
+def arg(default=MISSING, help="", **kwargs):
+    """A dataclass field that is also a command-line flag; `choices` and `nargs` pass through to argparse."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class CommonArgs:
+    """The flags every trainer shares; names follow the torchllms training README."""
+    ckpt_paths: list = arg(help="native checkpoint dir or its consolidated.00.pth (then overlays, e.g. a LoRA adapter)")
+    template_config: str = arg(help="chat template: a name from templates/ (llama3_instruct.yaml) or a path")
+    train_data_paths: list = arg(help="jsonl:/f.jsonl, text:/f.txt, local:/dir or a hub dataset name; several mix")
+    output_dir: str = arg(help="where the trained native checkpoint, metrics and step checkpoints go")
+    val_data_paths: list = arg([], help="validation sources, same forms as --train_data_paths")
+    train_data_splits: list = arg([], help="split per source for local:/hub sources (default train)")
+    val_data_splits: list = arg([], help="split per validation source")
+    train_num_samples: list = arg([], help="per source: a count, a fraction, or all")
+    val_num_samples: list = arg([], help="per validation source: a count, a fraction, or all")
+    data_cache_dir: str = arg(None, help="pretokenized cache dir (default .cache/data in the repo)")
+    max_seq_len: int = arg(2048, help="longer samples are truncated (if a trained token survives) or dropped")
+    micro_batch_size_per_gpu: int = arg(1, help="sequences (pairs for DPO/SimPO) per process per forward")
+    gradient_accum_steps: int = arg(1, help="micro-batches per optimizer step")
+    pack_samples: bool = arg(False, help="pack several samples per row with per-document attention (SFT)")
+    lr: float = arg(1e-5, help="peak learning rate")
+    lr_scheduler: str = arg("cosine", help="schedule after warmup", choices=["linear", "cosine", "constant"])
+    warmup_steps: int = arg(0, help="linear warmup steps")
+    wd: float = arg(0.0, help="AdamW weight decay (not applied to norms and biases)")
+    betas: list = arg([0.9, 0.999], help="AdamW betas", type=float, nargs=2)
+    eps: float = arg(1e-8, help="AdamW epsilon")
+    clip_grad_norm: float = arg(1.0, help="clip the global gradient norm; 0 disables")
+    train_epochs: int = arg(1, help="passes over the training data")
+    train_steps: int = arg(None, help="optimizer steps; overrides --train_epochs when set")
+    seed: int = arg(42, help="seed for data order, LoRA init and dropout")
+    dp: str = arg("fsdp", help="data parallelism under torchrun", choices=["fsdp", "ddp"])
+    param_dtype: str = arg("auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU); master weights stay fp32",
+                           choices=["auto", "bf16", "fp32"])
+    activation_checkpointing: bool = arg(False, help="recompute each block in backward to save memory")
+    compile: bool = arg(False, help="torch.compile each block")
+    lora: bool = arg(False, help="train LoRA adapters instead of all weights")
+    lora_rank: int = arg(16, help="LoRA rank r")
+    lora_alpha: float = arg(16.0, help="LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: float = arg(0.0, help="dropout on the LoRA input (training only)")
+    lora_targets: list = arg(list(LORA_TARGETS), help="projections to adapt (wq wk wv wo w1 w2 w3)")
+    lora_unfrozen_params: list = arg([], help="regexes of other parameters to train with LoRA, e.g. norm")
+    save_freq: int = arg(0, help="save a resumable checkpoint every N steps (0: only on SIGTERM)")
+    max_checkpoints: int = arg(2, help="resumable checkpoints to keep")
+    save_dtype: str = arg("auto", help="dtype of the saved weights (auto: the input checkpoint's)",
+                          choices=["auto", "bf16", "fp16", "fp32"])
+    resume: bool = arg(False, help="continue from the latest checkpoint in --output_dir")
+    overwrite: bool = arg(False, help="allow an --output_dir that holds another run")
+    print_freq: int = arg(1, help="log line every N steps")
+    val_freq: int = arg(0, help="validate every N steps (0: at the end only, when --val_data_paths is set)")
+    wandb: bool = arg(False, help="also log to Weights & Biases (needs the wandb package)")
+    wandb_project: str = arg("llm-post-training", help="W&B project")
+
+
+def parse_args(cls, argv=None):
+    """argparse built from the dataclass: each field a --flag with its type, default and help."""
+    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        kwargs = {"help": meta.pop("help", "")}
+        required = f.default is MISSING and f.default_factory is MISSING
+        if f.type in (bool, "bool"):
+            kwargs["action"] = "store_true"
+        elif f.type in (list, "list"):
+            kwargs.update(nargs="+", type=str)
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        kwargs.update(meta)
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
+            if not required and "action" not in kwargs:
+                kwargs["help"] += f" (default: {kwargs['default']})"
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def prepare_output_dir(args, d: "Dist"):
+    """Refuse to mix two runs in one dir: a non-empty --output_dir needs --resume or --overwrite."""
+    out = Path(args.output_dir)
+    has_run = out.exists() and any(out.iterdir())
+    if has_run and not (args.resume or args.overwrite):
+        raise ValueError(f"--output_dir {out} already holds files (another run?); pass --resume to continue it "
+                         f"or --overwrite to replace it")
+    if args.resume and not checkpoint_dirs(out):
+        raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    barrier()
+    if d.main:
+        if args.overwrite and not args.resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+
+# -- processes -------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """One process per GPU (or CPU process) as torchrun starts them: nccl on GPUs, gloo on CPU.
+    A plain `python train_sft.py` runs as a world of one without a process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world, device)
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopSignal:
+    """SIGTERM (a preempted job, torchrun shutting down) sets a flag; the loop checks it after each step,
+    saves a checkpoint and exits cleanly. All ranks agree through an all-reduce, since torchrun may signal
+    them at slightly different times."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, device) -> bool:
+        flag = torch.tensor([float(self.requested)], device=device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+# -- parallelism -----------------------------------------------------------------------------------------------
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # bf16 compute on GPUs; CPUs (and the tests) stay in fp32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def apply_activation_checkpointing(model):
+    """Recompute each block's activations in backward: memory of one block instead of all of them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model):
+    for block in model.layers:
+        block.compile()
+
+
+def apply_fsdp(model, param_dtype: torch.dtype):
+    """FSDP2: shard each block, then the root (embeddings, final norm, output). Master weights stay fp32;
+    compute runs in param_dtype and gradients are reduced in fp32 (bf16 reductions lose DPO-sized updates)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        # The last block is gathered again at once for backward: keep it instead of resharding.
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def apply_ddp(model, d: Dist):
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def parallelize(model, d: Dist, dp: str, param_dtype: torch.dtype, activation_checkpointing: bool,
+                compile: bool):
+    """Order matters: checkpoint wrappers and compiled blocks must exist before FSDP wraps the blocks."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if not dist.is_initialized():
+        return model
+    if dp == "fsdp":
+        return apply_fsdp(model, param_dtype)
+    return apply_ddp(model, d)
+
+
+def autocast(d: Dist, dp: str, param_dtype: torch.dtype):
+    """FSDP2 casts parameters itself; DDP and single-process runs reach bf16 through autocast."""
+    enabled = param_dtype != torch.float32 and not (dp == "fsdp" and dist.is_initialized())
+    return torch.autocast(d.device.type, dtype=param_dtype, enabled=enabled)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model
+
+
+def no_grad_sync(model, sync: bool):
+    """Gradient accumulation: reduce gradients across ranks only on the last micro-batch of a step."""
+    import contextlib
+
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not sync:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# -- building a run ----------------------------------------------------------------------------------------------
+def load_tokenizer_and_template(args):
+    from tokenize_chat import load_template, load_tokenizer
+
+    ckpt_dir = native_dir(args.ckpt_paths[0])
+    tokenizer = load_tokenizer(ckpt_dir)
+    return tokenizer, load_template(args.template_config, tokenizer)
+
+
+def native_dir(path) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def load_datasets(args, tokenizer, template, kind: str):
+    """The pretokenized train (and validation) sets; rank 0 builds the cache, the others wait."""
+    from data import format_stats, prepare_dataset
+
+    def prepare(paths, splits, num_samples):
+        return prepare_dataset(paths, tokenizer, template, args.max_seq_len, kind=kind, splits=splits or None,
+                               num_samples=num_samples or None, seed=args.seed, cache_dir=args.data_cache_dir,
+                               progress=int(os.environ.get("RANK", 0)) == 0)
+
+    train = prepare(args.train_data_paths, args.train_data_splits, args.train_num_samples)
+    print0(format_stats("train", train))
+    val = None
+    if args.val_data_paths:
+        val = prepare(args.val_data_paths, args.val_data_splits, args.val_num_samples)
+        print0(format_stats("val", val))
+    if len(train) == 0:
+        raise ValueError(f"no training samples left in {args.train_data_paths} after the length policy")
+    return train, val
+
+
+def load_model(args, d: Dist):
+    """The policy: fp32 master weights on the device, LoRA adapters if asked, then parallelized.
+    Returns (model, unwrapped model, ModelArgs, dtype of the input checkpoint)."""
+    from model import Transformer
+
+    model = Transformer.from_pretrained(args.ckpt_paths)
+    input_dtype = model.tok_embeddings.weight.dtype
+    model = model.to(device=d.device, dtype=torch.float32)
+    lora_config = None
+    if args.lora:
+        torch.manual_seed(args.seed)  # the same adapter init on every rank
+        lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        lora.mark_trainable(model, args.lora_unfrozen_params)
+        lora_config = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": list(args.lora_targets)}
+    print0(parameter_summary(model))
+    param_dtype = resolve_dtype(args.param_dtype, d.device)
+    wrapped = parallelize(model, d, args.dp, param_dtype, args.activation_checkpointing, args.compile)
+    return wrapped, model, lora_config, input_dtype
+
+
+def total_steps(args, loader) -> int:
+    if args.train_steps:
+        return args.train_steps
+    micro = sum(loader.num_steps(e) for e in range(args.train_epochs))
+    return max(1, -(-micro // args.gradient_accum_steps))
+
+
+def endless(loader):
+    """Micro-batches across epoch boundaries; the loader's own state marks the position for resume."""
+    while True:
+        yield from loader
+
+
+def check_finite(loss: float, step: int, output_dir):
+    if not math.isfinite(loss):
+        last = checkpoint_dirs(output_dir)
+        raise FloatingPointError(f"loss is {loss} at step {step}: stopping before the update. The last good "
+                                 f"checkpoint is {last[-1] if last else 'none (no --save_freq)'}; lower --lr or "
+                                 f"check the data")
+
+
+# -- optimisation ----------------------------------------------------------------------------------------------
+def build_optimizer(model, lr: float, wd: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    """AdamW; norms and biases (the 1-D parameters) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then linear, cosine or constant."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "constant":
+        return base_lr
+    if schedule == "linear":
+        return base_lr * (1.0 - progress)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown --lr_scheduler {schedule!r} (linear, cosine, constant)")
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Global gradient norm (across FSDP shards), clipped to max_norm when max_norm > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    return sorted(root.glob("step_*")) if root.exists() else []
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, d: Dist, max_checkpoints: int):
+    """A resumable checkpoint: sharded model and optimizer state (torch.distributed.checkpoint, each rank
+    writes its own shards), plus each rank's small state (loader position, RNG, step). Written under a temp
+    name and renamed, so `checkpoints/step_*` is always complete; the oldest beyond max_checkpoints go."""
+    root = Path(output_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(extra, tmp / f"extra_rank{d.rank}.pt")
+    barrier()
+    if d.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-max_checkpoints] if max_checkpoints > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra_path = Path(path) / f"extra_rank{d.rank}.pt"
+    if not extra_path.exists():
+        raise ValueError(f"{path} was written by a run with fewer processes (no {extra_path.name}); resume "
+                         f"with the same number of processes")
+    return torch.load(extra_path, weights_only=False)
+
+
+def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_dir: Path, template_path: Path,
+               train_args: dict, save_dtype: torch.dtype, lora_config: dict | None = None):
+    """The output dir as a complete native dir: consolidated.00.pth (LoRA merged in), params.json, tokenizer
+    files, the template, train_args.json; LoRA runs also keep the adapter alone under adapter/."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        barrier()
+        return
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if lora_config:
+        adapter = {k: v.float() for k, v in lora.adapter_state_dict(state).items()}
+        lora.save_adapter(output_dir / "adapter", adapter, lora_config["rank"], lora_config["alpha"],
+                          lora_config["targets"])
+        state = lora.merged_state_dict(state, lora_config["rank"], lora_config["alpha"])
+    if model_args.tie_word_embeddings:
+        state.pop("output.weight", None)
+    state = {k: v.to(save_dtype) for k, v in state.items()}
+    atomic_torch_save(state, output_dir / "consolidated.00.pth")
+    (output_dir / "params.json").write_text(json.dumps(model_args.to_json(), indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (Path(ckpt_dir) / name).is_file() and Path(ckpt_dir).resolve() != output_dir.resolve():
+            shutil.copy2(Path(ckpt_dir) / name, output_dir / name)
+    if template_path is not None:
+        shutil.copy2(template_path, output_dir / Path(template_path).name)
+    (output_dir / "train_args.json").write_text(json.dumps(train_args, indent=2, default=str) + "\n")
+    barrier()
+
+
+def atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- logging ---------------------------------------------------------------------------------------------------
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per optimizer step, and one human line per --print_freq steps."""
+
+    def __init__(self, output_dir: Path, d: Dist, total_steps: int, print_freq: int, resume: bool):
+        self.d, self.total, self.print_freq = d, total_steps, max(1, print_freq)
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.start = time.perf_counter()
+        self.start_step = None
+        if d.main and not resume:
+            self.path.write_text("")
+
+    def log(self, step: int, metrics: dict):
+        if not self.d.main:
+            return
+        if self.start_step is None:
+            self.start_step = step - 1
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % self.print_freq == 0 or step == self.total:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.start) / done * (self.total - step)
+            extra = " ".join(f"{k.split('/')[-1] if k.startswith('rewards/') else k} {v:.4g}"
+                             for k, v in metrics.items()
+                             if k not in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "epoch"))
+            print(f"step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                  f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
+                  f"mem {peak_memory_gb(self.d.device):.2f} GB | eta {format_seconds(eta)}"
+                  + (f" | {extra}" if extra else ""), flush=True)
+
+
+def format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def parameter_summary(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (f"parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable "
+            f"({100 * trainable / max(total, 1):.2f}%), {(total - trainable) / 1e6:.2f}M frozen")
+
+
+def config_dict(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()}

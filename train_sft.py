@@ -1,0 +1,172 @@
+"""Supervised fine-tuning: cross-entropy on the trained (assistant) tokens of chat data.
+
+    torchrun --nproc_per_node 1 train_sft.py --ckpt_paths checkpoints/llama3.1_8b_instruct/consolidated.00.pth \\
+        --template_config llama3_instruct.yaml --lr 1e-6 --lr_scheduler cosine --warmup_steps 5 --wd 0 \\
+        --train_data_paths jsonl:examples.jsonl --train_epochs 1 --max_seq_len 1024 \\
+        --micro_batch_size_per_gpu 2 --gradient_accum_steps 2 --output_dir outputs/sft_example
+
+--loss_reduction tokens: the sum of every trained token's loss in the global batch (all micro-batches, all
+ranks) divided by their number, so accumulation and world size do not change the result.
+--loss_reduction sequences: the mean over the global batch's sequences of each sequence's token mean.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import train_common as tc
+from data import IGNORE_INDEX, Loader, block_causal_mask
+
+
+@dataclass
+class SFTArgs(tc.CommonArgs):
+    loss_reduction: str = tc.arg("tokens", help="tokens: mean over all trained tokens of the global batch; "
+                                 "sequences: mean of per-sequence token means", choices=["tokens", "sequences"])
+
+
+# -- the loss --------------------------------------------------------------------------------------------------
+def sequence_token_means(nll: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean token loss; a packed row holds several sequences, told apart by document_ids."""
+    trained = labels != IGNORE_INDEX
+    R, T = labels.shape
+    seq = (torch.arange(R, device=labels.device)[:, None] * T + document_ids.clamp(min=0))[trained]
+    sums = torch.zeros(R * T, device=nll.device, dtype=nll.dtype).index_add(0, seq, nll[trained])
+    counts = torch.zeros(R * T, device=nll.device, dtype=nll.dtype).index_add(0, seq, torch.ones_like(nll[trained]))
+    has = counts > 0
+    return sums[has] / counts[has]
+
+
+def sft_loss_sum(logprobs, labels, document_ids, reduction: str) -> torch.Tensor:
+    """The micro-batch's share of the numerator; divided by the global count from `loss_units`."""
+    if reduction == "tokens":
+        return -logprobs[labels != IGNORE_INDEX].sum()
+    return sequence_token_means(-logprobs, labels, document_ids).sum()
+
+
+def loss_units(batch, reduction: str) -> int:
+    """The denominator's share: trained tokens, or sequences with at least one trained token."""
+    trained = batch["labels"] != IGNORE_INDEX
+    if reduction == "tokens":
+        return int(trained.sum())
+    R, T = trained.shape
+    seq = (torch.arange(R)[:, None] * T + batch["document_ids"].clamp(min=0))[trained]
+    return int(seq.unique().numel())
+
+
+def forward_logprobs(model, batch, device, packed: bool):
+    mask = block_causal_mask(batch["document_ids"]).to(device) if packed else None
+    return model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), mask=mask,
+                 labels=batch["labels"].to(device))
+
+
+@torch.no_grad()
+def validate(model, loader, d, packed: bool) -> float:
+    """Token-mean loss over the whole validation set."""
+    model.eval()
+    total = torch.zeros(2, device=d.device)
+    for batch in loader:
+        lp = forward_logprobs(model, batch, d.device, packed)
+        labels = batch["labels"].to(d.device)
+        total += torch.stack([-lp[labels != IGNORE_INDEX].sum(), (labels != IGNORE_INDEX).sum()])
+    model.train()
+    tc.all_reduce_sum(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def train(args: SFTArgs, d: tc.Dist):
+    tc.prepare_output_dir(args, d)
+    tc.seed_everything(args.seed)
+    tokenizer, template = tc.load_tokenizer_and_template(args)
+    train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="sft")
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    loader = Loader(train_set, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, pad_id=pad_id)
+    val_loader = val_set and Loader(val_set, args.micro_batch_size_per_gpu, pack=args.pack_samples, shuffle=False,
+                                    pad_id=pad_id)
+    model, base_model, lora_config, input_dtype = tc.load_model(args, d)
+    optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
+    steps = tc.total_steps(args, loader)
+    tc.print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation "
+              f"x {d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size}"
+              f" {'packed rows' if args.pack_samples else 'sequences'} per step; {steps} steps")
+
+    step = 0
+    if args.resume:
+        latest = tc.checkpoint_dirs(args.output_dir)[-1]
+        extra = tc.load_checkpoint(latest, model, optimizer, d)
+        loader.load_state_dict(extra["loader"])
+        tc.set_rng_state(extra["rng"])
+        step = extra["step"]
+        tc.print0(f"resumed from {latest} at step {step}")
+    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, resume=args.resume)
+    stop = tc.StopSignal()
+    param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
+    batches = tc.endless(loader)
+    model.train()
+
+    def checkpoint():
+        extra = {"step": step, "loader": loader.state_dict(), "rng": tc.rng_state()}
+        return tc.save_checkpoint(args.output_dir, step, model, optimizer, extra, d, args.max_checkpoints)
+
+    while step < steps:
+        t0 = time.perf_counter()
+        lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
+        tc.set_lr(optimizer, lr)
+        micro_batches = [next(batches) for _ in range(args.gradient_accum_steps)]
+        # The global denominator first, so every micro-batch's gradient is already correctly scaled.
+        counts = torch.tensor([sum(loss_units(b, args.loss_reduction) for b in micro_batches),
+                               sum(int((b["document_ids"] >= 0).sum()) for b in micro_batches)],
+                              dtype=torch.float64, device=d.device)
+        units, tokens = tc.all_reduce_sum(counts).tolist()
+        loss_total = torch.zeros((), device=d.device)
+        for i, batch in enumerate(micro_batches):
+            with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
+                lp = forward_logprobs(model, batch, d.device, args.pack_samples)
+                loss = sft_loss_sum(lp, batch["labels"].to(d.device), batch["document_ids"].to(d.device),
+                                    args.loss_reduction) / max(units, 1)
+            # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
+            (loss * d.world_size).backward()
+            loss_total += loss.detach()
+        loss_value = float(tc.all_reduce_sum(loss_total))
+        tc.check_finite(loss_value, step + 1, args.output_dir)
+        grad_norm = tc.clip_grad_norm(model, args.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - t0
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
+                   "tokens_per_s": tokens / seconds, "epoch": loader.epoch}
+        if val_loader is not None and args.val_freq and step % args.val_freq == 0:
+            metrics["val/loss"] = validate(model, val_loader, d, args.pack_samples)
+        log.log(step, metrics)
+        if args.save_freq and step % args.save_freq == 0 and step < steps:
+            checkpoint()
+        if stop.should_stop(d.device):
+            tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+            return
+
+    if val_loader is not None and not (args.val_freq and step % args.val_freq == 0):
+        tc.print0(f"val loss {validate(model, val_loader, d, args.pack_samples):.4f}")
+    save_dtype = input_dtype if args.save_dtype == "auto" else tc.resolve_dtype(args.save_dtype, d.device)
+    tc.save_model(args.output_dir, model, base_model.args, d, tc.native_dir(args.ckpt_paths[0]),
+                  Path(template.path), tc.config_dict(args), save_dtype, lora_config)
+    tc.print0(f"saved {args.output_dir}")
+
+
+def main(argv=None):
+    args = tc.parse_args(SFTArgs, argv)
+    d = tc.setup_distributed()
+    try:
+        train(args, d)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train_sft.py: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        tc.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
