@@ -353,7 +353,11 @@ def _tokenize_record(record, loc: str, src_type: str, kind: str, tokenizer, temp
         body = tokenizer.encode(record) + eos
         return [(bos + body, [0] * len(bos) + [1] * len(body))]
     docs = []
+    trained_roles = getattr(template, "trained_roles", ["assistant"])
     for conv in _conversations(record, kind, loc):
+        if not any(m["role"] in trained_roles for m in conv):
+            docs.append(([], []))  # nothing to train: the length policy drops it and counts it
+            continue
         try:
             ids, mask = tokenize_conversation(conv, tokenizer, template)
             if kind == "preference":

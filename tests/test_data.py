@@ -312,10 +312,25 @@ def test_interrupt_leaves_nothing_and_stale_temps_are_removed(tok, tmp_path, mon
     assert cache_entries(tmp_path) == [name]
 
 
+SLOW_CLI = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import data
+real = data._tokenize_task
+def slow(task):  # module level in __main__, so the forked pool workers can run it
+    time.sleep(0.2)
+    return real(task)
+data._tokenize_task = slow
+data.main(sys.argv[1:])
+"""
+
+
 def test_sigterm_during_build_leaves_nothing(ckpt, tmp_path):
     """torchrun stops workers with SIGTERM; the CLI, mid-build with a process pool, must clean up."""
-    src = write_jsonl(tmp_path / "big.jsonl", conversations(6000, hi=80))
-    cmd = [sys.executable, str(REPO / "data.py"), "--ckpt_dir", str(ckpt), "--template_config", "llama3_instruct",
+    src = write_jsonl(tmp_path / "big.jsonl", conversations(20 * data.CHUNK, hi=3))
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI.format(repo=str(REPO)))
+    cmd = [sys.executable, str(script), "--ckpt_dir", str(ckpt), "--template_config", "llama3_instruct",
            "--train_data_paths", f"jsonl:{src}", "--max_seq_len", "512", "--data_cache_dir",
            str(tmp_path / "cache"), "--num_proc", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -324,11 +339,12 @@ def test_sigterm_during_build_leaves_nothing(ckpt, tmp_path):
         if any(p.name.startswith(".tmp-") for p in (tmp_path / "cache").glob("*")):
             break
         time.sleep(0.01)
+    time.sleep(0.5)  # the pool is up and some chunks are written
     assert proc.poll() is None, proc.communicate()
-    time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
-    assert proc.returncode != 0 and cache_entries(tmp_path) == []
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert cache_entries(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------
