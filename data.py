@@ -1,0 +1,908 @@
+"""Data: sources -> pretokenized memmap cache -> batches for SFT and preference training.
+
+    ds = prepare_dataset(["jsonl:train.jsonl", "HuggingFaceH4/ultrachat_200k"], tokenizer, template,
+                         max_seq_len=2048, kind="sft", splits=[None, "train_sft"], num_samples=[None, 0.1])
+    loader = Loader(ds, batch_size=4, pack=True, seed=0)     # rank / world size from torch.distributed
+    while loader.epoch < epochs:
+        for batch in loader:                                  # dict of torch tensors, see below
+            loss = F.cross_entropy(model(batch["input_ids"]...).flatten(0, 1), batch["labels"].flatten())
+    ckpt["data"] = loader.state_dict(); ...; loader.load_state_dict(ckpt["data"])
+
+Sources (several may be mixed; they become one dataset, in the order given):
+    jsonl:/path.jsonl   one JSON object per line (blank lines skipped)
+    text:/path.txt      one sample per line, every token trained, EOS appended (SFT only)
+    local:/path         a dataset written by `datasets`' save_to_disk (a Dataset or a DatasetDict)
+    org/name            a hub dataset through `datasets.load_dataset` (cached or online; honours HF_HUB_OFFLINE)
+`splits` picks the split of `local:` and hub sources (default "train"; ignored for files). `num_samples`
+keeps a random subset of a source: a count (100), a fraction (0.1) or all (None / "all"), drawn with `seed`.
+Each argument is a single value for every source or a list with one value per source.
+
+Records: SFT `{"messages": [{"role", "content"}, ...]}`. Preference `{"chosen": [...], "rejected": [...]}`
+(full conversations sharing a prompt) or `{"prompt": str | [...], "chosen": str | [...], "rejected": ...}`.
+Extra fields are ignored. For preference pairs only the final assistant message is trained (the shared
+prompt, including earlier assistant turns, is masked): DPO's and SimPO's s is the response's log-prob.
+
+Length policy: a sample longer than `max_seq_len` is cut to `max_seq_len` tokens if a trained token
+survives the cut, otherwise dropped; a sample without trained tokens is dropped; a preference pair is
+dropped when either side is. A malformed record is an error naming the file and line, never a drop.
+
+Cache (one directory per key under `cache_dir`): `ids.bin` uint32, `mask.bin` uint8 (1 = trained token),
+`offsets.bin` int64 (n_docs + 1 document boundaries), `meta.json`. The key hashes the format version, the
+tokenizer and template fingerprints, the sources' contents, kind, splits, sub-sampling and max_seq_len,
+so any change rebuilds. A preference pair is two documents: chosen at 2i, rejected at 2i + 1. Builds
+write to a temp dir that is renamed only when complete; under torch.distributed rank 0 builds while the
+other ranks wait.
+
+Batches (`Loader`), every tensor int64:
+    input_ids     [R, T]  right padded with `pad_id`
+    labels        [R, T]  already shifted: labels[:, t] is the target of logits[:, t], i.e. input_ids[:, t + 1]
+                          when that token is trained, else -100 (prompt, padding, last position, and the
+                          boundary between two packed documents). loss = cross_entropy(logits.flatten(0, 1),
+                          labels.flatten(), ignore_index=-100).
+    position_ids  [R, T]  0, 1, 2, ... restarting at every packed document
+    document_ids  [R, T]  index of the document within its row, -1 on padding. `block_causal_mask` turns
+                          it into SDPA's boolean mask; padded (unpacked) batches need no mask at all, since
+                          right padding never precedes a real token under causal attention.
+    sample_ids    [N]     dataset indices of the samples in this batch (pair indices for preference)
+SFT padded: R = batch_size rows, T = the longest sample (rounded up to `pad_to_multiple_of`). Packed: R =
+batch_size rows of exactly max_seq_len tokens, documents never split. Preference: R = 2 * batch_size,
+rows [0, B) chosen and [B, 2B) rejected, so one forward serves both; s = the sum of the log-probs where
+labels != -100, per row. Every rank gets the same number of steps per epoch; a rank short of samples at
+the end of an epoch gets filler rows with no trained token (detect them with (labels != -100).any(-1)).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenize_chat import ConversationError, load_template, load_tokenizer, tokenize_conversation
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
+PREFIXES = ("jsonl", "text", "local")
+CHUNK = 256  # records per worker task: big enough to amortise pickling, small enough for a smooth progress bar
+
+
+class DataError(ValueError):
+    """Bad data or a bad data argument. The message names the file / line / key and the likely fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class Source:
+    spec: str                 # as given on the command line
+    type: str                 # jsonl | text | local | hub
+    path: str
+    split: str | None = None
+    num_samples: int | float | None = None
+    # filled by _open_source
+    fingerprint: str = ""
+    n_total: int = 0
+    selected: np.ndarray | None = None   # sorted record indices kept by sub-sampling (None = all)
+    dataset: object = None               # datasets.Dataset for local / hub sources
+
+    @property
+    def n_selected(self) -> int:
+        return self.n_total if self.selected is None else len(self.selected)
+
+
+def _per_source(value, n: int, name: str) -> list:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        raise DataError(f"--{name}: got {len(values)} values for {n} data paths; give one value for all "
+                        f"paths or one per path")
+    return list(values)
+
+
+def parse_num_samples(value) -> int | float | None:
+    """'all' / None -> None, '100' / 100 -> a count, '0.25' / 0.25 -> a fraction of the source."""
+    if value is None or (isinstance(value, str) and value.lower() in ("all", "none", "")):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise DataError(f"num_samples {value!r}: expected a count (1000), a fraction (0.1) or 'all'") from None
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise DataError(f"num_samples {value}: a fraction must be in (0, 1]; write a count without a dot")
+        return None if value == 1 else value
+    if value < 1:
+        raise DataError(f"num_samples {value}: a count must be >= 1")
+    return int(value)
+
+
+def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise DataError("no data paths given")
+    splits = _per_source(splits, len(paths), "data_splits")
+    counts = _per_source(num_samples, len(paths), "num_samples")
+    sources = []
+    for spec, split, count in zip(paths, splits, counts):
+        spec = str(spec)
+        prefix, sep, rest = spec.partition(":")
+        if sep and prefix in PREFIXES:
+            kind, path = prefix, rest
+        elif sep:
+            raise DataError(f"data path {spec!r}: unknown source prefix {prefix!r}; use jsonl:, text:, local: "
+                            f"or a bare hub name such as HuggingFaceH4/ultrachat_200k")
+        else:
+            kind, path = "hub", spec
+        if kind != "hub" and not Path(path).exists():
+            raise DataError(f"data path {spec!r}: {path} does not exist")
+        sources.append(Source(spec, kind, path, split, parse_num_samples(count)))
+    return sources
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("local: and hub data sources need the `datasets` package: pip install datasets "
+                        "(jsonl: and text: sources work without it)") from None
+    return datasets
+
+
+def _hash_file(h, path: Path):
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+
+
+def _subsample(src: Source, seed: int):
+    """Keep a fixed random subset (sorted, so reads stay sequential); the same seed gives the same subset."""
+    k = src.num_samples
+    if k is None:
+        return
+    if isinstance(k, float):
+        k = max(1, round(k * src.n_total))
+    if k >= src.n_total:
+        if k > src.n_total:
+            print(f"data: {src.spec} has {src.n_total} samples, fewer than the {k} asked for; using all",
+                  file=sys.stderr)
+        return
+    rng = np.random.default_rng(seed)
+    src.selected = np.sort(rng.choice(src.n_total, size=k, replace=False))
+
+
+def _open_source(src: Source, kind: str, seed: int):
+    """Count the records, fingerprint the content and draw the sub-sample."""
+    h = hashlib.sha256()
+    if src.type in ("jsonl", "text"):
+        if Path(src.path).is_dir():
+            raise DataError(f"data path {src.spec!r} is a directory; {src.type}: expects a file "
+                            f"(local: is for datasets saved with save_to_disk)")
+        n = 0
+        with open(src.path, "rb") as f:
+            for line in f:
+                h.update(line)
+                n += bool(line.strip())
+        if n == 0:
+            raise DataError(f"{src.path}: the file is empty (no non-blank lines)")
+        if src.type == "text" and kind != "sft":
+            raise DataError(f"{src.spec}: text: sources hold plain text, usable for SFT only, not {kind}")
+        src.n_total = n
+    else:
+        datasets = _import_datasets()
+        if src.type == "local":
+            ds = datasets.load_from_disk(src.path)
+            for p in sorted(Path(src.path).rglob("*")):
+                if p.is_file():
+                    h.update(str(p.relative_to(src.path)).encode())
+                    _hash_file(h, p)
+        else:
+            try:
+                ds = datasets.load_dataset(src.path, split=src.split or "train")
+            except Exception as e:
+                raise DataError(f"data path {src.spec!r}: datasets.load_dataset failed ({type(e).__name__}: {e}). "
+                                f"Is the name right, the split right, and the dataset cached (HF_HUB_OFFLINE="
+                                f"{os.environ.get('HF_HUB_OFFLINE', '0')})?") from e
+            # The datasets fingerprint identifies the prepared cache files (it changes with the revision).
+            h.update(str(getattr(ds, "_fingerprint", "")).encode())
+            h.update(json.dumps([f["filename"] for f in ds.cache_files]).encode())
+        if isinstance(ds, datasets.DatasetDict):
+            split = src.split or "train"
+            if split not in ds:
+                raise DataError(f"{src.spec}: no split {split!r}; available: {sorted(ds)} (use --*_data_splits)")
+            ds = ds[split]
+        need = ["messages"] if kind == "sft" else ["chosen", "rejected"]
+        missing = [c for c in need if c not in ds.column_names]
+        if missing:
+            raise DataError(f"{src.spec}: missing column {missing[0]!r} for {kind} data (columns: "
+                            f"{ds.column_names})" + ("; is this preference data? use kind='preference'"
+                                                     if kind == "sft" and "chosen" in ds.column_names else ""))
+        if len(ds) == 0:
+            raise DataError(f"{src.spec}: the dataset is empty")
+        keep = need + (["prompt"] if kind == "preference" and "prompt" in ds.column_names else [])
+        src.dataset = ds.select_columns(keep)  # never decode columns we do not use
+        src.n_total = len(ds)
+    src.fingerprint = h.hexdigest()
+    _subsample(src, seed)
+
+
+def _tasks(sources: list[Source], chunk: int = CHUNK):
+    """Work items for the tokenizer pool: (source index, payload). File sources send their raw lines (the
+    workers parse them); dataset sources send row ranges, read by the workers from the forked dataset."""
+    for si, src in enumerate(sources):
+        if src.dataset is not None:
+            for start in range(0, src.n_selected, chunk):
+                yield si, (start, min(start + chunk, src.n_selected))
+            continue
+        keep = None if src.selected is None else iter(src.selected.tolist())
+        want = None if keep is None else next(keep, None)
+        batch, record = [], -1
+        with open(src.path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record += 1
+                if keep is not None:
+                    if record != want:
+                        continue
+                    want = next(keep, None)
+                batch.append((lineno, line))
+                if len(batch) == chunk:
+                    yield si, batch
+                    batch = []
+        if batch:
+            yield si, batch
+
+
+def _records(src: Source, payload):
+    """(location, record) pairs of one task."""
+    if src.dataset is None:
+        for lineno, line in payload:
+            loc = f"{src.path} line {lineno}"
+            if src.type == "text":
+                try:
+                    yield loc, line.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
+                continue
+            try:
+                yield loc, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno}); fix or delete the line") from None
+        return
+    start, stop = payload
+    rows = src.dataset[start:stop] if src.selected is None else src.dataset[src.selected[start:stop]]
+    index = range(start, stop) if src.selected is None else src.selected[start:stop].tolist()
+    names = list(rows)
+    for i, values in zip(index, zip(*(rows[n] for n in names))):
+        yield f"{src.spec} [{src.split or 'train'}] row {i}", dict(zip(names, values))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records -> token ids and loss mask (runs inside the worker processes)
+
+
+def _check_messages(messages, key: str, loc: str):
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{loc}: {key!r} must be a non-empty list of {{'role', 'content'}} messages, "
+                        f"got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{loc}: {key}[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
+        for k in ("role", "content"):
+            if not isinstance(m.get(k), str):
+                raise DataError(f"{loc}: {key}[{i}].{k} must be a string, got "
+                                f"{'nothing' if k not in m else type(m[k]).__name__}")
+
+
+def _conversations(record, kind: str, loc: str) -> list[list[dict]]:
+    """The conversations of one record: [messages] for SFT, [chosen, rejected] for preference."""
+    if not isinstance(record, dict):
+        raise DataError(f"{loc}: expected a JSON object, got {type(record).__name__}")
+    if kind == "sft":
+        if "messages" not in record:
+            hint = "; this looks like preference data: use kind='preference'" if "chosen" in record else ""
+            raise DataError(f"{loc}: missing key 'messages' (keys: {sorted(record)}){hint}")
+        _check_messages(record["messages"], "messages", loc)
+        return [record["messages"]]
+    for k in ("chosen", "rejected"):
+        if k not in record:
+            raise DataError(f"{loc}: missing key {k!r} (keys: {sorted(record)}); preference records are "
+                            f"{{'chosen', 'rejected'}} or {{'prompt', 'chosen', 'rejected'}}")
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    convs = []
+    for k in ("chosen", "rejected"):
+        conv = record[k]
+        if isinstance(conv, str):
+            conv = [{"role": "assistant", "content": conv}]
+        _check_messages(conv, k, loc)
+        # A full conversation (ultrafeedback style) already carries the prompt; a bare response does not.
+        if prompt is not None and all(m["role"] == "assistant" for m in conv):
+            _check_messages(prompt, "prompt", loc)
+            conv = list(prompt) + conv
+        if conv[-1]["role"] != "assistant":
+            raise DataError(f"{loc}: {k!r} must end with an assistant message (the response), ends with "
+                            f"{conv[-1]['role']!r}")
+        if len(conv) == 1:
+            raise DataError(f"{loc}: {k!r} has a response but no prompt; add a 'prompt' key or the user turn")
+        convs.append(conv)
+    return convs
+
+
+def _tokenize_record(record, loc: str, src_type: str, kind: str, tokenizer, template) -> list[tuple[list, list]]:
+    if src_type == "text":
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+        body = tokenizer.encode(record) + eos
+        return [(bos + body, [0] * len(bos) + [1] * len(body))]
+    docs = []
+    trained_roles = getattr(template, "trained_roles", ["assistant"])
+    for conv in _conversations(record, kind, loc):
+        if not any(m["role"] in trained_roles for m in conv):
+            docs.append(([], []))  # nothing to train: the length policy drops it and counts it
+            continue
+        try:
+            ids, mask = tokenize_conversation(conv, tokenizer, template)
+            if kind == "preference":
+                # Train only the final response: mask the prompt as tokenized with a generation prompt.
+                prompt, _ = tokenize_conversation(conv[:-1], tokenizer, template, add_generation_prompt=True)
+                if list(ids[:len(prompt)]) == list(prompt):
+                    mask = [0] * len(prompt) + list(mask[len(prompt):])
+        except ConversationError as e:
+            raise DataError(f"{loc}: {e}") from None
+        docs.append((ids, mask))
+    return docs
+
+
+def _length_policy(ids, mask, max_seq_len: int):
+    """-> (ids, mask, outcome): outcome is 'kept', 'truncated', 'no_trained_tokens' or 'too_long'.
+    mask[0] never counts: the first token of a document is never a target (nothing precedes it)."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    if not mask[1:].any():
+        return None, None, "no_trained_tokens"
+    if len(ids) <= max_seq_len:
+        return ids, mask, "kept"
+    if not mask[1:max_seq_len].any():
+        return None, None, "too_long"  # every trained token lies beyond max_seq_len
+    return ids[:max_seq_len], mask[:max_seq_len], "truncated"
+
+
+_WORKER = None  # (sources, kind, max_seq_len, tokenizer, template), set once per process by _init_worker
+
+
+def _init_worker(state, in_pool: bool):
+    global _WORKER
+    _WORKER = state
+    if in_pool:  # Ctrl-C and SIGTERM are the parent's business: it terminates the pool and cleans up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _tokenize_task(task):
+    si, payload = task
+    sources, kind, max_seq_len, tokenizer, template = _WORKER
+    src = sources[si]
+    ids, mask, lengths, raw_lengths, counts = [], [], [], [], Counter()
+    for loc, record in _records(src, payload):
+        counts["samples"] += 1
+        docs = [_length_policy(i, m, max_seq_len) + (len(i),) for i, m in
+                _tokenize_record(record, loc, src.type, kind, tokenizer, template)]
+        dropped = [d[2] for d in docs if d[0] is None]
+        if dropped:
+            counts[f"dropped:{dropped[0]}"] += 1
+            continue
+        counts["kept"] += 1
+        counts["truncated"] += any(d[2] == "truncated" for d in docs)
+        for d_ids, d_mask, _, raw in docs:
+            ids.extend(d_ids)
+            mask.append(d_mask)
+            lengths.append(len(d_ids))
+            raw_lengths.append(raw)
+    return (np.asarray(ids, dtype=np.uint32), np.concatenate(mask) if mask else np.zeros(0, np.uint8),
+            np.asarray(lengths, dtype=np.int64), np.asarray(raw_lengths, dtype=np.int64), counts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache
+
+
+@dataclass
+class TokenizedDataset:
+    """A built cache, memory-mapped. len() = samples (pairs for preference); docs = len(offsets) - 1."""
+    path: Path
+    meta: dict
+    ids: np.ndarray       # uint32 [n_tokens]
+    mask: np.ndarray      # uint8 [n_tokens], 1 = trained
+    offsets: np.ndarray   # int64 [n_docs + 1]
+    built: bool = False   # True when this call tokenized (False: served from the cache)
+
+    @classmethod
+    def open(cls, path, built: bool = False) -> "TokenizedDataset":
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{path}: cache format {meta.get('format_version')} != {FORMAT_VERSION}; delete it")
+        ids = np.memmap(path / "ids.bin", dtype=np.uint32, mode="r")
+        mask = np.memmap(path / "mask.bin", dtype=np.uint8, mode="r")
+        offsets = np.fromfile(path / "offsets.bin", dtype=np.int64)
+        if len(ids) != offsets[-1] or len(mask) != offsets[-1]:
+            raise DataError(f"{path}: ids/mask/offsets sizes disagree; the cache is corrupt, delete it")
+        return cls(path, meta, ids, mask, offsets, built)
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def docs_per_sample(self) -> int:
+        return 2 if self.kind == "preference" else 1
+
+    def __len__(self) -> int:
+        return (len(self.offsets) - 1) // self.docs_per_sample
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def doc(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.mask[a:b]
+
+    def __getitem__(self, i: int):
+        """SFT: (ids, mask). Preference: ((chosen ids, mask), (rejected ids, mask))."""
+        if self.kind == "preference":
+            return self.doc(2 * i), self.doc(2 * i + 1)
+        return self.doc(i)
+
+    @property
+    def stats(self) -> dict:
+        return self.meta["stats"]
+
+
+def _dist():
+    """(rank, local rank, world size), or None outside torch.distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    rank = torch.distributed.get_rank()
+    return rank, int(os.environ.get("LOCAL_RANK", rank)), torch.distributed.get_world_size()
+
+
+def _sigterm_raises():
+    """torchrun stops workers with SIGTERM, whose default action skips `finally`; turn it into SystemExit
+    so the temp dir is removed. Returns a function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _remove_stale_temps(cache_dir: Path, name: str):
+    """Temp dirs left by a process killed with SIGKILL (the only exit that skips our cleanup)."""
+    host = socket.gethostname()
+    for p in cache_dir.glob(f".tmp-{name}-*"):
+        parts = p.name.rsplit("-", 3)  # .tmp-<name>-<host>-<pid>-<random>
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(p, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
+def _percentiles(x: np.ndarray) -> dict:
+    if len(x) == 0:
+        return {}
+    q = np.percentile(x, [50, 90, 99])
+    return {"mean": round(float(x.mean()), 1), "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]),
+            "max": int(x.max())}
+
+
+class _Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, a line every 10 s otherwise)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.done = self.tokens = 0
+        self.t0 = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, samples: int, tokens: int):
+        self.done += samples
+        self.tokens += tokens
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > (0.2 if self.tty else 10) or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            line = (f"{self.desc}: {self.done}/{self.total} samples ({100 * self.done / max(self.total, 1):.0f}%) "
+                    f"{self.tokens / max(now - self.t0, 1e-9) / 1e3:.0f}k tok/s ETA {eta:.0f}s")
+            print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_info, num_proc, progress):
+    cache_dir = final.parent
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(cache_dir, final.name)
+    tmp = cache_dir / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    tmp.mkdir()
+    restore = _sigterm_raises()
+    pool = None
+    try:
+        state = (sources, kind, max_seq_len, tokenizer, template)
+        total = sum(s.n_selected for s in sources)
+        num_proc = max(1, min(num_proc or os.cpu_count() or 1, -(-total // CHUNK)))
+        if num_proc > 1 and "fork" in __import__("multiprocessing").get_all_start_methods():
+            # fork: the workers inherit the tokenizer, template and open datasets without pickling them.
+            import multiprocessing
+            pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (state, True))
+            results = pool.imap(_tokenize_task, _tasks(sources))
+        else:
+            _init_worker(state, False)
+            results = map(_tokenize_task, _tasks(sources))
+        counts, lengths, raw_lengths = Counter(), [], []
+        bar = _Progress(total, f"tokenizing {final.name}", progress)
+        with open(tmp / "ids.bin", "wb") as fi, open(tmp / "mask.bin", "wb") as fm:
+            for ids, mask, lens, raw, c in results:
+                fi.write(ids.tobytes())
+                fm.write(mask.tobytes())
+                lengths.append(lens)
+                raw_lengths.append(raw)
+                counts.update(c)
+                bar.update(c["samples"], len(ids))
+        bar.close()
+        lengths = np.concatenate(lengths)
+        dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
+        if counts["kept"] == 0:
+            raise DataError(f"every one of the {counts['samples']} samples in {[s.spec for s in sources]} was "
+                            f"dropped: {dropped} (no_trained_tokens: no assistant turn to train; too_long: all "
+                            f"trained tokens lie beyond --max_seq_len {max_seq_len}; raise it?)")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        offsets.tofile(tmp / "offsets.bin")
+        mask = np.memmap(tmp / "mask.bin", dtype=np.uint8, mode="r")
+        trained = int(mask.sum(dtype=np.int64))
+        del mask
+        stats = {"samples_in": counts["samples"], "samples": counts["kept"], "docs": len(lengths),
+                 "tokens": int(offsets[-1]), "trained_tokens": trained, "truncated": counts["truncated"],
+                 "dropped": dropped, "length": _percentiles(lengths),
+                 "length_before_truncation": _percentiles(np.concatenate(raw_lengths))}
+        meta = {**key_info, "format_version": FORMAT_VERSION, "stats": stats,
+                "dtypes": {"ids": "uint32", "mask": "uint8", "offsets": "int64"}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, final)  # atomic: a reader sees a complete cache or none
+        except OSError:
+            if not (final / "meta.json").exists():
+                raise  # anything but "another process finished the same cache first"
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        restore()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve_and_build(paths, tokenizer, template, max_seq_len, kind, splits, num_samples, seed,
+                       cache_dir, num_proc, progress) -> tuple[Path, bool]:
+    sources = parse_sources(paths, splits, num_samples)
+    for src in sources:
+        _open_source(src, kind, seed)
+    key_info = {
+        "format_version": FORMAT_VERSION, "kind": kind, "max_seq_len": max_seq_len,
+        "tokenizer": tokenizer.fingerprint, "template": template.fingerprint,
+        "sources": [{"spec": s.spec, "split": s.split, "num_samples": s.num_samples, "fingerprint": s.fingerprint}
+                    for s in sources],
+        "seed": seed if any(s.selected is not None for s in sources) else None,
+    }
+    key = hashlib.sha256(json.dumps(key_info, sort_keys=True).encode()).hexdigest()[:16]
+    final = Path(cache_dir) / f"{kind}-{key}"
+    if (final / "meta.json").exists():
+        return final, False
+    _build(final, sources, kind, max_seq_len, tokenizer, template, key_info, num_proc, progress)
+    return final, True
+
+
+def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str = "sft", splits=None,
+                    num_samples=None, seed: int = 0, cache_dir=None, num_proc: int | None = None,
+                    progress: bool = True) -> TokenizedDataset:
+    """Tokenize `paths` into the cache once (or find it there) and memory-map it. See the module doc.
+
+    Under torch.distributed, rank 0 builds and the others wait for it; a node that cannot see rank 0's
+    cache (no shared filesystem) builds its own copy on its local rank 0."""
+    if kind not in ("sft", "preference"):
+        raise DataError(f"kind must be 'sft' or 'preference', got {kind!r}")
+    if max_seq_len < 2:
+        raise DataError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    args = (paths, tokenizer, template, max_seq_len, kind, splits, num_samples, seed,
+            cache_dir or DEFAULT_CACHE_DIR, num_proc, progress)
+    d = _dist()
+    if d is None:
+        return TokenizedDataset.open(*_resolve_and_build(*args))
+    rank, local_rank, world = d
+    result = [None, False, None]  # path, built, error
+    path = None
+    for builds_here in (rank == 0, local_rank == 0):
+        if builds_here and (path is None or not (path / "meta.json").exists()):
+            try:
+                result[:2] = _resolve_and_build(*args)
+            except Exception as e:
+                result[2] = f"{type(e).__name__}: {e}"
+                err = e
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, result)  # doubles as the barrier
+        if result[2] is not None:
+            raise err
+        failed = [(r, g[2]) for r, g in enumerate(gathered) if g[2] is not None]
+        if failed:
+            raise DataError(f"rank {failed[0][0]} failed to build the data cache: {failed[0][1]}")
+        if path is None:
+            path = Path(gathered[0][0])
+    if not (path / "meta.json").exists():
+        raise DataError(f"rank {rank}: data cache {path} is missing after the build; is the cache dir shared?")
+    return TokenizedDataset.open(path, built=bool(result[1]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+
+
+def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, T, T] for F.scaled_dot_product_attention (True = may attend): causal, and only within
+    the same document. Padding (-1) forms its own block, so no query row is all False (that gives NaN,
+    and 0 * NaN in the value product would then leak into real tokens)."""
+    T = document_ids.shape[-1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def _pack_steps(lengths: np.ndarray, rows: int, capacity: int) -> list[tuple[int, list[list[int]]]]:
+    """Pack documents, in order, into steps of `rows` rows of `capacity` tokens: each document goes to
+    the first row with room; the step closes at the first document that fits in none. A step thus
+    consumes a contiguous run of the order, so "samples consumed" alone says where to resume.
+    Returns [(end position, rows of positions)]."""
+    steps, i, n = [], 0, len(lengths)
+    lengths = lengths.tolist()
+    while i < n:
+        free, bins = [capacity] * rows, [[] for _ in range(rows)]
+        while i < n:
+            length = lengths[i]
+            for b in range(rows):
+                if free[b] >= length:
+                    free[b] -= length
+                    bins[b].append(i)
+                    break
+            else:
+                break
+            i += 1
+        steps.append((i, bins))
+    return steps
+
+
+class Loader:
+    """Batches of a TokenizedDataset for one rank. See the module doc for the batch format.
+
+    Epoch e visits the samples in the order of a permutation drawn from (seed, e); every global step
+    takes the next run of that order and deals its rows to the ranks (row r goes to rank r % world), so
+    ranks see disjoint samples and the union over an epoch is the whole dataset. The position is the
+    pair (epoch, samples consumed), which does not depend on the world size: a resumed run, even on a
+    different number of ranks, sees exactly the samples it had not seen. Iterating serves the rest of
+    the current epoch and then moves to the next one, so a training loop reads
+    `while loader.epoch < epochs: for batch in loader: ...`."""
+
+    def __init__(self, dataset: TokenizedDataset, batch_size: int, *, pack: bool = False, seed: int = 0,
+                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
+                 drop_last: bool = False, pad_id: int = 0, pad_to_multiple_of: int = 1):
+        d = _dist()
+        self.rank = rank if rank is not None else (d[0] if d else 0)
+        self.world_size = world_size if world_size is not None else (d[2] if d else 1)
+        if pack and dataset.kind == "preference":
+            raise DataError("packing is for SFT; preference batches are padded (drop --pack_samples)")
+        if batch_size < 1 or not 0 <= self.rank < self.world_size:
+            raise DataError(f"bad batch_size {batch_size} / rank {self.rank} / world size {self.world_size}")
+        self.ds, self.batch_size, self.pack, self.seed, self.shuffle = dataset, batch_size, pack, seed, shuffle
+        self.drop_last, self.pad_id, self.multiple = drop_last, pad_id, pad_to_multiple_of
+        self.seq_len = dataset.meta["max_seq_len"]
+        self.epoch, self.consumed = 0, 0
+        self._plan_key, self._plan = None, None
+        lengths = dataset.doc_lengths
+        self.lengths = lengths if dataset.kind == "sft" else np.maximum(lengths[0::2], lengths[1::2])
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.ds)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def plan(self, epoch: int, start: int = 0) -> list[tuple[int, list[list[int]]]]:
+        """Global steps of `epoch` from position `start`: [(end position, rows of sample ids)]."""
+        if self._plan_key == (epoch, start):
+            return self._plan
+        rest = self.order(epoch)[start:]
+        rows = self.batch_size * self.world_size
+        if self.pack:
+            steps = [(start + end, [[int(rest[j]) for j in row] for row in bins])
+                     for end, bins in _pack_steps(self.lengths[rest], rows, self.seq_len)]
+            if self.drop_last and steps and any(not row for row in steps[-1][1]):
+                steps.pop()
+        else:
+            steps = [(start + min(j + rows, len(rest)), [[int(s)] for s in rest[j:j + rows]])
+                     for j in range(0, len(rest), rows)]
+            if self.drop_last and steps and len(steps[-1][1]) < rows:
+                steps.pop()
+        self._plan_key, self._plan = (epoch, start), steps
+        return steps
+
+    def num_steps(self, epoch: int | None = None) -> int:
+        """Steps in a whole epoch (the same on every rank); packed epochs differ slightly by permutation."""
+        return len(self.plan(self.epoch if epoch is None else epoch))
+
+    def __len__(self) -> int:
+        return self.num_steps()
+
+    def __iter__(self):
+        for end, rows in self.plan(self.epoch, self.consumed):
+            mine = rows[self.rank::self.world_size]
+            mine += [[]] * (self.batch_size - len(mine))  # filler rows at the end of an epoch
+            batch = self.collate(mine)
+            self.consumed = end
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_samples": len(self.ds),
+                "shuffle": self.shuffle, "pack": self.pack, "batch_size": self.batch_size,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict):
+        for k in ("seed", "num_samples", "shuffle"):
+            mine = len(self.ds) if k == "num_samples" else getattr(self, k)
+            if state[k] != mine:
+                raise DataError(f"loader state has {k}={state[k]} but this run has {mine}; resuming would "
+                                f"not continue the same sample order (same data and --seed needed)")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Rows of sample ids -> the batch dict. Packed: each row holds several documents; padded: one
+        (an empty row is filler). Preference: B pairs -> 2B rows, chosen first."""
+        if self.ds.kind == "preference":
+            pairs = [r[0] for r in rows if r]
+            docs = [[2 * r[0]] if r else [] for r in rows] + [[2 * r[0] + 1] if r else [] for r in rows]
+        else:
+            pairs = [s for r in rows for s in r]
+            docs = rows
+        offsets, ids_mm, mask_mm = self.ds.offsets, self.ds.ids, self.ds.mask
+        if self.pack:
+            T = self.seq_len
+        else:
+            T = max([int(offsets[r[0] + 1] - offsets[r[0]]) for r in docs if r] or [1])
+            T = -(-T // self.multiple) * self.multiple
+        R = len(docs)
+        input_ids = np.full((R, T), self.pad_id, dtype=np.int64)
+        labels = np.full((R, T), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.zeros((R, T), dtype=np.int64)
+        document_ids = np.full((R, T), -1, dtype=np.int64)
+        arange = np.arange(T, dtype=np.int64)
+        for r, row in enumerate(docs):
+            p = 0
+            for j, d in enumerate(row):
+                a, b = offsets[d], offsets[d + 1]
+                n = b - a
+                ids = ids_mm[a:b].astype(np.int64)  # before np.where: uint32 would wrap -100
+                input_ids[r, p:p + n] = ids
+                # the target of position t is token t + 1 of the same document, if trained
+                labels[r, p:p + n - 1] = np.where(mask_mm[a + 1:b] != 0, ids[1:], IGNORE_INDEX)
+                position_ids[r, p:p + n] = arange[:n]
+                document_ids[r, p:p + n] = j
+                p += n
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "position_ids": torch.from_numpy(position_ids), "document_ids": torch.from_numpy(document_ids),
+                "sample_ids": torch.tensor(pairs, dtype=torch.int64)}
+
+
+def padding_fraction(loader: Loader, epoch: int = 0) -> float:
+    """Share of batch positions (all ranks) that hold no real token over one epoch; computed from the
+    plan and the lengths, without building the batches."""
+    real = total = 0
+    doc_lengths, k = loader.ds.doc_lengths, loader.ds.docs_per_sample
+    for _, rows in loader.plan(epoch):
+        per_rank = [rows[r::loader.world_size] for r in range(loader.world_size)]
+        for mine in per_rank:
+            docs = [d for row in mine for s in row for d in range(k * s, k * s + k)]
+            real += int(doc_lengths[docs].sum())
+            if loader.pack:
+                total += loader.batch_size * loader.seq_len
+            else:
+                longest = max(int(loader.lengths[row[0]]) for row in mine) if mine else 1
+                total += loader.batch_size * (1 if loader.ds.kind == "sft" else 2) * longest
+    return 1 - real / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI: prepare the cache ahead of training and print statistics
+
+
+def format_stats(name: str, ds: TokenizedDataset) -> str:
+    s = ds.stats
+    unit = "pairs" if ds.kind == "preference" else "samples"
+    lines = [f"{name}: {ds.path} ({'built' if ds.built else 'from cache'})",
+             f"  {unit}: {s['samples']} kept of {s['samples_in']}; truncated {s['truncated']}; "
+             f"dropped {sum(s['dropped'].values())} {s['dropped'] or ''}".rstrip(),
+             f"  tokens: {s['tokens']:,} ({s['trained_tokens']:,} trained, "
+             f"{100 * s['trained_tokens'] / max(s['tokens'], 1):.1f}%) in {s['docs']} documents",
+             f"  length before truncation: {s['length_before_truncation']}",
+             f"  length stored:            {s['length']}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Pretokenize training data into the memmap cache and print "
+                                            "statistics (the trainers do the same on start-up).")
+    p.add_argument("--ckpt_dir", required=True, help="dir with the tokenizer files (a native or HF checkpoint)")
+    p.add_argument("--template_config", required=True, help="chat template name (templates/NAME.yaml) or path")
+    p.add_argument("--train_data_paths", nargs="+", required=True,
+                   help="jsonl:PATH, text:PATH, local:PATH (save_to_disk) or a hub dataset name")
+    p.add_argument("--val_data_paths", nargs="*", default=[])
+    p.add_argument("--train_data_splits", nargs="+", default=[None], help="split per path (local: / hub)")
+    p.add_argument("--val_data_splits", nargs="+", default=[None])
+    p.add_argument("--train_num_samples", nargs="+", default=[None], help="per path: a count, a fraction or all")
+    p.add_argument("--val_num_samples", nargs="+", default=[None])
+    p.add_argument("--max_seq_len", type=int, required=True)
+    p.add_argument("--kind", choices=["sft", "preference"], default="sft")
+    p.add_argument("--seed", type=int, default=0, help="sub-sampling seed (and shuffling seed for the stats)")
+    p.add_argument("--data_cache_dir", default=None, help=f"default {DEFAULT_CACHE_DIR} ($LLM_DATA_CACHE)")
+    p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--micro_batch_size_per_gpu", type=int, default=None,
+                   help="also report the padding fraction of padded and packed batches of this size")
+    p.add_argument("--pack_samples", action="store_true", help="(accepted for symmetry with the trainers)")
+    args = p.parse_args(argv)
+
+    tokenizer, template = load_tokenizer(args.ckpt_dir), load_template(args.template_config)
+    out = {}
+    for name in ("train", "val"):
+        paths = getattr(args, f"{name}_data_paths")
+        if not paths:
+            continue
+        ds = prepare_dataset(paths, tokenizer, template, args.max_seq_len, kind=args.kind,
+                             splits=getattr(args, f"{name}_data_splits"),
+                             num_samples=getattr(args, f"{name}_num_samples"), seed=args.seed,
+                             cache_dir=args.data_cache_dir, num_proc=args.num_proc)
+        print(format_stats(name, ds))
+        if args.micro_batch_size_per_gpu:
+            modes = [False] + ([True] if ds.kind == "sft" else [])
+            fracs = {("packed" if m else "padded"): padding_fraction(
+                Loader(ds, args.micro_batch_size_per_gpu, pack=m, seed=args.seed, rank=0, world_size=1))
+                for m in modes}
+            print("  padding fraction: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fracs.items()))
+        out[name] = ds
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,604 @@
+"""Tokenizers and YAML chat templates -> token ids + a loss mask.
+
+Three tokenizer kinds, detected from the files of a checkpoint dir (`load_tokenizer`):
+- tiktoken for Llama 3's `tokenizer.model` (a text file of base64 byte strings and ranks);
+- byte-level BPE `tokenizer.json` (Qwen2.5, SmolLM2), turned into tiktoken ranks with its own split regex;
+- sentencepiece for Llama 2 / Mistral `tokenizer.model` (byte fallback, the leading-space convention).
+
+A chat template is a YAML file of strings (`templates/*.yaml`, schema in the README). Strings it lists
+under `special_tokens` become control tokens; everything else, and every message, is plain text: a user
+who types "<|eot_id|>" gets the characters, never the control token.
+
+    python tokenize_chat.py --ckpt_dir DIR --template_config llama3_instruct --show data.jsonl --n 3
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+
+class ConversationError(ValueError):
+    """A sample that cannot be tokenized (data.py prefixes the file and line)."""
+
+
+class TemplateError(ValueError):
+    """A template file that is malformed, or that does not fit the tokenizer."""
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files that are missing or of an unsupported kind."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizers
+
+# Meta's Llama 3 split regex and special tokens (llama_models/llama3/tokenizer.py): 256 specials follow
+# the 128,000 ranks. Llama 3.0 named some of them reserved_*, but the ids used by chat are the same.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                   "<|image|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
+# What `tokenizers`' ByteLevel pre-tokenizer splits with when use_regex is true (the GPT-2 regex).
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# Digits(individual_digits) then ByteLevel, as one regex: each digit is its own piece, so a run of
+# spaces before a digit ends there, as it does at the end of a piece.
+GPT2_DIGITS_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+
+
+def _hash_files(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode() + b"\0" + Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+class TiktokenTokenizer:
+    """Byte-level BPE through tiktoken: Llama 3's own file, or ranks rebuilt from a tokenizer.json."""
+
+    kind = "tiktoken"
+
+    def __init__(self, path, ranks: dict, pattern: str, specials: dict, in_text=(), bos=None, eos=None,
+                 normalization=None, files=(), n_vocab=None):
+        import tiktoken
+        self.path = str(path)
+        self.specials = dict(specials)  # name -> id: control tokens, never produced from text
+        # Added tokens that HF marks special=false (e.g. Qwen's "<tool_call>") are vocabulary, not
+        # control: transformers produces them from plain text, so we do too.
+        self._in_text = frozenset(in_text)
+        self._enc = tiktoken.Encoding(Path(path).name, pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens=self.specials)
+        self._normalization = normalization
+        n_ids = max(max(ranks.values()), max(self.specials.values(), default=-1)) + 1
+        self.vocab_size = n_vocab or n_ids
+        self._nbytes = [0] * n_ids  # bytes of text each id stands for: offsets for the loss mask
+        for b, i in ranks.items():
+            self._nbytes[i] = len(b)
+        for t in self._in_text:
+            self._nbytes[self.specials[t]] = len(t.encode())
+        self._control_ids = {i for t, i in self.specials.items() if t not in self._in_text}
+        self.bos_id = self.specials[bos] if bos else None
+        self.eos_id = self.specials[eos] if eos else None
+        self.fingerprint = _hash_files(files or [path])
+
+    def normalize(self, text: str) -> str:
+        return unicodedata.normalize(self._normalization, text) if self._normalization else text
+
+    def encode(self, text: str) -> list[int]:
+        text = self.normalize(text)
+        if self._in_text:
+            ids = self._enc.encode(text, allowed_special=self._in_text, disallowed_special=())
+        else:
+            ids = self._enc.encode_ordinary(text)
+        if len(self._nbytes) > self.vocab_size:  # drop bytes the vocabulary lacks, as `tokenizers` does
+            ids = [i for i in ids if i < self.vocab_size]
+        return ids
+
+    def token_bytes(self, ids) -> list[int]:
+        """Bytes of (normalized) text each id covers; control tokens cover none."""
+        nb = self._nbytes
+        return [nb[i] for i in ids]
+
+    def decode(self, ids) -> str:
+        return self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
+
+    def piece(self, i: int) -> str:
+        return self._enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
+
+    def is_control(self, i: int) -> bool:
+        return i in self._control_ids
+
+    def token_id(self, name: str) -> int:
+        if name not in self.specials:
+            raise TokenizerError(f"tokenizer {self.path} has no special token {name!r}")
+        return self.specials[name]
+
+
+class SentencePieceTokenizer:
+    """Llama 2 / Mistral `tokenizer.model`: encode adds sentencepiece's dummy leading space, as the
+    references (Meta's Llama 2 code, mistral-common) do on every encode call."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path):
+        import sentencepiece
+        self.path = str(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        sp = self._sp
+        self.vocab_size = sp.get_piece_size()
+        self.specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self._nbytes = [0 if i in self.specials.values() else 1 if sp.is_byte(i)
+                        else len(sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in range(self.vocab_size)]
+        self.fingerprint = _hash_files([path])
+
+    def normalize(self, text: str) -> str:
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)  # control pieces such as "<s>" in the text stay plain text
+
+    def token_bytes(self, ids) -> list[int]:
+        return [self._nbytes[i] for i in ids]
+
+    def decode(self, ids) -> str:
+        return self._sp.decode(list(ids))
+
+    def piece(self, i: int) -> str:
+        p = self._sp.id_to_piece(i)
+        return self.decode([i]) if self._sp.is_byte(i) else p.replace("\u2581", " ")
+
+    def is_control(self, i: int) -> bool:
+        return self._sp.is_control(i) or self._sp.is_unknown(i)
+
+    def token_id(self, name: str) -> int:
+        if name not in self.specials:
+            raise TokenizerError(f"tokenizer {self.path} has no control token {name!r}")
+        return self.specials[name]
+
+
+Tokenizer = TiktokenTokenizer | SentencePieceTokenizer
+
+
+def _read_tiktoken_ranks(path: Path) -> dict | None:
+    """The ranks of a tiktoken BPE file, or None when the file is not one (a sentencepiece model)."""
+    data = path.read_bytes()
+    if not data[:64].split(b"\n")[0].count(b" ") == 1:
+        return None
+    ranks = {}
+    try:
+        for line in data.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except ValueError:
+        return None
+    return ranks
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def _split_pattern(pre, path) -> str:
+    """The one regex that reproduces a tokenizer.json byte-level pre-tokenizer."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return GPT2_PATTERN
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
+            and "Regex" in steps[0].get("pattern", {}) and steps[0].get("behavior") == "Isolated" \
+            and not steps[0].get("invert") and not steps[1].get("add_prefix_space"):
+        return steps[0]["pattern"]["Regex"]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True) \
+            and not steps[1].get("add_prefix_space"):
+        return GPT2_DIGITS_PATTERN
+    raise TokenizerError(f"{path}: pre_tokenizer {json.dumps(pre)[:300]} is not supported (supported: ByteLevel; "
+                         "Split(regex, Isolated) + ByteLevel(use_regex=false); Digits + ByteLevel)")
+
+
+def _token_name(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _tiktoken_from_json(path: Path) -> TiktokenTokenizer:
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: model type {model.get('type')!r} is not byte-level BPE")
+    pattern = _split_pattern(spec.get("pre_tokenizer"), path)
+    norm = spec.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        raise TokenizerError(f"{path}: normalizer {norm.get('type')!r} is not supported (only none or NFC)")
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    ranks = {}
+    for tok, i in model["vocab"].items():
+        if tok not in added:
+            ranks[bytes(byte_of[c] for c in tok)] = i
+    # tiktoken merges the pair whose result has the lowest rank and returns ranks as ids, so ranks = ids
+    # is exact only when the vocabulary numbers merge results in merge order (true of GPT-2 style
+    # vocabularies: Qwen2.5, SmolLM2, Llama 3's own tokenizer.json).
+    vocab, last = model["vocab"], -1
+    for m in model.get("merges", []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab[a + b]
+        if i <= last:
+            raise TokenizerError(f"{path}: merge {a!r}+{b!r} is out of id order; tiktoken ranks cannot express it")
+        last = i
+    # Some vocabularies lack a few bytes (SmolLM2 has no 0x04, nor 0xC0, which UTF-8 never uses);
+    # `tokenizers` drops such a byte (no unk token, no byte fallback). tiktoken needs every byte, so they
+    # get ids past the vocabulary that `encode` then drops.
+    n_vocab = max(max(vocab.values()), max(added.values(), default=-1)) + 1
+    for b in range(256):
+        if bytes([b]) not in ranks:
+            ranks[bytes([b])] = n_vocab + b
+    config_path = path.parent / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    bos, eos = _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
+    in_text = [t["content"] for t in spec.get("added_tokens", []) if not t.get("special", True)]
+    return TiktokenTokenizer(path, ranks, pattern, added, in_text=in_text,
+                             bos=bos if bos in added else None, eos=eos if eos in added else None,
+                             normalization="NFC" if norm else None, n_vocab=n_vocab,
+                             files=[path] + ([config_path] if config_path.exists() else []))
+
+
+def load_tokenizer(ckpt_dir) -> Tokenizer:
+    """The tokenizer of a checkpoint dir, its kind detected from the files in it."""
+    d = Path(ckpt_dir)
+    models = [p for p in (d / "tokenizer.model", d / "original" / "tokenizer.model") if p.is_file()]
+    model = models[0] if models else None
+    if model is not None:
+        ranks = _read_tiktoken_ranks(model)
+        if ranks is not None:
+            specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
+            return TiktokenTokenizer(model, ranks, LLAMA3_PATTERN, specials,
+                                     bos="<|begin_of_text|>", eos="<|end_of_text|>")
+    if (d / "tokenizer.json").is_file():
+        spec = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        if "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or model is None:
+            return _tiktoken_from_json(d / "tokenizer.json")
+    if model is not None:
+        return SentencePieceTokenizer(model)
+    raise TokenizerError(f"no tokenizer in {d}: looked for tokenizer.model, original/tokenizer.model and "
+                         "tokenizer.json (convert.py copies them next to the weights)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chat templates
+
+@dataclass
+class RoleFormat:
+    start: str = ""   # before the content; never trained
+    end: str = ""     # after the content; trained with it for trained roles (the end-of-turn token)
+    after: str = ""   # after `end`, e.g. ChatML's newline; never trained
+    strip: str = "none"  # none | both | left | right: whitespace stripped from the content
+    strip_chars: str | None = None  # what `strip` removes (default: all whitespace)
+    join: bool = True  # True: content is tokenized together with the template text around it, as
+    #                    transformers does with a rendered Jinja string; False: on its own, as Meta's
+    #                    ChatFormat and mistral-common do
+
+
+@dataclass
+class ChatTemplate:
+    name: str
+    path: str
+    fingerprint: str
+    roles: dict[str, RoleFormat]
+    special_tokens: list[str] = field(default_factory=list)
+    bos: str = ""
+    generation_prompt: str = ""
+    stop: list[str] = field(default_factory=list)
+    trained_roles: list[str] = field(default_factory=lambda: ["assistant"])
+    system_placement: str = "message"  # message | first_user | last_user
+    system_fold: str = "{system}\n\n{content}"  # how a folded system prompt joins the user content
+    drop_empty_system: bool = False
+    default_system: str | None = None  # used when a conversation has no system message
+
+
+_TOP_KEYS = {"name": str, "special_tokens": list, "bos": str, "generation_prompt": str, "stop": list,
+             "trained_roles": list, "system_placement": str, "system_fold": str, "drop_empty_system": bool,
+             "default_system": (str, type(None)), "roles": dict}
+_ROLE_KEYS = {"start": str, "end": str, "after": str, "strip": str, "strip_chars": (str, type(None)), "join": bool}
+
+
+def _resolve_template(name_or_path) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (TEMPLATES_DIR / p.name, TEMPLATES_DIR / (p.name + ".yaml")):
+        if cand.is_file():
+            return cand
+    shipped = ", ".join(sorted(q.stem for q in TEMPLATES_DIR.glob("*.yaml")))
+    raise TemplateError(f"template {name_or_path!r} not found: not a file, nor in {TEMPLATES_DIR} (shipped: {shipped})")
+
+
+def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
+    """Read a template YAML (a bare name from templates/, or a path). With a tokenizer, also check now
+    that every special token the template names exists in it."""
+    path = _resolve_template(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TemplateError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise TemplateError(f"{path}: expected a mapping of keys (name, roles, ...), got {type(raw).__name__}")
+
+    def check(d, schema, where):
+        for k, v in d.items():
+            if k not in schema:
+                raise TemplateError(f"{path}: unknown key {where}{k!r} (known: {', '.join(schema)})")
+            if not isinstance(v, schema[k]):
+                raise TemplateError(f"{path}: key {where}{k!r} must be {schema[k]}, got {type(v).__name__} {v!r}")
+
+    check(raw, _TOP_KEYS, "")
+    if "roles" not in raw:
+        raise TemplateError(f"{path}: missing key 'roles' (per-role start/end strings)")
+    roles = {}
+    for role, fmt in raw["roles"].items():
+        if not isinstance(fmt, dict):
+            raise TemplateError(f"{path}: key 'roles.{role}' must be a mapping of start/end strings")
+        check(fmt, _ROLE_KEYS, f"roles.{role}.")
+        if fmt.get("strip", "none") not in ("none", "both", "left", "right"):
+            raise TemplateError(f"{path}: key 'roles.{role}.strip' must be none, both, left or right")
+        roles[role] = RoleFormat(**fmt)
+    for k in ("special_tokens", "stop", "trained_roles"):
+        if not all(isinstance(s, str) for s in raw.get(k, [])):
+            raise TemplateError(f"{path}: key {k!r} must be a list of strings")
+    t = ChatTemplate(name=raw.get("name", path.stem), path=str(path),
+                     fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16], roles=roles,
+                     **{k: v for k, v in raw.items() if k not in ("name", "roles")})
+    if t.system_placement not in ("message", "first_user", "last_user"):
+        raise TemplateError(f"{path}: key 'system_placement' must be message, first_user or last_user")
+    if t.system_placement != "message" and "user" not in roles:
+        raise TemplateError(f"{path}: key 'system_placement' folds the system prompt into a user turn: "
+                            "'roles' needs 'user'")
+    if t.system_fold.count("{system}") != 1 or t.system_fold.count("{content}") != 1 \
+            or t.system_fold.index("{system}") > t.system_fold.index("{content}"):
+        raise TemplateError(f"{path}: key 'system_fold' needs {{system}} then {{content}}, once each")
+    if t.system_placement == "message" and "system" not in roles:
+        raise TemplateError(f"{path}: key 'roles' needs 'system' (or set system_placement to fold it)")
+    for k in ["bos"] + [f"stop[{i}]" for i in range(len(t.stop))]:
+        s = t.bos if k == "bos" else t.stop[int(k[5:-1])]
+        if s and s not in t.special_tokens:
+            raise TemplateError(f"{path}: key {k!r} = {s!r} is not listed under 'special_tokens'")
+    for r in t.trained_roles:
+        if r not in roles:
+            raise TemplateError(f"{path}: key 'trained_roles' names {r!r}, which 'roles' does not define")
+    if tokenizer is not None:
+        _plan(tokenizer, t)
+    return t
+
+
+def _plan(tokenizer, template: ChatTemplate) -> dict:
+    """Every template string split into control-token ids and text, once per (tokenizer, template)."""
+    cache = tokenizer.__dict__.setdefault("_template_plans", {})
+    if template.fingerprint in cache:
+        return cache[template.fingerprint]
+    ids = {}
+    for s in template.special_tokens:
+        try:
+            ids[s] = tokenizer.token_id(s)
+        except TokenizerError:
+            raise TemplateError(f"{template.path}: names special token {s!r}, which the tokenizer "
+                                f"{tokenizer.path} lacks: this template is for another model family") from None
+    splitter = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")") if ids else None
+
+    def split(s):
+        parts = splitter.split(s) if splitter else [s]
+        return [ids[p] if p in ids else p for p in parts if p]
+
+    plan = {"bos": split(template.bos), "generation_prompt": split(template.generation_prompt)}
+    for role, fmt in template.roles.items():
+        plan[role] = (split(fmt.start), split(fmt.end), split(fmt.after))
+    cache[template.fingerprint] = plan
+    return plan
+
+
+def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
+    """Ids `generate` stops at: the template's stop strings, each a special token."""
+    return [tokenizer.token_id(s) for s in template.stop]
+
+
+def _check_messages(messages, template, training):
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError("empty message list" if isinstance(messages, list) else
+                                f"'messages' must be a list of {{role, content}}, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ConversationError(f"message {i} is a {type(m).__name__}, not a {{role, content}} object")
+        role = m.get("role")
+        if role not in template.roles and not (role == "system" and template.system_placement != "message"):
+            known = sorted(set(template.roles) | {"system"})
+            raise ConversationError(f"message {i}: unknown role {role!r} (template {template.name} knows {known})")
+        if "content" not in m:
+            raise ConversationError(f"message {i} (role {role}) has no 'content'")
+        if not isinstance(m["content"], str):
+            raise ConversationError(f"message {i} (role {role}): content must be a string, "
+                                    f"got {type(m['content']).__name__}")
+        if role == "system" and i > 0:
+            raise ConversationError(f"message {i}: a system message may only come first")
+    if training and not any(m["role"] in template.trained_roles for m in messages):
+        raise ConversationError(f"no {'/'.join(template.trained_roles)} turn: this conversation would train nothing")
+
+
+def _messages_to_render(messages, template):
+    """(role, content) pairs after the template's system-prompt handling and stripping."""
+    msgs = [(m["role"], m["content"]) for m in messages]
+    system = None
+    if msgs[0][0] == "system":
+        system = msgs.pop(0)[1]
+    elif template.default_system is not None:
+        system = template.default_system
+    if system is not None and not (template.drop_empty_system and system == ""):
+        if template.system_placement == "message":
+            msgs.insert(0, ("system", system))
+        else:
+            users = [i for i, (r, _) in enumerate(msgs) if r == "user"]
+            if not users:
+                raise ConversationError(f"a system prompt but no user message to fold it into "
+                                        f"(template {template.name} puts it in the {template.system_placement} turn)")
+            i = users[0] if template.system_placement == "first_user" else users[-1]
+            fold = template.system_fold
+            s, c = fold.index("{system}"), fold.index("{content}")
+            msgs[i] = ("user", fold[:s] + system + fold[s + 8:c] + msgs[i][1] + fold[c + 9:])
+    out = []
+    for role, content in msgs:
+        fmt = template.roles[role]
+        if fmt.strip == "both":
+            content = content.strip(fmt.strip_chars)
+        elif fmt.strip == "left":
+            content = content.lstrip(fmt.strip_chars)
+        elif fmt.strip == "right":
+            content = content.rstrip(fmt.strip_chars)
+        out.append((role, content))
+    return out
+
+
+def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_generation_prompt=False):
+    """Token ids and a same-length 0/1 loss mask. Trained: each assistant turn's content and its end
+    string (the end-of-turn token); headers, system and user text are masked."""
+    _check_messages(messages, template, training=not add_generation_prompt)
+    plan = _plan(tokenizer, template)
+    parts = []  # (id_or_text, trained, join): ints are control tokens, strs are text to encode
+
+    def literal(items, trained):
+        parts.extend((x, trained, True) for x in items)
+
+    literal(plan["bos"], 0)
+    for role, content in _messages_to_render(messages, template):
+        start, end, after = plan[role]
+        trained = 1 if role in template.trained_roles else 0
+        join = template.roles[role].join
+        literal(start, 0)
+        # an empty content that is tokenized on its own still separates the text around it
+        parts.append((tokenizer.normalize(content), trained, join) if content or not join else None)
+        literal(end, trained)
+        literal(after, 0)
+    if add_generation_prompt:
+        literal(plan["generation_prompt"], 0)
+    return _encode_parts(parts, tokenizer)
+
+
+def _encode_parts(parts, tokenizer):
+    ids, mask = [], []
+    run = []  # consecutive text parts tokenized as one string
+
+    def flush():
+        if not run:
+            return
+        text = "".join(p[0] for p in run)
+        toks = tokenizer.encode(text)
+        ids.extend(toks)
+        if len({p[1] for p in run}) == 1:
+            mask.extend([run[0][1]] * len(toks))
+        else:
+            # A token that straddles template text and trained content is trained: the model has to
+            # produce it to produce the content.
+            trained = bytearray()
+            for p in run:
+                trained += bytes([p[1]]) * len(p[0].encode())
+            nbytes = tokenizer.token_bytes(toks)
+            pos = len(trained) - sum(nbytes)  # < 0 by sentencepiece's dummy leading space
+            for n in nbytes:
+                lo, hi = max(pos, 0), max(pos + n, 0)
+                mask.append(1 if 1 in trained[lo:max(hi, lo + 1)] else 0)
+                pos += n
+        run.clear()
+
+    for p in parts:
+        if p is None or isinstance(p[0], int) or not p[2] or (run and not run[-1][2]):
+            flush()
+        if p is None:
+            continue
+        if isinstance(p[0], int):
+            ids.append(p[0])
+            mask.append(p[1])
+        elif p[0]:
+            run.append(p)
+    flush()
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Visualiser
+
+def render_tokens(ids, mask, tokenizer, color: bool) -> str:
+    """Tokens as text: trained ones green (or inside [[ ]] without a terminal), masked ones dim (or
+    bare), control tokens by name."""
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and mask[j] == mask[i]:
+            j += 1
+        text = "".join(tokenizer.piece(t) for t in ids[i:j])
+        if color:
+            out.append(("\033[92m" if mask[i] else "\033[2m") + text + "\033[0m")
+        else:
+            out.append(f"[[{text}]]" if mask[i] else text)
+        i = j
+    return "".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Show how conversations tokenize: trained tokens in green "
+                                 "(between [[ ]] when not a terminal), masked ones dim.")
+    ap.add_argument("--ckpt_dir", required=True, help="dir with tokenizer.model / tokenizer.json")
+    ap.add_argument("--template_config", required=True, help="template name in templates/ or a YAML path")
+    ap.add_argument("--show", required=True, help="jsonl of {'messages': [...]} (or chosen/rejected)")
+    ap.add_argument("--n", type=int, default=3, help="how many samples to show")
+    ap.add_argument("--add_generation_prompt", action="store_true", help="render as an inference prompt")
+    args = ap.parse_args(argv)
+    tokenizer = load_tokenizer(args.ckpt_dir)
+    template = load_template(args.template_config, tokenizer)
+    color = sys.stdout.isatty()
+    shown = 0
+    with open(args.show, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if shown >= args.n:
+                break
+            if not line.strip():
+                continue
+            sample = json.loads(line)
+            messages = sample.get("messages") or sample.get("chosen")
+            if "prompt" in sample and isinstance(sample.get("chosen"), str):
+                messages = [{"role": "user", "content": sample["prompt"]},
+                            {"role": "assistant", "content": sample["chosen"]}]
+            try:
+                ids, mask = tokenize_conversation(messages, tokenizer, template, args.add_generation_prompt)
+            except ConversationError as e:
+                print(f"{args.show}:{lineno}: {e}")
+                continue
+            print(f"--- {args.show}:{lineno}  trained {sum(mask)} / {len(ids)} tokens")
+            print(render_tokens(ids, mask, tokenizer, color))
+            shown += 1
+    if not color:
+        print("(trained tokens are between [[ ]])")
+
+
+if __name__ == "__main__":
+    main()
