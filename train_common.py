@@ -14,6 +14,7 @@ import resource
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def prepare_output_dir(args, d: "Dist"):
     if d.main:
         if args.overwrite and not args.resume:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for partial in (out / "checkpoints").glob(".tmp_step_*"):  # left by a killed run
+            shutil.rmtree(partial, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     barrier()
 
@@ -296,8 +299,11 @@ def no_grad_sync(model, sync: bool):
 
 # -- building a run ----------------------------------------------------------------------------------------------
 def load_tokenizer_and_template(args):
+    from model import resolve_weights
     from tokenize_chat import load_template, load_tokenizer
 
+    for path in args.ckpt_paths:  # fail before any data work when a checkpoint is missing
+        resolve_weights(path)
     ckpt_dir = native_dir(args.ckpt_paths[0])
     tokenizer = load_tokenizer(ckpt_dir)
     return tokenizer, load_template(args.template_config, tokenizer)
@@ -424,6 +430,8 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, 
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    # Without a process group DCP warns that it assumes one process: that is the case here.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(extra, tmp / f"extra_rank{d.rank}.pt")
     barrier()
@@ -493,13 +501,19 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricsLog:
     """metrics.jsonl, one JSON object per optimizer step, and one human line per --print_freq steps."""
 
-    def __init__(self, output_dir: Path, d: Dist, total_steps: int, print_freq: int, resume: bool):
+    def __init__(self, output_dir: Path, d: Dist, total_steps: int, print_freq: int, start_step: int = 0):
         self.d, self.total, self.print_freq = d, total_steps, max(1, print_freq)
         self.path = Path(output_dir) / "metrics.jsonl"
         self.start = time.perf_counter()
         self.start_step = None
-        if d.main and not resume:
-            self.path.write_text("")
+        if d.main:
+            # A resumed run continues the file from its checkpoint; steps logged after it (by a run that
+            # was killed later) are dropped, since they are about to be trained again.
+            kept = []
+            if start_step and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict):
         if not self.d.main:

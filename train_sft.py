@@ -101,7 +101,7 @@ def train(args: SFTArgs, d: tc.Dist):
         tc.set_rng_state(extra["rng"])
         step = extra["step"]
         tc.print0(f"resumed from {latest} at step {step}")
-    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, resume=args.resume)
+    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, start_step=step)
     stop = tc.StopSignal()
     param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
     batches = tc.endless(loader)

@@ -83,3 +83,8 @@ def smollm2_hf_dir() -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2-135M-Instruct's tokenizer.json and chat template (the dir of `smollm2_hf_dir`)."""
+    return smollm2_hf_dir()

@@ -1,0 +1,262 @@
+"""train_sft.py end to end on a tiny model: loss against transformers, world-size and accumulation invariance,
+exact resume, LoRA under FSDP2, over-fitting, multi-node rendezvous, and bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_sft
+from sft_fixtures import REPO, env, free_port, metrics, tiny_chat_model, torchrun, write_chat_data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    hf, native = tiny_chat_model(root)
+    data = write_chat_data(root / "chat.jsonl")
+    return {"hf": hf, "native": native, "data": data, "cache": root / "cache", "root": root}
+
+
+def base_args(setup, out, **overrides):
+    args = {"ckpt_paths": setup["native"], "template_config": "chatml.yaml", "train_data_paths": f"jsonl:{setup['data']}",
+            "output_dir": out, "max_seq_len": 96, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 1,
+            "micro_batch_size_per_gpu": 4, "gradient_accum_steps": 1, "train_steps": 3,
+            "data_cache_dir": setup["cache"], "seed": 42}
+    args.update(overrides)
+    argv = []
+    for k, v in args.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not False and v is not None:
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
+def run_inprocess(argv):
+    train_sft.main(argv)
+
+
+def rel_close(a: list, b: list, tol=1e-5):
+    return all(abs(x - y) <= tol * max(abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+
+
+def losses(out):
+    return [m["loss"] for m in metrics(out)]
+
+
+def reference_first_step_loss(setup, micro, reduction):
+    """The loss of the first optimizer step computed independently: transformers' logits on the same samples
+    (the loader's first `micro` samples), log-softmax, and the DESIGN.md definition of each reduction."""
+    from data import Loader, prepare_dataset
+    from tokenize_chat import load_template, load_tokenizer
+
+    tok = load_tokenizer(setup["native"])
+    ds = prepare_dataset([f"jsonl:{setup['data']}"], tok, load_template("chatml.yaml", tok), 96,
+                         cache_dir=setup["cache"], seed=42, progress=False)
+    batch = next(iter(Loader(ds, micro, seed=42, pad_id=tok.eos_id)))
+    per_seq = []
+    for r, sid in enumerate(batch["sample_ids"].tolist()):
+        a, b = ds.offsets[sid], ds.offsets[sid + 1]
+        ids = torch.tensor(ds.ids[a:b].astype("int64"))
+        trained = torch.tensor(ds.mask[a + 1:b].astype(bool))  # target t+1 predicted at t
+        with torch.no_grad():
+            logp = setup["hf"](ids[None]).logits[0, :-1].float().log_softmax(-1)
+        nll = -logp.gather(-1, ids[1:, None])[:, 0]
+        per_seq.append(nll[trained])
+    if reduction == "tokens":
+        return float(torch.cat(per_seq).mean())
+    return float(torch.stack([s.mean() for s in per_seq]).mean())
+
+
+def test_world_sizes_and_dp_modes_agree_with_transformers(setup, tmp_path):
+    """1 process, 2-process FSDP2 and 2-process DDP on the same global batch: the same losses; step 1
+    equals the loss computed from transformers' logits."""
+    one = tmp_path / "one"
+    run_inprocess(base_args(setup, one, micro_batch_size_per_gpu=4, gradient_accum_steps=2))
+    ref = reference_first_step_loss(setup, micro=8, reduction="tokens")
+    assert abs(losses(one)[0] - ref) <= 1e-5 * ref
+    for dp in ("fsdp", "ddp"):
+        out = tmp_path / dp
+        torchrun("train_sft.py", base_args(setup, out, micro_batch_size_per_gpu=2, gradient_accum_steps=2, dp=dp),
+                 nproc=2, port=free_port())
+        assert rel_close(losses(out), losses(one)), (dp, losses(out), losses(one))
+        assert [m["tokens"] for m in metrics(out)] == [m["tokens"] for m in metrics(one)]
+
+
+@pytest.mark.parametrize("reduction", ["tokens", "sequences"])
+def test_gradient_accumulation_invariance(setup, tmp_path, reduction):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_inprocess(base_args(setup, a, micro_batch_size_per_gpu=4, gradient_accum_steps=1, loss_reduction=reduction))
+    run_inprocess(base_args(setup, b, micro_batch_size_per_gpu=1, gradient_accum_steps=4, loss_reduction=reduction))
+    assert rel_close(losses(a), losses(b)), (losses(a), losses(b))
+    ref = reference_first_step_loss(setup, micro=4, reduction=reduction)
+    assert abs(losses(a)[0] - ref) <= 1e-5 * ref
+    if reduction == "sequences":  # and it is a different number from the token mean
+        assert abs(ref - reference_first_step_loss(setup, micro=4, reduction="tokens")) > 1e-4
+
+
+def test_packed_batches_train_the_same_tokens(setup, tmp_path):
+    """Packing with per-document attention: step 1 sees the same documents' losses as without packing
+    when every sample lands in one row (micro 1 row of 96 tokens vs the same samples padded)."""
+    out = tmp_path / "packed"
+    run_inprocess(base_args(setup, out, pack_samples=True, micro_batch_size_per_gpu=2, train_steps=2))
+    m = metrics(out)
+    assert len(m) == 2 and all(x["loss"] > 0 for x in m)
+
+
+def _read_until(proc, needle, timeout=120):
+    start = time.time()
+    for line in proc.stdout:
+        if needle in line:
+            return line
+        if time.time() - start > timeout:
+            break
+    raise AssertionError(f"never saw {needle!r}")
+
+
+def test_resume_after_sigterm_reproduces_the_run(setup, tmp_path):
+    full = tmp_path / "full"
+    args = dict(train_steps=16, micro_batch_size_per_gpu=2, gradient_accum_steps=2)
+    run_inprocess(base_args(setup, full, **args))
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "train_sft.py"), *base_args(setup, out, dp="fsdp", **{**args, "micro_batch_size_per_gpu": 1})]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    _read_until(proc, "step 2/")
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers; 14 steps of slack remain
+    rest = proc.communicate(timeout=120)[0]
+    assert "SIGTERM: saved" in rest, rest[-2000:]
+    saved = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert 2 <= saved < 16
+    torchrun("train_sft.py", base_args(setup, out, dp="fsdp", resume=True, **{**args, "micro_batch_size_per_gpu": 1}),
+             nproc=2, port=free_port())
+    assert [m["step"] for m in metrics(out)] == list(range(1, 17))
+    assert rel_close(losses(out), losses(full)), (losses(out), losses(full))
+
+
+def test_resume_after_kill9_uses_the_last_complete_checkpoint(setup, tmp_path):
+    full = tmp_path / "full"
+    args = dict(train_steps=10, save_freq=2, max_checkpoints=2)
+    run_inprocess(base_args(setup, full, **args))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "train_sft.py"), *base_args(setup, out, **args)]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _read_until(proc, "step 5/")
+    proc.kill()
+    proc.wait()
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert checkpoints and len(checkpoints) <= 2
+    run_inprocess(base_args(setup, out, resume=True, **args))
+    assert [m["step"] for m in metrics(out)] == list(range(1, 11))
+    assert rel_close(losses(out), losses(full))
+
+
+def test_lora_fsdp_two_processes(setup, tmp_path):
+    from model import Transformer
+
+    out = tmp_path / "lora"
+    torchrun("train_sft.py", base_args(setup, out, lora=True, lora_rank=4, lora_alpha=8, lr=1e-2,
+                                       micro_batch_size_per_gpu=2), nproc=2, port=free_port())
+    assert (out / "adapter" / "adapter.pth").exists()
+    adapter = torch.load(out / "adapter" / "adapter.pth", weights_only=True)
+    assert adapter and all(".lora_" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if k.endswith("lora_b"))
+    merged = Transformer.from_pretrained(out)
+    overlay = Transformer.from_pretrained([setup["native"], out / "adapter" / "adapter.pth"])
+    base = Transformer.from_pretrained(setup["native"])
+    tokens = torch.randint(0, setup["hf"].config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(tokens) - overlay(tokens)).abs().max() <= 1e-5
+        assert (merged(tokens) - base(tokens)).abs().max() > 1e-4
+        assert torch.equal(merged.tok_embeddings.weight, base.tok_embeddings.weight)  # frozen
+
+
+def test_overfits_and_output_dir_is_a_native_checkpoint(setup, tmp_path):
+    import convert
+    from model import Transformer
+
+    out = tmp_path / "overfit"
+    run_inprocess(base_args(setup, out, train_steps=40, lr=3e-3, lr_scheduler="constant", warmup_steps=0,
+                            micro_batch_size_per_gpu=4, train_num_samples=4, print_freq=10))
+    first, last = losses(out)[0], losses(out)[-1]
+    assert last < 0.1 * first, (first, last)
+    names = {p.name for p in out.iterdir()}
+    assert {"consolidated.00.pth", "params.json", "tokenizer.json", "chatml.yaml", "train_args.json",
+            "metrics.jsonl"} <= names
+    assert json.loads((out / "train_args.json").read_text())["lr"] == 3e-3
+    Transformer.from_pretrained(out)
+    convert.main(["--to_hf", "--ckpt_paths", str(out), "--output_dir", str(tmp_path / "hf_out")])
+    assert (tmp_path / "hf_out" / "model.safetensors").exists()
+    # The next stage takes the output dir as --ckpt_paths.
+    run_inprocess(base_args(setup, tmp_path / "stage2", ckpt_paths=out, train_steps=1))
+
+
+def test_two_nodes_through_torchrun_rendezvous(setup, tmp_path):
+    one = tmp_path / "one"
+    run_inprocess(base_args(setup, one, micro_batch_size_per_gpu=4))
+    out = tmp_path / "nodes"
+    port = free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(REPO / "train_sft.py"), *base_args(setup, out, micro_batch_size_per_gpu=2)]
+        procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert rel_close(losses(out), losses(one))
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(setup, tmp_path, capsys):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exc:
+        run_inprocess(base_args(setup, out, lr=1e12, lr_scheduler="constant", warmup_steps=0, train_steps=20,
+                                save_freq=1, clip_grad_norm=0))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step" in err or "loss is inf at step" in err
+    step = int(err.split(" at step ")[1].split(":")[0])
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept[-1] == f"step_{step - 1:08d}"
+
+
+def test_missing_checkpoint(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_inprocess(base_args(setup, tmp_path / "o", ckpt_paths=tmp_path / "nope"))
+    assert "nope" in capsys.readouterr().err
+
+
+def test_checkpoint_not_matching_params(setup, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(setup["native"], bad)
+    params = json.loads((bad / "params.json").read_text())
+    params["n_layers"] = 3
+    (bad / "params.json").write_text(json.dumps(params))
+    with pytest.raises(SystemExit):
+        run_inprocess(base_args(setup, tmp_path / "o", ckpt_paths=bad))
+    assert "missing tensors" in capsys.readouterr().err
+
+
+def test_unknown_scheduler(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_inprocess(base_args(setup, tmp_path / "o", lr_scheduler="warmup_stable_decay"))
+    assert exc.value.code == 2
+    assert "--lr_scheduler" in capsys.readouterr().err
+
+
+def test_output_dir_of_another_run_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit):
+        run_inprocess(base_args(setup, out))
+    assert "--overwrite" in capsys.readouterr().err
