@@ -96,20 +96,27 @@ class TiktokenTokenizer:
     def normalize(self, text: str) -> str:
         return unicodedata.normalize(self._normalization, text) if self._normalization else text
 
-    def encode(self, text: str) -> list[int]:
-        text = self.normalize(text)
+    def _encode(self, text: str) -> list[int]:
         if self._in_text:
-            ids = self._enc.encode(text, allowed_special=self._in_text, disallowed_special=())
-        else:
-            ids = self._enc.encode_ordinary(text)
+            return self._enc.encode(text, allowed_special=self._in_text, disallowed_special=())
+        return self._enc.encode_ordinary(text)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._encode(self.normalize(text))
         if len(self._nbytes) > self.vocab_size:  # drop bytes the vocabulary lacks, as `tokenizers` does
             ids = [i for i in ids if i < self.vocab_size]
         return ids
 
-    def token_bytes(self, ids) -> list[int]:
-        """Bytes of (normalized) text each id covers; control tokens cover none."""
-        nb = self._nbytes
-        return [nb[i] for i in ids]
+    def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        """ids and how many bytes of the (normalized, UTF-8) text each one covers."""
+        ids, nbytes = [], []
+        for i in self._encode(self.normalize(text)):
+            if i < self.vocab_size:
+                ids.append(i)
+                nbytes.append(self._nbytes[i])
+            elif nbytes:
+                nbytes[-1] += 1  # a dropped byte: count it with the token before
+        return ids, nbytes
 
     def decode(self, ids) -> str:
         return self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
@@ -153,8 +160,18 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)  # control pieces such as "<s>" in the text stay plain text
 
-    def token_bytes(self, ids) -> list[int]:
-        return [self._nbytes[i] for i in ids]
+    def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        """ids and how many bytes of the UTF-8 text each one covers."""
+        ids = self._sp.encode(text)
+        nbytes = [self._nbytes[i] for i in ids]
+        extra = sum(nbytes) - len(text.encode())  # the dummy leading space is not in the text
+        for k in range(len(nbytes)):
+            if extra <= 0:
+                break
+            take = min(extra, nbytes[k])
+            nbytes[k] -= take
+            extra -= take
+        return ids, nbytes
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
@@ -418,7 +435,7 @@ def _plan(tokenizer, template: ChatTemplate) -> dict:
 
     def split(s):
         parts = splitter.split(s) if splitter else [s]
-        return [ids[p] if p in ids else p for p in parts if p]
+        return [ids[p] if p in ids else tokenizer.normalize(p) for p in parts if p]
 
     plan = {"bos": split(template.bos), "generation_prompt": split(template.generation_prompt)}
     for role, fmt in template.roles.items():
@@ -520,9 +537,8 @@ def _encode_parts(parts, tokenizer):
         if not run:
             return
         text = "".join(p[0] for p in run)
-        toks = tokenizer.encode(text)
-        ids.extend(toks)
         if len({p[1] for p in run}) == 1:
+            toks = tokenizer.encode(text)
             mask.extend([run[0][1]] * len(toks))
         else:
             # A token that straddles template text and trained content is trained: the model has to
@@ -530,12 +546,12 @@ def _encode_parts(parts, tokenizer):
             trained = bytearray()
             for p in run:
                 trained += bytes([p[1]]) * len(p[0].encode())
-            nbytes = tokenizer.token_bytes(toks)
-            pos = len(trained) - sum(nbytes)  # < 0 by sentencepiece's dummy leading space
-            for n in nbytes:
-                lo, hi = max(pos, 0), max(pos + n, 0)
-                mask.append(1 if 1 in trained[lo:max(hi, lo + 1)] else 0)
+            toks, nbytes = tokenizer.encode_with_bytes(text)
+            pos = 0
+            for n in nbytes:  # a token covering no text goes with the byte after it
+                mask.append(1 if 1 in trained[pos:pos + max(n, 1)] else 0)
                 pos += n
+        ids.extend(toks)
         run.clear()
 
     for p in parts:

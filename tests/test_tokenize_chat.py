@@ -527,3 +527,27 @@ def test_visualiser_main(llama3_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("---") == 2 and "data.jsonl:1  trained 3 / " in out
     assert "[[Paris.<|eot_id|>]]" in out and "<|start_header_id|>user<|end_header_id|>" in out
+
+
+def test_mask_equals_transformers_assistant_mask(references, toks):
+    """transformers' return_assistant_tokens_mask, with SmolLM2's template marked up with
+    {% generation %} around content + <|im_end|> (bench.py), gives the same ids and the same mask."""
+    from bench import CHATML_WITH_GENERATION
+    tok, ref = references["smollm2_chat"]
+    template = tc.load_template("smollm2_chat", tok)
+    compared = 0
+    for case, msgs in CONVERSATIONS:
+        if not any(m["role"] == "assistant" for m in msgs) or ref.injects(msgs):
+            continue
+        out = ref.hf.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                         chat_template=CHATML_WITH_GENERATION)
+        ids, mask = tc.tokenize_conversation(msgs, tok, template)
+        assert (ids, mask) == (list(out["input_ids"]), list(out["assistant_masks"])), case
+        compared += 1
+    assert compared >= 20
+
+
+def test_bench_tokenize_runs(smollm2_dir):
+    import bench
+    r = bench.bench_tokenize(smollm2_dir, "smollm2_chat", n=20, min_s=0.02)
+    assert r["conversations"] == 20 and r["ours_conv_per_s"] > 0 and r["speedup_vs_best_hf"] > 0
