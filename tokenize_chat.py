@@ -150,7 +150,8 @@ class SentencePieceTokenizer:
         self.specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
-        self._nbytes = [0 if i in self.specials.values() else 1 if sp.is_byte(i)
+        control = set(self.specials.values())
+        self._nbytes = [0 if i in control else 1 if sp.is_byte(i)
                         else len(sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in range(self.vocab_size)]
         self.fingerprint = _hash_files([path])
 
@@ -265,13 +266,14 @@ def _tiktoken_from_json(path: Path) -> TiktokenTokenizer:
         if tok not in added:
             ranks[bytes(byte_of[c] for c in tok)] = i
     # tiktoken merges the pair whose result has the lowest rank and returns ranks as ids, so ranks = ids
-    # is exact only when the vocabulary numbers merge results in merge order (true of GPT-2 style
-    # vocabularies: Qwen2.5, SmolLM2, Llama 3's own tokenizer.json).
+    # is exact when the vocabulary numbers merge results in merge order: true of GPT-2 style
+    # vocabularies (Qwen2.5, SmolLM2) and of tiktoken-born ones (Llama 3's tokenizer.json lists every
+    # pair that makes a token, hence repeated results).
     vocab, last = model["vocab"], -1
     for m in model.get("merges", []):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         i = vocab[a + b]
-        if i <= last:
+        if i < last:
             raise TokenizerError(f"{path}: merge {a!r}+{b!r} is out of id order; tiktoken ranks cannot express it")
         last = i
     # Some vocabularies lack a few bytes (SmolLM2 has no 0x04, nor 0xC0, which UTF-8 never uses);
@@ -520,8 +522,8 @@ def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_gener
         trained = 1 if role in template.trained_roles else 0
         join = template.roles[role].join
         literal(start, 0)
-        # an empty content that is tokenized on its own still separates the text around it
-        parts.append((tokenizer.normalize(content), trained, join) if content or not join else None)
+        if content or not join:  # an empty content tokenized on its own still splits the text around it
+            parts.append((tokenizer.normalize(content), trained, join) if content else None)
         literal(end, trained)
         literal(after, 0)
     if add_generation_prompt:

@@ -87,6 +87,17 @@ def test_llama3_parity_hf_and_meta(toks, llama3_dir):
     assert ours.token_id("<|eot_id|>") == meta.special_tokens["<|eot_id|>"] == 128009
 
 
+def test_llama3_tokenizer_json_path(tmp_path, llama3_dir, toks):
+    """A Llama 3 HF checkpoint without original/: its tokenizer.json (Split regex + ByteLevel, 256 added
+    tokens), here written by transformers' converter, goes through the tokenizer.json path."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    TikTokenConverter(vocab_file=str(llama3_dir / "tokenizer.model"), pattern=tc.LLAMA3_PATTERN,
+                      extra_special_tokens=tc.LLAMA3_SPECIALS).converted().save(str(tmp_path / "tokenizer.json"))
+    ours = tc.load_tokenizer(tmp_path)
+    assert ours.vocab_size == 128_256 and ours.token_id("<|eot_id|>") == 128009
+    assert ours.encode(TEXT) == toks["llama3"].encode(TEXT)
+
+
 def test_smollm2_bytelevel_json_parity(toks, smollm2_dir):
     import tokenizers
     ours = toks["smollm2"]
