@@ -312,6 +312,7 @@ def test_template_parity(references, template_name):
             continue
         assert ids == expected, f"{template_name} / {case} / generation_prompt={gen}"
         compared += 1
+    print(f"\n{template_name}: {compared} renderings equal to the reference, {injected} injection cases")
     assert compared >= 20
     assert injected >= 3 if template_name in ("smollm2_chat", "chatml") else injected == 0
 
