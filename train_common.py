@@ -335,21 +335,26 @@ def load_datasets(args, tokenizer, template, kind: str):
 
 
 def load_model(args, d: Dist):
-    """The policy: fp32 master weights on the device, LoRA adapters if asked, then parallelized.
-    Returns (model, unwrapped model, ModelArgs, dtype of the input checkpoint)."""
+    """The policy on its device, with LoRA adapters if asked, then parallelized. Returns (the parallelized
+    model, the bare Transformer, the LoRA config or None, the input checkpoint's dtype)."""
     from model import Transformer
 
     model = Transformer.from_pretrained(args.ckpt_paths)
     input_dtype = model.tok_embeddings.weight.dtype
-    model = model.to(device=d.device, dtype=torch.float32)
+    param_dtype = resolve_dtype(args.param_dtype, d.device)
+    # Trained weights are fp32 masters. A LoRA run's frozen base never takes an optimizer update, so it
+    # stays in the compute dtype (bf16 on GPUs): half the memory of the largest part of the model.
+    model = model.to(device=d.device, dtype=param_dtype if args.lora else torch.float32)
     lora_config = None
     if args.lora:
         torch.manual_seed(args.seed)  # the same adapter init on every rank
         lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
         lora.mark_trainable(model, args.lora_unfrozen_params)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         lora_config = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": list(args.lora_targets)}
     print0(parameter_summary(model))
-    param_dtype = resolve_dtype(args.param_dtype, d.device)
     wrapped = parallelize(model, d, args.dp, param_dtype, args.activation_checkpointing, args.compile)
     return wrapped, model, lora_config, input_dtype
 
@@ -501,11 +506,20 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricsLog:
     """metrics.jsonl, one JSON object per optimizer step, and one human line per --print_freq steps."""
 
-    def __init__(self, output_dir: Path, d: Dist, total_steps: int, print_freq: int, start_step: int = 0):
+    def __init__(self, output_dir: Path, d: Dist, total_steps: int, print_freq: int, start_step: int = 0,
+                 wandb_project: str | None = None, config: dict | None = None):
         self.d, self.total, self.print_freq = d, total_steps, max(1, print_freq)
         self.path = Path(output_dir) / "metrics.jsonl"
         self.start = time.perf_counter()
         self.start_step = None
+        self.wandb = None
+        if d.main and wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb needs the wandb package (pip install wandb), or drop --wandb") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(output_dir),
+                                    name=Path(output_dir).name, resume="allow")
         if d.main:
             # A resumed run continues the file from its checkpoint; steps logged after it (by a run that
             # was killed later) are dropped, since they are about to be trained again.
@@ -522,13 +536,16 @@ class MetricsLog:
             self.start_step = step - 1
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
         if step % self.print_freq == 0 or step == self.total:
             done = step - self.start_step
             eta = (time.perf_counter() - self.start) / done * (self.total - step)
             extra = " ".join(f"{k.split('/')[-1] if k.startswith('rewards/') else k} {v:.4g}"
                              for k, v in metrics.items()
                              if k not in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "epoch"))
-            print(f"step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+            bar = "#" * (20 * step // self.total)
+            print(f"[{bar:<20}] step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
                   f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
                   f"mem {peak_memory_gb(self.d.device):.2f} GB | eta {format_seconds(eta)}"
                   + (f" | {extra}" if extra else ""), flush=True)

@@ -101,7 +101,8 @@ def train(args: SFTArgs, d: tc.Dist):
         tc.set_rng_state(extra["rng"])
         step = extra["step"]
         tc.print0(f"resumed from {latest} at step {step}")
-    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, start_step=step)
+    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, start_step=step,
+                        wandb_project=args.wandb_project if args.wandb else None, config=tc.config_dict(args))
     stop = tc.StopSignal()
     param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
     batches = tc.endless(loader)
