@@ -114,8 +114,10 @@ class TiktokenTokenizer:
     def decode(self, ids) -> str:
         return self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
 
-    def piece(self, i: int) -> str:
-        return self._enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
+    def visible(self, ids) -> str:
+        """Text of ids with control tokens written by name (decode keeps them too, but this is the
+        same call for both kinds)."""
+        return self.decode(ids)
 
     def is_control(self, i: int) -> bool:
         return i in self._control_ids
@@ -157,9 +159,15 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
 
-    def piece(self, i: int) -> str:
-        p = self._sp.id_to_piece(i)
-        return self.decode([i]) if self._sp.is_byte(i) else p.replace("\u2581", " ")
+    def visible(self, ids) -> str:
+        """Text of ids with control tokens written by name (`decode` drops them) and sentencepiece's
+        leading space kept."""
+        out, sp = bytearray(), self._sp
+        for i in ids:
+            p = sp.id_to_piece(i)
+            out += bytes([int(p[1:-1], 16)]) if sp.is_byte(i) else p.encode() if self.is_control(i) \
+                else p.replace("\u2581", " ").encode()
+        return out.decode("utf-8", errors="replace")
 
     def is_control(self, i: int) -> bool:
         return self._sp.is_control(i) or self._sp.is_unknown(i)
@@ -555,7 +563,7 @@ def render_tokens(ids, mask, tokenizer, color: bool) -> str:
         j = i
         while j < len(ids) and mask[j] == mask[i]:
             j += 1
-        text = "".join(tokenizer.piece(t) for t in ids[i:j])
+        text = tokenizer.visible(ids[i:j])
         if color:
             out.append(("\033[92m" if mask[i] else "\033[2m") + text + "\033[0m")
         else:

