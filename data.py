@@ -52,6 +52,7 @@ the end of an epoch gets filler rows with no trained token (detect them with (la
 """
 
 import argparse
+import array
 import hashlib
 import json
 import os
@@ -75,6 +76,7 @@ FORMAT_VERSION = 1
 IGNORE_INDEX = -100
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
 PREFIXES = ("jsonl", "text", "local")
+_U32 = "I" if array.array("I").itemsize == 4 else "L"
 CHUNK = 256  # records per worker task: big enough to amortise pickling, small enough for a smooth progress bar
 
 
@@ -367,19 +369,20 @@ def _tokenize_record(record, loc: str, src_type: str, kind: str, tokenizer, temp
                     mask = [0] * len(prompt) + list(mask[len(prompt):])
         except ConversationError as e:
             raise DataError(f"{loc}: {e}") from None
-        docs.append((ids, mask))
+        docs.append((list(ids), list(mask)) if not isinstance(mask, list) else (ids, mask))
     return docs
 
 
-def _length_policy(ids, mask, max_seq_len: int):
+def _length_policy(ids: list, mask: list, max_seq_len: int):
     """-> (ids, mask, outcome): outcome is 'kept', 'truncated', 'no_trained_tokens' or 'too_long'.
-    mask[0] never counts: the first token of a document is never a target (nothing precedes it)."""
-    mask = np.asarray(mask, dtype=np.uint8)
-    if not mask[1:].any():
+    Position 0 never counts: the first token of a document is never a target (nothing precedes it)."""
+    try:
+        first = mask.index(1, 1)  # plain lists on purpose: numpy per document costs more than it saves
+    except ValueError:
         return None, None, "no_trained_tokens"
     if len(ids) <= max_seq_len:
         return ids, mask, "kept"
-    if not mask[1:max_seq_len].any():
+    if first >= max_seq_len:
         return None, None, "too_long"  # every trained token lies beyond max_seq_len
     return ids[:max_seq_len], mask[:max_seq_len], "truncated"
 
@@ -411,11 +414,12 @@ def _tokenize_task(task):
         counts["kept"] += 1
         counts["truncated"] += any(d[2] == "truncated" for d in docs)
         for d_ids, d_mask, _, raw in docs:
-            ids.extend(d_ids)
-            mask.append(d_mask)
+            ids += d_ids
+            mask += d_mask
             lengths.append(len(d_ids))
             raw_lengths.append(raw)
-    return (np.asarray(ids, dtype=np.uint32), np.concatenate(mask) if mask else np.zeros(0, np.uint8),
+    # array.array(list) is ~5x faster than np.array(list) (and than array.extend), and numpy takes its buffer
+    return (np.frombuffer(array.array(_U32, ids), np.uint32), np.frombuffer(array.array("B", mask), np.uint8),
             np.asarray(lengths, dtype=np.int64), np.asarray(raw_lengths, dtype=np.int64), counts)
 
 
