@@ -881,11 +881,12 @@ def main(argv=None) -> dict:
     p.add_argument("--data_cache_dir", default=None, help=f"default {DEFAULT_CACHE_DIR} ($LLM_DATA_CACHE)")
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--micro_batch_size_per_gpu", type=int, default=None,
-                   help="also report the padding fraction of padded and packed batches of this size")
-    p.add_argument("--pack_samples", action="store_true", help="(accepted for symmetry with the trainers)")
+                   help="also report steps per epoch (one rank) and the padding of batches of this size")
+    p.add_argument("--pack_samples", action="store_true", help="steps per epoch of packed batches")
     args = p.parse_args(argv)
 
-    tokenizer, template = load_tokenizer(args.ckpt_dir), load_template(args.template_config)
+    tokenizer = load_tokenizer(args.ckpt_dir)
+    template = load_template(args.template_config, tokenizer)  # checks the template's tokens exist
     out = {}
     for name in ("train", "val"):
         paths = getattr(args, f"{name}_data_paths")
@@ -897,11 +898,13 @@ def main(argv=None) -> dict:
                              cache_dir=args.data_cache_dir, num_proc=args.num_proc)
         print(format_stats(name, ds))
         if args.micro_batch_size_per_gpu:
-            modes = [False] + ([True] if ds.kind == "sft" else [])
-            fracs = {("packed" if m else "padded"): padding_fraction(
-                Loader(ds, args.micro_batch_size_per_gpu, pack=m, seed=args.seed, rank=0, world_size=1))
-                for m in modes}
-            print("  padding fraction: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fracs.items()))
+            loaders = {m: Loader(ds, args.micro_batch_size_per_gpu, pack=m, seed=args.seed, rank=0, world_size=1)
+                       for m in ([False, True] if ds.kind == "sft" else [False])}
+            chosen = loaders[args.pack_samples and ds.kind == "sft"]
+            print(f"  micro batch {chosen.batch_size}, {'packed' if chosen.pack else 'padded'}: "
+                  f"{chosen.num_steps()} steps per epoch on one rank; padding fraction: " +
+                  ", ".join(f"{'packed' if m else 'padded'} {100 * padding_fraction(lo):.1f}%"
+                            for m, lo in loaders.items()))
         out[name] = ds
     return out
 

@@ -102,12 +102,30 @@ def test_cache_round_trip_hit_and_rebuild(tok, tmp_path):
 
 
 def test_parallel_build_equals_serial(tok, tmp_path):
-    src = write_jsonl(tmp_path / "sft.jsonl", conversations(2 * data.CHUNK + 17, hi=10))
-    one = prep(tok, f"jsonl:{src}", tmp_path / "a", num_proc=1)
-    two = prep(tok, f"jsonl:{src}", tmp_path / "b", num_proc=2)
-    assert two.built and one.path.name == two.path.name
+    records = conversations(2 * data.CHUNK + 17, hi=10)
+    paths = [f"jsonl:{write_jsonl(tmp_path / 'sft.jsonl', records)}"]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(records[:data.CHUNK + 5]).save_to_disk(str(tmp_path / "local"))
+    paths.append(f"local:{tmp_path / 'local'}")  # rows read by the forked workers from the Arrow files
+    one = prep(tok, paths, tmp_path / "a", num_proc=1, num_samples=[None, 0.9])
+    two = prep(tok, paths, tmp_path / "b", num_proc=2, num_samples=[None, 0.9])
+    assert two.built and one.path.name == two.path.name and len(two) == len(records) + round(0.9 * (data.CHUNK + 5))
     for name in ("ids", "mask", "offsets"):
         assert np.array_equal(getattr(one, name), getattr(two, name))
+
+
+def test_cli_prints_statistics(ckpt, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "s.jsonl", conversations(30, seed=4))
+    argv = ["--ckpt_dir", str(ckpt), "--template_config", "llama3_instruct", "--train_data_paths", f"jsonl:{src}",
+            "--val_data_paths", f"jsonl:{src}", "--val_num_samples", "5", "--max_seq_len", "64",
+            "--data_cache_dir", str(tmp_path / "cache"), "--micro_batch_size_per_gpu", "2", "--num_proc", "1"]
+    out = data.main(argv)
+    text = capsys.readouterr().out
+    assert len(out["train"]) + out["train"].stats["dropped"].get("too_long", 0) == 30 and len(out["val"]) <= 5
+    assert f"samples: {len(out['train'])} kept of 30; truncated {out['train'].stats['truncated']}" in text
+    assert "length before truncation: {'mean'" in text and "steps per epoch on one rank; padding fraction: padded" in text
+    data.main(argv)
+    assert "(from cache)" in capsys.readouterr().out
 
 
 def test_length_policy(tok, tmp_path):
