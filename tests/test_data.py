@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -524,6 +523,11 @@ out = {{"built": ds.built, "path": str(ds.path)}}
 for pack in (False, True):
     loader = Loader(ds, 3, pack=pack, seed=11)
     out[str(pack)] = [b["sample_ids"].tolist() for b in loader]
+try:  # a failed build on rank 0 is an error on every rank, not a hang
+    prepare_dataset("jsonl:{bad}", load_tokenizer({ckpt!r}), load_template("llama3_instruct"), 128,
+                    cache_dir={cache!r}, num_proc=1, progress=False)
+except ValueError as e:
+    out["error"] = str(e)
 json.dump(out, open(os.path.join({tmp!r}, f"rank{{rank}}.json"), "w"))
 dist.destroy_process_group()
 """
@@ -533,8 +537,9 @@ def test_two_ranks_torchrun_disjoint_and_complete(ckpt, tmp_path):
     n = 41
     src = write_jsonl(tmp_path / "s.jsonl", conversations(n, seed=12))
     script = tmp_path / "worker.py"
+    (tmp_path / "bad.jsonl").write_text('{"messages": [}\n')
     script.write_text(WORKER.format(repo=str(REPO), src=src, ckpt=str(ckpt), cache=str(tmp_path / "cache"),
-                                    tmp=str(tmp_path)))
+                                    tmp=str(tmp_path), bad=tmp_path / "bad.jsonl"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              "2", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -542,6 +547,8 @@ def test_two_ranks_torchrun_disjoint_and_complete(ckpt, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["built"] for r in ranks] == [True, False] and ranks[0]["path"] == ranks[1]["path"]
     assert cache_entries(tmp_path) == [Path(ranks[0]["path"]).name]
+    assert "bad.jsonl line 1: malformed JSON" in ranks[0]["error"]
+    assert ranks[1]["error"].startswith("rank 0 failed to build the data cache: DataError: ")
     for pack in ("False", "True"):
         assert len(ranks[0][pack]) == len(ranks[1][pack])  # same number of steps: no rank waits forever
         seen = [s for r in ranks for b in r[pack] for s in b]
