@@ -96,20 +96,27 @@ class TiktokenTokenizer:
     def normalize(self, text: str) -> str:
         return unicodedata.normalize(self._normalization, text) if self._normalization else text
 
-    def encode(self, text: str) -> list[int]:
-        text = self.normalize(text)
+    def _encode(self, text: str) -> list[int]:
         if self._in_text:
-            ids = self._enc.encode(text, allowed_special=self._in_text, disallowed_special=())
-        else:
-            ids = self._enc.encode_ordinary(text)
+            return self._enc.encode(text, allowed_special=self._in_text, disallowed_special=())
+        return self._enc.encode_ordinary(text)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._encode(self.normalize(text))
         if len(self._nbytes) > self.vocab_size:  # drop bytes the vocabulary lacks, as `tokenizers` does
             ids = [i for i in ids if i < self.vocab_size]
         return ids
 
-    def token_bytes(self, ids) -> list[int]:
-        """Bytes of (normalized) text each id covers; control tokens cover none."""
-        nb = self._nbytes
-        return [nb[i] for i in ids]
+    def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        """ids and how many bytes of the (normalized, UTF-8) text each one covers."""
+        ids, nbytes = [], []
+        for i in self._encode(self.normalize(text)):
+            if i < self.vocab_size:
+                ids.append(i)
+                nbytes.append(self._nbytes[i])
+            elif nbytes:
+                nbytes[-1] += 1  # a dropped byte: count it with the token before
+        return ids, nbytes
 
     def decode(self, ids) -> str:
         return self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
@@ -143,7 +150,8 @@ class SentencePieceTokenizer:
         self.specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
-        self._nbytes = [0 if i in self.specials.values() else 1 if sp.is_byte(i)
+        control = set(self.specials.values())
+        self._nbytes = [0 if i in control else 1 if sp.is_byte(i)
                         else len(sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in range(self.vocab_size)]
         self.fingerprint = _hash_files([path])
 
@@ -153,8 +161,18 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)  # control pieces such as "<s>" in the text stay plain text
 
-    def token_bytes(self, ids) -> list[int]:
-        return [self._nbytes[i] for i in ids]
+    def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        """ids and how many bytes of the UTF-8 text each one covers."""
+        ids = self._sp.encode(text)
+        nbytes = [self._nbytes[i] for i in ids]
+        extra = sum(nbytes) - len(text.encode())  # the dummy leading space is not in the text
+        for k in range(len(nbytes)):
+            if extra <= 0:
+                break
+            take = min(extra, nbytes[k])
+            nbytes[k] -= take
+            extra -= take
+        return ids, nbytes
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
@@ -248,13 +266,14 @@ def _tiktoken_from_json(path: Path) -> TiktokenTokenizer:
         if tok not in added:
             ranks[bytes(byte_of[c] for c in tok)] = i
     # tiktoken merges the pair whose result has the lowest rank and returns ranks as ids, so ranks = ids
-    # is exact only when the vocabulary numbers merge results in merge order (true of GPT-2 style
-    # vocabularies: Qwen2.5, SmolLM2, Llama 3's own tokenizer.json).
+    # is exact when the vocabulary numbers merge results in merge order: true of GPT-2 style
+    # vocabularies (Qwen2.5, SmolLM2) and of tiktoken-born ones (Llama 3's tokenizer.json lists every
+    # pair that makes a token, hence repeated results).
     vocab, last = model["vocab"], -1
     for m in model.get("merges", []):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         i = vocab[a + b]
-        if i <= last:
+        if i < last:
             raise TokenizerError(f"{path}: merge {a!r}+{b!r} is out of id order; tiktoken ranks cannot express it")
         last = i
     # Some vocabularies lack a few bytes (SmolLM2 has no 0x04, nor 0xC0, which UTF-8 never uses);
@@ -418,7 +437,7 @@ def _plan(tokenizer, template: ChatTemplate) -> dict:
 
     def split(s):
         parts = splitter.split(s) if splitter else [s]
-        return [ids[p] if p in ids else p for p in parts if p]
+        return [ids[p] if p in ids else tokenizer.normalize(p) for p in parts if p]
 
     plan = {"bos": split(template.bos), "generation_prompt": split(template.generation_prompt)}
     for role, fmt in template.roles.items():
@@ -503,8 +522,8 @@ def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_gener
         trained = 1 if role in template.trained_roles else 0
         join = template.roles[role].join
         literal(start, 0)
-        # an empty content that is tokenized on its own still separates the text around it
-        parts.append((tokenizer.normalize(content), trained, join) if content or not join else None)
+        if content or not join:  # an empty content tokenized on its own still splits the text around it
+            parts.append((tokenizer.normalize(content), trained, join) if content else None)
         literal(end, trained)
         literal(after, 0)
     if add_generation_prompt:
@@ -520,9 +539,8 @@ def _encode_parts(parts, tokenizer):
         if not run:
             return
         text = "".join(p[0] for p in run)
-        toks = tokenizer.encode(text)
-        ids.extend(toks)
         if len({p[1] for p in run}) == 1:
+            toks = tokenizer.encode(text)
             mask.extend([run[0][1]] * len(toks))
         else:
             # A token that straddles template text and trained content is trained: the model has to
@@ -530,12 +548,12 @@ def _encode_parts(parts, tokenizer):
             trained = bytearray()
             for p in run:
                 trained += bytes([p[1]]) * len(p[0].encode())
-            nbytes = tokenizer.token_bytes(toks)
-            pos = len(trained) - sum(nbytes)  # < 0 by sentencepiece's dummy leading space
-            for n in nbytes:
-                lo, hi = max(pos, 0), max(pos + n, 0)
-                mask.append(1 if 1 in trained[lo:max(hi, lo + 1)] else 0)
+            toks, nbytes = tokenizer.encode_with_bytes(text)
+            pos = 0
+            for n in nbytes:  # a token covering no text goes with the byte after it
+                mask.append(1 if 1 in trained[pos:pos + max(n, 1)] else 0)
                 pos += n
+        ids.extend(toks)
         run.clear()
 
     for p in parts:

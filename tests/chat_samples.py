@@ -104,6 +104,7 @@ def conversations() -> list[tuple[str, list[dict]]]:
                                        A("どういたしまして")]),
         ("mid_space_answer", [U("Why?"), A(" Because.")]),
         ("long_mixed", [U(mixed_text(600, seed=7)), A(mixed_text(800, seed=8))]),
+        ("whitespace_only", [U("   "), A(" \n ")]),
         ("prompt_only", [U("Only a question, no answer yet.")]),
         ("system_prompt_only", [S("Be helpful."), U("What now?")]),
         ("multi_turn_open", [U("First"), A("One"), U("Second")]),

@@ -87,6 +87,17 @@ def test_llama3_parity_hf_and_meta(toks, llama3_dir):
     assert ours.token_id("<|eot_id|>") == meta.special_tokens["<|eot_id|>"] == 128009
 
 
+def test_llama3_tokenizer_json_path(tmp_path, llama3_dir, toks):
+    """A Llama 3 HF checkpoint without original/: its tokenizer.json (Split regex + ByteLevel, 256 added
+    tokens), here written by transformers' converter, goes through the tokenizer.json path."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    TikTokenConverter(vocab_file=str(llama3_dir / "tokenizer.model"), pattern=tc.LLAMA3_PATTERN,
+                      extra_special_tokens=tc.LLAMA3_SPECIALS).converted().save(str(tmp_path / "tokenizer.json"))
+    ours = tc.load_tokenizer(tmp_path)
+    assert ours.vocab_size == 128_256 and ours.token_id("<|eot_id|>") == 128009
+    assert ours.encode(TEXT) == toks["llama3"].encode(TEXT)
+
+
 def test_smollm2_bytelevel_json_parity(toks, smollm2_dir):
     import tokenizers
     ours = toks["smollm2"]
@@ -301,6 +312,7 @@ def test_template_parity(references, template_name):
             continue
         assert ids == expected, f"{template_name} / {case} / generation_prompt={gen}"
         compared += 1
+    print(f"\n{template_name}: {compared} renderings equal to the reference, {injected} injection cases")
     assert compared >= 20
     assert injected >= 3 if template_name in ("smollm2_chat", "chatml") else injected == 0
 
@@ -527,3 +539,27 @@ def test_visualiser_main(llama3_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("---") == 2 and "data.jsonl:1  trained 3 / " in out
     assert "[[Paris.<|eot_id|>]]" in out and "<|start_header_id|>user<|end_header_id|>" in out
+
+
+def test_mask_equals_transformers_assistant_mask(references, toks):
+    """transformers' return_assistant_tokens_mask, with SmolLM2's template marked up with
+    {% generation %} around content + <|im_end|> (bench.py), gives the same ids and the same mask."""
+    from bench import CHATML_WITH_GENERATION
+    tok, ref = references["smollm2_chat"]
+    template = tc.load_template("smollm2_chat", tok)
+    compared = 0
+    for case, msgs in CONVERSATIONS:
+        if not any(m["role"] == "assistant" for m in msgs) or ref.injects(msgs):
+            continue
+        out = ref.hf.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                         chat_template=CHATML_WITH_GENERATION)
+        ids, mask = tc.tokenize_conversation(msgs, tok, template)
+        assert (ids, mask) == (list(out["input_ids"]), list(out["assistant_masks"])), case
+        compared += 1
+    assert compared >= 20
+
+
+def test_bench_tokenize_runs(smollm2_dir):
+    import bench
+    r = bench.bench_tokenize(smollm2_dir, "smollm2_chat", n=20, min_s=0.02)
+    assert r["conversations"] == 20 and r["ours_conv_per_s"] > 0 and r["speedup_vs_best_hf"] > 0
