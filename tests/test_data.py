@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -102,12 +101,30 @@ def test_cache_round_trip_hit_and_rebuild(tok, tmp_path):
 
 
 def test_parallel_build_equals_serial(tok, tmp_path):
-    src = write_jsonl(tmp_path / "sft.jsonl", conversations(2 * data.CHUNK + 17, hi=10))
-    one = prep(tok, f"jsonl:{src}", tmp_path / "a", num_proc=1)
-    two = prep(tok, f"jsonl:{src}", tmp_path / "b", num_proc=2)
-    assert two.built and one.path.name == two.path.name
+    records = conversations(2 * data.CHUNK + 17, hi=10)
+    paths = [f"jsonl:{write_jsonl(tmp_path / 'sft.jsonl', records)}"]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(records[:data.CHUNK + 5]).save_to_disk(str(tmp_path / "local"))
+    paths.append(f"local:{tmp_path / 'local'}")  # rows read by the forked workers from the Arrow files
+    one = prep(tok, paths, tmp_path / "a", num_proc=1, num_samples=[None, 0.9])
+    two = prep(tok, paths, tmp_path / "b", num_proc=2, num_samples=[None, 0.9])
+    assert two.built and one.path.name == two.path.name and len(two) == len(records) + round(0.9 * (data.CHUNK + 5))
     for name in ("ids", "mask", "offsets"):
         assert np.array_equal(getattr(one, name), getattr(two, name))
+
+
+def test_cli_prints_statistics(ckpt, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "s.jsonl", conversations(30, seed=4))
+    argv = ["--ckpt_dir", str(ckpt), "--template_config", "llama3_instruct", "--train_data_paths", f"jsonl:{src}",
+            "--val_data_paths", f"jsonl:{src}", "--val_num_samples", "5", "--max_seq_len", "64",
+            "--data_cache_dir", str(tmp_path / "cache"), "--micro_batch_size_per_gpu", "2", "--num_proc", "1"]
+    out = data.main(argv)
+    text = capsys.readouterr().out
+    assert len(out["train"]) + out["train"].stats["dropped"].get("too_long", 0) == 30 and len(out["val"]) <= 5
+    assert f"samples: {len(out['train'])} kept of 30; truncated {out['train'].stats['truncated']}" in text
+    assert "length before truncation: {'mean'" in text and "steps per epoch on one rank; padding fraction: padded" in text
+    data.main(argv)
+    assert "(from cache)" in capsys.readouterr().out
 
 
 def test_length_policy(tok, tmp_path):
@@ -506,6 +523,11 @@ out = {{"built": ds.built, "path": str(ds.path)}}
 for pack in (False, True):
     loader = Loader(ds, 3, pack=pack, seed=11)
     out[str(pack)] = [b["sample_ids"].tolist() for b in loader]
+try:  # a failed build on rank 0 is an error on every rank, not a hang
+    prepare_dataset("jsonl:{bad}", load_tokenizer({ckpt!r}), load_template("llama3_instruct"), 128,
+                    cache_dir={cache!r}, num_proc=1, progress=False)
+except ValueError as e:
+    out["error"] = str(e)
 json.dump(out, open(os.path.join({tmp!r}, f"rank{{rank}}.json"), "w"))
 dist.destroy_process_group()
 """
@@ -515,8 +537,9 @@ def test_two_ranks_torchrun_disjoint_and_complete(ckpt, tmp_path):
     n = 41
     src = write_jsonl(tmp_path / "s.jsonl", conversations(n, seed=12))
     script = tmp_path / "worker.py"
+    (tmp_path / "bad.jsonl").write_text('{"messages": [}\n')
     script.write_text(WORKER.format(repo=str(REPO), src=src, ckpt=str(ckpt), cache=str(tmp_path / "cache"),
-                                    tmp=str(tmp_path)))
+                                    tmp=str(tmp_path), bad=tmp_path / "bad.jsonl"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              "2", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -524,6 +547,8 @@ def test_two_ranks_torchrun_disjoint_and_complete(ckpt, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["built"] for r in ranks] == [True, False] and ranks[0]["path"] == ranks[1]["path"]
     assert cache_entries(tmp_path) == [Path(ranks[0]["path"]).name]
+    assert "bad.jsonl line 1: malformed JSON" in ranks[0]["error"]
+    assert ranks[1]["error"].startswith("rank 0 failed to build the data cache: DataError: ")
     for pack in ("False", "True"):
         assert len(ranks[0][pack]) == len(ranks[1][pack])  # same number of steps: no rank waits forever
         seen = [s for r in ranks for b in r[pack] for s in b]
