@@ -60,8 +60,8 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
         pos = 0
         for _ in range(max_new_tokens):
             n = tokens.shape[1]
-            logits = model(tokens, position_ids=positions[:, pos:pos + n],
-                           mask=may_attend[:, None, pos:pos + n, :pos + n], start_pos=pos)[:, -1].float()
+            h = model.hidden_states(tokens, positions[:, pos:pos + n], may_attend[:, None, pos:pos + n, :pos + n], pos)
+            logits = model.output(h[:, -1]).float()  # only the last column: no [B, T, V] logits at prefill
             pos += n
             next_ids = []
             for b in range(B):
@@ -251,7 +251,12 @@ def run_chat(model, tokenizer, template, args, stops, generator):
             history = history[2:]
             ids, _ = tokenize_conversation(system + history, tokenizer, template, add_generation_prompt=True)
             print("(dropped the oldest exchange: the conversation exceeds max_seq_len)", file=sys.stderr)
-        reply, _ = stream_reply(model, tokenizer, ids, args, stops, generator)
+        try:
+            reply, _ = stream_reply(model, tokenizer, ids, args, stops, generator)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            print("\n(interrupted)", flush=True)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
 
 
