@@ -45,31 +45,35 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     B, T = len(prompts), max(len(p) for p in prompts)
     pads = torch.tensor([T - len(p) for p in prompts], device=device)
     tokens = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
-    total = T + max_new_tokens
-    keys = torch.arange(total, device=device)
-    # may_attend[b, i, j]: query at absolute column i sees key column j. Pad columns see only themselves,
-    # so no softmax row is empty (an all-masked row would give NaN, and NaN * 0 weight poisons real rows).
-    causal = keys[None, :] <= keys[:, None]
-    real = keys[None, None, :] >= pads[:, None, None]
-    may_attend = causal & (real | torch.eye(total, dtype=torch.bool, device=device))  # [B, total, total]
-    positions = (keys[None, :] - pads[:, None]).clamp(min=0)  # [B, total]
     stop_ids = set(stop_ids)
     out, done = [[] for _ in range(B)], [False] * B
-    model.setup_cache(B, total)
+
+    def attention_mask(pos, n):
+        """[B, 1, n, pos + n]: query column i sees key column j <= i that is not padding. Pad columns see
+        themselves, so no softmax row is empty (an all-masked row gives NaN, and NaN * 0 poisons real rows)."""
+        q, k = torch.arange(pos, pos + n, device=device), torch.arange(pos + n, device=device)
+        real = k[None, None, :] >= pads[:, None, None]
+        return ((k[None, :] <= q[:, None]) & (real | (k[None, :] == q[:, None])))[:, None]
+
+    model.setup_cache(B, T + max_new_tokens)
     try:
         pos = 0
         for _ in range(max_new_tokens):
             n = tokens.shape[1]
-            h = model.hidden_states(tokens, positions[:, pos:pos + n], may_attend[:, None, pos:pos + n, :pos + n], pos)
+            positions = (torch.arange(pos, pos + n, device=device)[None, :] - pads[:, None]).clamp(min=0)
+            h = model.hidden_states(tokens, positions, attention_mask(pos, n), pos)
             logits = model.output(h[:, -1]).float()  # only the last column: no [B, T, V] logits at prefill
             pos += n
-            next_ids = []
-            for b in range(B):
-                i = sample(logits[b], temperature, top_p, top_k, generator) if not done[b] else pad_id
-                if not done[b]:
+            if temperature <= 0:
+                next_ids = logits.argmax(-1).tolist()  # one device sync per step, not one per row
+            else:
+                next_ids = [sample(row, temperature, top_p, top_k, generator) for row in logits]
+            for b, i in enumerate(next_ids):
+                if done[b]:
+                    next_ids[b] = pad_id
+                else:
                     out[b].append(i)
                     done[b] = i in stop_ids
-                next_ids.append(i)
             if all(done):
                 break
             tokens = torch.tensor(next_ids, device=device)[:, None]
