@@ -110,17 +110,14 @@ class StreamDecoder:
 
 def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[str, int]:
     """Generate one reply, printing it as it comes. Returns (text without the stop token, tokens produced)."""
-    out = sys.stdout
     decoder, n = StreamDecoder(tokenizer), 0
     for token_id in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                              stops, generator):
         n += 1
         if token_id in stops:
             break
-        out.write(decoder.push(token_id))
-        out.flush()
-    out.write(decoder.flush() + "\n")
-    out.flush()
+        print(decoder.push(token_id), end="", flush=True)
+    print(decoder.flush(), flush=True)
     return decoder.text(), n
 
 
