@@ -1,0 +1,315 @@
+"""Sample or chat from a native checkpoint dir with its chat template, streaming tokens as they come.
+
+    python generate.py --ckpt_paths outputs/sft --prompt "What is 12 plus 30?"
+    python generate.py --ckpt_paths checkpoints/base outputs/sft_lora/adapter --chat
+    python generate.py --ckpt_paths outputs/sft --prompts_file prompts.jsonl --output_file out.jsonl
+
+The template defaults to the YAML a training run copied into its output dir. Generation stops at the
+template's stop tokens (never printed). `--temperature 0` is greedy; `--prompts_file` runs left-padded
+batches through the KV cache and writes one line per input line, in input order.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import Transformer, generate, resolve_weights, sample
+from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
+                           stop_token_ids, tokenize_conversation)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class GenerateError(ValueError):
+    """Bad input: a missing template, an unreadable prompts file (names the file and line)."""
+
+
+# -- batched generation -------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None,
+                   pad_id: int = 0) -> list[list[int]]:
+    """Continue several prompts at once: left-padded into one [B, T] batch, one KV cache.
+
+    Returns each row's new ids, as `list(model.generate(...))` would for that prompt alone: a stop id, when
+    reached, is included and ends that row. Left padding keeps every row's last prompt token in the same
+    column, so one decoding step serves all rows; each row's positions start at 0 at its first real token
+    and a mask hides the pad keys.
+    """
+    device = model.output.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    pads = torch.tensor([T - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
+    stop_ids = set(stop_ids)
+    out, done = [[] for _ in range(B)], [False] * B
+
+    def attention_mask(pos, n):
+        """[B, 1, n, pos + n]: query column i sees key column j <= i that is not padding. Pad columns see
+        themselves, so no softmax row is empty (an all-masked row gives NaN, and NaN * 0 poisons real rows)."""
+        q, k = torch.arange(pos, pos + n, device=device), torch.arange(pos + n, device=device)
+        real = k[None, None, :] >= pads[:, None, None]
+        return ((k[None, :] <= q[:, None]) & (real | (k[None, :] == q[:, None])))[:, None]
+
+    model.setup_cache(B, T + max_new_tokens)
+    try:
+        pos = 0
+        for _ in range(max_new_tokens):
+            n = tokens.shape[1]
+            positions = (torch.arange(pos, pos + n, device=device)[None, :] - pads[:, None]).clamp(min=0)
+            h = model.hidden_states(tokens, positions, attention_mask(pos, n), pos)
+            logits = model.output(h[:, -1]).float()  # only the last column: no [B, T, V] logits at prefill
+            pos += n
+            if temperature <= 0:
+                next_ids = logits.argmax(-1).tolist()  # one device sync per step, not one per row
+            else:
+                next_ids = [sample(row, temperature, top_p, top_k, generator) for row in logits]
+            for b, i in enumerate(next_ids):
+                if done[b]:
+                    next_ids[b] = pad_id
+                else:
+                    out[b].append(i)
+                    done[b] = i in stop_ids
+            if all(done):
+                break
+            tokens = torch.tensor(next_ids, device=device)[:, None]
+    finally:
+        model.clear_cache()
+    return out
+
+
+# -- streaming text ---------------------------------------------------------------------------------------
+class StreamDecoder:
+    """Turns ids into printable text one token at a time. A multi-byte character split across tokens decodes
+    to U+FFFD until its last byte arrives, so text ending in one is held back; the whole reply is decoded each
+    time (a few hundred tokens: cheap) so a tokenizer's context-dependent spacing comes out as in `decode`."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+    def flush(self) -> str:
+        text = self.text()
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+
+def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[str, int]:
+    """Generate one reply, printing it as it comes. Returns (text without the stop token, tokens produced)."""
+    decoder, n = StreamDecoder(tokenizer), 0
+    for token_id in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                             stops, generator):
+        n += 1
+        if token_id in stops:
+            break
+        print(decoder.push(token_id), end="", flush=True)
+    print(decoder.flush(), flush=True)
+    return decoder.text(), n
+
+
+# -- inputs -------------------------------------------------------------------------------------------------
+def find_template(ckpt_paths: list[Path]) -> Path:
+    """The chat template a training run copied into its output dir (for an adapter, the run's dir above it);
+    the last path first: an adapter's run knows the template it was trained with."""
+    dirs = []
+    for p in reversed(ckpt_paths):
+        d = p if p.is_dir() else p.parent
+        dirs += [d, d.parent] if (d / "adapter_config.json").is_file() else [d]
+    for d in dirs:
+        found = sorted(d.glob("*.yaml"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise GenerateError(f"{d} holds several templates ({', '.join(f.name for f in found)}): "
+                                f"choose one with --template_config")
+    raise GenerateError(f"no chat template (*.yaml) in {', '.join(map(str, dict.fromkeys(dirs)))}: pass "
+                        f"--template_config, a name from templates/ (e.g. chatml, llama3_instruct) or a path")
+
+
+def weights_path(p: Path) -> Path:
+    """A native dir or .pth file as is; a LoRA adapter dir (adapter.pth + adapter_config.json) -> its file."""
+    return p / "adapter.pth" if (p / "adapter.pth").is_file() else p
+
+
+def read_prompts_file(path: Path, system: str | None, tokenizer, template) -> tuple[list[dict], list[list[int]]]:
+    """Each non-empty line: {"prompt": str} or {"messages": [...]} ending with a user turn. Every line is
+    checked before anything is generated; an error names the file and line."""
+    records, prompt_ids = [], []
+    if not path.is_file():
+        raise GenerateError(f"--prompts_file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GenerateError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise GenerateError(f"{where}: expected an object with 'prompt' or 'messages', "
+                                    f"got {type(record).__name__}")
+            if "messages" in record:
+                messages = record["messages"]
+                if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                        and messages[-1].get("role") != "user":
+                    raise GenerateError(f"{where}: the last message is {messages[-1].get('role')!r}; "
+                                        f"generation continues a conversation that ends with a user turn")
+            elif isinstance(record.get("prompt"), str):
+                messages = [{"role": "user", "content": record["prompt"]}]
+            else:
+                raise GenerateError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}, "
+                                    f"got keys {sorted(record)}")
+            if system is not None and isinstance(messages, list) and messages \
+                    and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+                messages = [{"role": "system", "content": system}] + messages
+            try:
+                ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True)
+            except ConversationError as e:
+                raise GenerateError(f"{where}: {e}") from None
+            records.append(record)
+            prompt_ids.append(ids)
+    if not records:
+        raise GenerateError(f"--prompts_file {path} has no prompts")
+    return records, prompt_ids
+
+
+# -- the three modes ------------------------------------------------------------------------------------------
+def run_prompts_file(model, tokenizer, template, args, stops, generator):
+    records, prompts = read_prompts_file(args.prompts_file, args.system, tokenizer, template)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+    results, start, n_tokens = [None] * len(prompts), time.perf_counter(), 0
+    for k in range(0, len(order), args.batch_size):
+        rows = order[k:k + args.batch_size]
+        outs = generate_batch(model, [prompts[i] for i in rows], args.max_new_tokens, args.temperature,
+                              args.top_p, args.top_k, stops, generator)
+        for i, ids in zip(rows, outs):
+            n_tokens += len(ids)
+            stopped = bool(ids) and ids[-1] in stops
+            results[i] = {**records[i], "completion": tokenizer.decode(ids[:-1] if stopped else ids),
+                          "finish_reason": "stop" if stopped else "length"}
+        elapsed = time.perf_counter() - start
+        print(f"{min(k + args.batch_size, len(order))}/{len(order)} prompts | {n_tokens} tokens | "
+              f"{n_tokens / elapsed:.1f} tok/s", file=sys.stderr, flush=True)
+    args.output_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output_file.with_name(f".{args.output_file.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.output_file)
+    print(f"wrote {args.output_file} ({len(results)} lines)", file=sys.stderr)
+
+
+def run_prompts(model, tokenizer, template, args, stops, generator):
+    for k, prompt in enumerate(args.prompt):
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+                   [{"role": "user", "content": prompt}]
+        ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True)
+        if len(args.prompt) > 1:
+            print(f"{'' if k == 0 else chr(10)}>>> {prompt}", flush=True)
+        start = time.perf_counter()
+        _, n = stream_reply(model, tokenizer, ids, args, stops, generator)
+        print(f"[{n} tokens, {n / (time.perf_counter() - start):.1f} tok/s]", file=sys.stderr, flush=True)
+
+
+def run_chat(model, tokenizer, template, args, stops, generator):
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history = []
+    print("chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr, flush=True)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            return
+        if line == "/reset":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        ids, _ = tokenize_conversation(system + history, tokenizer, template, add_generation_prompt=True)
+        # Too long for the model: forget the oldest exchanges, keep the system prompt and the last message.
+        while len(ids) + args.max_new_tokens > model.args.max_seq_len and len(history) > 1:
+            history = history[2:]
+            ids, _ = tokenize_conversation(system + history, tokenizer, template, add_generation_prompt=True)
+            print("(dropped the oldest exchange: the conversation exceeds max_seq_len)", file=sys.stderr)
+        try:
+            reply, _ = stream_reply(model, tokenizer, ids, args, stops, generator)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            print("\n(interrupted)", flush=True)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt_paths", nargs="+", type=Path, required=True,
+                    help="a native dir (or its consolidated.00.pth); or the base then LoRA adapters "
+                         "(an adapter dir holding adapter.pth + adapter_config.json, or the adapter.pth)")
+    ap.add_argument("--template_config", default=None,
+                    help="chat template: a name from templates/ or a YAML path (default: the *.yaml that a "
+                         "training run copied into its output dir)")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", action="append", help="a user message to answer (repeatable)")
+    mode.add_argument("--prompts_file", type=Path, help='jsonl of {"prompt": str} or {"messages": [...]} lines')
+    mode.add_argument("--chat", action="store_true", help="interactive chat with history (reads stdin)")
+    ap.add_argument("--output_file", type=Path, help="with --prompts_file: the jsonl to write (input + completion)")
+    ap.add_argument("--system", default=None, help="system prompt (for a --prompts_file line without one)")
+    ap.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate at most per reply")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep the smallest set with this mass")
+    ap.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--batch_size", type=int, default=16, help="with --prompts_file: prompts per batch")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
+    args = ap.parse_args(argv)
+    if args.prompts_file and not args.output_file:
+        ap.error("--prompts_file needs --output_file")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        ap.error("--max_new_tokens and --batch_size must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        paths = [weights_path(p) for p in args.ckpt_paths]
+        for p in paths:
+            resolve_weights(p)  # a missing checkpoint fails before the tokenizer and template are read
+        tokenizer = load_tokenizer(paths[0] if paths[0].is_dir() else paths[0].parent)
+        template = load_template(args.template_config or find_template(paths), tokenizer)
+        stops = set(stop_token_ids(tokenizer, template))
+        model = Transformer.from_pretrained(paths, dtype=dtype, device=device).eval()
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        run = run_chat if args.chat else run_prompts_file if args.prompts_file else run_prompts
+        run(model, tokenizer, template, args, stops, generator)
+    except (GenerateError, ConversationError, TemplateError, TokenizerError, FileNotFoundError, ValueError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
