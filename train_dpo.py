@@ -156,8 +156,7 @@ def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: 
 def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_dtype, pad_id: int):
     """-> reference(batch, split) giving s_ref [2B] for a batch of datasets[split]. Call before resuming:
     precompute may use the policy, which then still holds the initial weights."""
-    same_base = not args.ref_ckpt_paths or [str(p) for p in args.ref_ckpt_paths] == [str(p) for p in args.ckpt_paths]
-    use_policy = same_base and (not args.lora or not args.lora_unfrozen_params)
+    same_base = not args.ref_ckpt_paths or list(map(str, args.ref_ckpt_paths)) == list(map(str, args.ckpt_paths))
     if args.reference == "precompute":
         fingerprint = weights_fingerprint(args.ref_ckpt_paths or args.ckpt_paths, param_dtype)
         ref_model = model if same_base else load_reference_model(args, d, param_dtype)
@@ -173,7 +172,9 @@ def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_d
             return s.to(d.device)
         return reference
 
-    ref_model = model if use_policy and args.lora else load_reference_model(args, d, param_dtype)
+    # The adapters-off policy is the reference only while nothing but adapters trains.
+    adapters_are_the_delta = args.lora and same_base and not args.lora_unfrozen_params
+    ref_model = model if adapters_are_the_delta else load_reference_model(args, d, param_dtype)
     tc.print0("reference: " + ("the policy with LoRA adapters off" if ref_model is model else "a frozen copy"))
 
     @torch.no_grad()

@@ -85,27 +85,26 @@ def test_references_agree_and_step0_is_ln2(setup, tmp_path):
 
 
 def test_two_processes_fsdp_and_ddp_match_one(setup, tmp_path):
-    """Same global batch (2 pairs x 2 accumulation): 1 process; 2-process FSDP2 with a sharded frozen-copy
-    reference; 2-process DDP precomputing the reference afresh (each rank its share of the pass)."""
-    one = run(setup, tmp_path / "one", micro_batch_size_per_gpu=2, gradient_accum_steps=2, train_steps=3,
-              ref_ckpt_paths=setup["ref_native"])
-    for dp, extra in (("fsdp", {"reference": "model"}), ("ddp", {"data_cache_dir": tmp_path / "fresh_cache"})):
-        out = tmp_path / dp
+    """Same global batch (2 pairs x 2 accumulation) as 1 process: FSDP2 precomputing the reference afresh
+    with the sharded policy (each rank its share of the pass), FSDP2 with a sharded frozen copy, DDP with a
+    plain frozen copy."""
+    one = run(setup, tmp_path / "one", micro_batch_size_per_gpu=2, gradient_accum_steps=2, train_steps=3)
+    for name, extra in {"fsdp_precompute": {"dp": "fsdp", "data_cache_dir": tmp_path / "fresh_cache"},
+                        "fsdp_model": {"dp": "fsdp", "reference": "model"},
+                        "ddp_model": {"dp": "ddp", "reference": "model"}}.items():
+        out = tmp_path / name
         result = torchrun("train_dpo.py", pref_args(setup, out, micro_batch_size_per_gpu=1, gradient_accum_steps=2,
-                                                    train_steps=3, dp=dp, ref_ckpt_paths=setup["ref_native"], **extra),
-                          nproc=2, port=free_port())
-        if dp == "ddp":
-            assert "one pass over" in result.stdout
-        two = metrics(out)
-        for a, b in zip(one, two, strict=True):
+                                                    train_steps=3, **extra), nproc=2, port=free_port())
+        assert ("one pass over" in result.stdout) == (name == "fsdp_precompute")
+        for a, b in zip(one, metrics(out), strict=True):
             assert a["tokens"] == b["tokens"]
-            assert all(close(a[k], b[k]) for k in ("loss", *PAIR_KEYS)), (dp, a, b)
+            assert all(close(a[k], b[k]) for k in ("loss", *PAIR_KEYS)), (name, a, b)
 
 
 def test_resume_reproduces_and_reuses_the_reference_cache(setup, tmp_path, capsys):
     out = tmp_path / "run"
-    full = run(setup, out, train_steps=6, save_freq=3, micro_batch_size_per_gpu=2, val_data_paths=f"jsonl:{setup['data']}",
-               val_freq=3)
+    full = run(setup, out, train_steps=6, save_freq=3, micro_batch_size_per_gpu=2,
+               val_data_paths=f"jsonl:{setup['data']}", val_freq=3)
     assert "val/rewards/accuracies" in full[2] and "val/loss" in full[5]
     capsys.readouterr()
     resumed = run(setup, out, train_steps=6, save_freq=3, micro_batch_size_per_gpu=2, resume=True,
@@ -133,7 +132,8 @@ def write(path, records):
 
 def pair(prompt, chosen, rejected, rejected_prompt=None):
     return {"chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "user", "content": rejected_prompt or prompt}, {"role": "assistant", "content": rejected}]}
+            "rejected": [{"role": "user", "content": rejected_prompt or prompt},
+                         {"role": "assistant", "content": rejected}]}
 
 
 def test_identical_responses_are_reported(setup, tmp_path, capsys):
