@@ -282,21 +282,27 @@ LOGITS_CHUNK_ELEMENTS = 1 << 25  # 128 MB of fp32 logits per chunk
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[b, t]) in fp32 for every position, 0 where labels == IGNORE_INDEX.
 
-    The full fp32 [B, T, V] logits never exist (128k vocab x 8k tokens would be 4 GB): positions go through
-    the output projection a chunk at a time, and with gradients on, each chunk is recomputed in backward
-    instead of kept, so only the hidden states are saved.
+    Only positions with a target go through the output projection: prompts and padding, often most of a
+    chat or preference batch, cost nothing there. The full fp32 [N, V] logits never exist (128k vocab x 8k
+    tokens would be 4 GB): positions go a chunk at a time, and with gradients on, each chunk but the last is
+    recomputed in backward instead of kept (the last one's logits, at most one chunk, are used at once).
     """
     B, T, D = hidden.shape
-    h, y = hidden.reshape(B * T, D), labels.reshape(B * T)
+    y = labels.reshape(B * T)
+    # At least one position, even when none is trained, so the result stays attached to the graph and
+    # backward still runs (and syncs gradients) on a rank whose micro-batch is all filler.
+    keep = (y != IGNORE_INDEX).nonzero()[:, 0] if (y != IGNORE_INDEX).any() else y.new_zeros(1)
+    h, y_kept = hidden.reshape(B * T, D)[keep], y[keep]
     rows = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
     chunks = []
-    for i in range(0, B * T, rows):
-        if torch.is_grad_enabled():
+    for i in range(0, len(keep), rows):
+        if torch.is_grad_enabled() and i + rows < len(keep):
             chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, h[i:i + rows], weight,
-                                                            y[i:i + rows], use_reentrant=False))
+                                                            y_kept[i:i + rows], use_reentrant=False))
         else:
-            chunks.append(_chunk_logprobs(h[i:i + rows], weight, y[i:i + rows]))
-    return torch.cat(chunks).view(B, T)
+            chunks.append(_chunk_logprobs(h[i:i + rows], weight, y_kept[i:i + rows]))
+    out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+    return out.index_copy(0, keep, torch.cat(chunks)).view(B, T)
 
 
 def _chunk_logprobs(h, weight, y):

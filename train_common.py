@@ -281,6 +281,17 @@ def autocast(d: Dist, dp: str, param_dtype: torch.dtype):
     return torch.autocast(d.device.type, dtype=param_dtype, enabled=enabled)
 
 
+def reshard(model):
+    """After forwards without backward (validation, a reference pass): FSDP2 keeps the root and the last block
+    gathered after forward, expecting backward to release them. Left so, the next training step runs on those
+    gathered copies and its gradients for them go astray; resharding restores the state backward leaves."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model
 

@@ -143,6 +143,7 @@ def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: 
         values[2 * ids] = s[:len(ids)].double()
         values[2 * ids + 1] = s[B:B + len(ids)].double()
     model.train(was_training)
+    tc.reshard(model)
     values = tc.all_reduce_sum(values).float().cpu()  # each pair was computed by one rank, zeros elsewhere
     if d.main:
         tmp = path.with_name(f".{path.name}.tmp")
@@ -180,7 +181,9 @@ def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_d
     @torch.no_grad()
     def reference(batch, split):
         with adapters_off(base_model, ref_model is model), tc.autocast(d, args.dp, param_dtype):
-            return tc.response_logps(ref_model, batch, d.device)[0]
+            s = tc.response_logps(ref_model, batch, d.device)[0]
+        tc.reshard(ref_model)
+        return s
     return reference
 
 
@@ -198,6 +201,7 @@ def validate(model, loader, reference, args, d: tc.Dist, param_dtype) -> dict:
         losses, *logged = dpo_loss(s[keep], ref, n[keep], args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
         totals += torch.cat([torch.stack([keep.sum() / 2, losses.sum()]), tc.pair_metric_sums(*logged)])
     model.train()
+    tc.reshard(model)
     pairs, loss, *sums = tc.all_reduce_sum(totals).tolist()
     return {"val/loss": loss / max(pairs, 1), **tc.pair_metrics(sums, pairs, "val/")}
 

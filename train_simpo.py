@@ -64,6 +64,7 @@ def validate(model, loader, args, d: tc.Dist, param_dtype) -> dict:
         nll, tokens = -s[keep].chunk(2)[0].sum(), n[keep].chunk(2)[0].sum()
         totals += torch.cat([torch.stack([keep.sum() / 2, losses.sum(), nll, tokens]), tc.pair_metric_sums(*logged)])
     model.train()
+    tc.reshard(model)
     pairs, loss, nll, tokens, *sums = tc.all_reduce_sum(totals).tolist()
     return {"val/loss": loss / max(pairs, 1) + args.sft_weight * nll / max(tokens, 1),
             **tc.pair_metrics(sums, pairs, "val/")}

@@ -87,16 +87,21 @@ def test_references_agree_and_step0_is_ln2(setup, tmp_path):
 def test_two_processes_fsdp_and_ddp_match_one(setup, tmp_path):
     """Same global batch (2 pairs x 2 accumulation) as 1 process: FSDP2 precomputing the reference afresh
     with the sharded policy (each rank its share of the pass), FSDP2 with a sharded frozen copy, DDP with a
-    plain frozen copy."""
+    plain frozen copy; and with LoRA, FSDP2 with the adapters-off policy as the reference."""
+    lora = {"lora": True, "lora_rank": 4, "lora_alpha": 8, "lr": 1e-2}
     one = run(setup, tmp_path / "one", micro_batch_size_per_gpu=2, gradient_accum_steps=2, train_steps=3)
+    one_lora = run(setup, tmp_path / "one_lora", micro_batch_size_per_gpu=2, gradient_accum_steps=2, train_steps=3,
+                   **lora)
     for name, extra in {"fsdp_precompute": {"dp": "fsdp", "data_cache_dir": tmp_path / "fresh_cache"},
                         "fsdp_model": {"dp": "fsdp", "reference": "model"},
-                        "ddp_model": {"dp": "ddp", "reference": "model"}}.items():
+                        "ddp_model": {"dp": "ddp", "reference": "model"},
+                        "fsdp_lora_adapters_off": {"dp": "fsdp", "reference": "model", **lora}}.items():
         out = tmp_path / name
         result = torchrun("train_dpo.py", pref_args(setup, out, micro_batch_size_per_gpu=1, gradient_accum_steps=2,
                                                     train_steps=3, **extra), nproc=2, port=free_port())
         assert ("one pass over" in result.stdout) == (name == "fsdp_precompute")
-        for a, b in zip(one, metrics(out), strict=True):
+        assert ("adapters off" in result.stdout) == ("lora" in name)
+        for a, b in zip(one_lora if "lora" in name else one, metrics(out), strict=True):
             assert a["tokens"] == b["tokens"]
             assert all(close(a[k], b[k]) for k in ("loss", *PAIR_KEYS)), (name, a, b)
 
