@@ -89,7 +89,8 @@ def make_setup(root: Path) -> dict:
 
 def pref_args(setup, out, **overrides) -> list:
     args = {"ckpt_paths": setup["native"], "template_config": "chatml.yaml",
-            "train_data_paths": f"jsonl:{setup['data']}", "output_dir": out, "max_seq_len": 96, "lr": 1e-3, "lr_scheduler": "cosine", "warmup_steps": 0,
+            "train_data_paths": f"jsonl:{setup['data']}", "output_dir": out, "max_seq_len": 96, "lr": 1e-3,
+            "lr_scheduler": "cosine", "warmup_steps": 0,
             "micro_batch_size_per_gpu": 3, "gradient_accum_steps": 1, "train_steps": 3,
             "data_cache_dir": setup["cache"], "seed": 42}
     args.update(overrides)
