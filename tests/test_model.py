@@ -191,3 +191,36 @@ def test_token_logprobs_equal_full_log_softmax(tmp_path, monkeypatch):
     assert got.dtype == torch.float32
     assert (got - ref).abs().max() <= 1e-5
     assert (grad_chunked - model.tok_embeddings.weight.grad).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_gradients_with_uneven_upstream_and_frozen_weight(monkeypatch, dtype):
+    """Values and both gradients of the chunked log-probs against log_softmax of the full logits, for a
+    per-position upstream gradient (DPO weighs rows differently), ignored labels, a ragged last chunk, a
+    frozen output weight (LoRA), and under bf16 autocast."""
+    import model as model_module
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 11), generator=g)
+    labels[0, :4], labels[2, 6:] = -100, -100
+    upstream = torch.randn(3, 11, generator=g)
+    monkeypatch.setattr(model_module, "LOGITS_CHUNK_ELEMENTS", 40 * 7)  # 7 rows a chunk, 20 kept rows
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = model_module.token_logprobs(hidden, weight, labels)
+    (got * upstream).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = (hidden.to(dtype) @ weight.to(dtype).T).float()
+    ref = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels == -100, 0)
+    (ref * upstream).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: a few roundings of sums over rows or the vocabulary
+    near = lambda a, b: (a - b).abs().max() <= tol * max(1.0, float(b.abs().max()))
+    assert got.dtype == torch.float32 and near(got.detach(), ref.detach())
+    assert near(grads[0], hidden.grad) and near(grads[1], weight.grad)
+    assert got[0, :4].eq(0).all() and grads[0][2, 6:].eq(0).all()
+    weight.requires_grad_(False)
+    hidden.grad = weight.grad = None
+    model_module.token_logprobs(hidden, weight, labels).sum().backward()
+    assert hidden.grad is not None and weight.grad is None

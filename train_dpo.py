@@ -1,0 +1,302 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) on {"chosen", "rejected"} conversation pairs.
+
+    torchrun --nproc_per_node 1 train_dpo.py --ckpt_paths checkpoints/llama3.1_8b_instruct/consolidated.00.pth \\
+        --template_config llama3_instruct.yaml --lr 5e-7 --lr_scheduler cosine --dpo_beta 0.01 \\
+        --train_data_paths jsonl:examples.jsonl --train_epochs 1 --max_seq_len 1024 \\
+        --micro_batch_size_per_gpu 1 --gradient_accum_steps 8 --output_dir outputs/dpo_example
+
+s = the summed log-prob of a response's tokens (prompt and padding masked), w = chosen, l = rejected,
+h = (s_w - s_ref_w) - (s_l - s_ref_l), loss = -(1 - e) log sig(b h) - e log sig(-b h) (e: label smoothing).
+--dpo_loss ipo: (h' - 1 / (2 b))^2 with h' built from length-averaged log-ratios, as TRL does.
+The step loss is the mean over every pair of the global batch (all micro-batches, all ranks).
+Metrics as TRL: rewards/chosen = b (s_w - s_ref_w), rewards/rejected likewise, rewards/accuracies = mean of
+1[r_w > r_l], rewards/margins = mean of r_w - r_l, logps/chosen and logps/rejected = mean s.
+
+The reference (--ref_ckpt_paths, default --ckpt_paths) comes from one of:
+  --reference precompute (default): one no-grad pass over the data before training; s_ref of every response
+      is cached beside the data cache, keyed by the data and the reference weights, and reused by later runs
+      and by --resume. When the reference is the initial policy it is computed with the policy itself before
+      the first step (adapters off with --lora), so no second copy is ever loaded.
+  --reference model: s_ref computed at every step by a frozen copy (eval mode, no activation checkpointing,
+      FSDP2-sharded like the policy). With --lora the reference is the policy with its adapters disabled:
+      no second copy in memory (a copy after all when --lora_unfrozen_params or --ref_ckpt_paths change the
+      base).
+"""
+
+import hashlib
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lora
+import train_common as tc
+from data import Loader
+
+
+@dataclass
+class DPOArgs(tc.CommonArgs):
+    dpo_beta: float = tc.arg(0.1, help="b: how far the policy may move from the reference (TRL's default 0.1; "
+                             "the torchllms example uses 0.01)")
+    dpo_label_smoothing: float = tc.arg(0.0, help="e: assumed probability that a pair's labels are flipped "
+                                        "(conservative DPO); 0 is plain DPO")
+    dpo_loss: str = tc.arg("sigmoid", help="sigmoid: DPO; ipo: IPO on length-averaged log-ratios, as TRL",
+                           choices=["sigmoid", "ipo"])
+    reference: str = tc.arg("precompute", help="precompute: s_ref once before training, cached on disk; model: "
+                            "a frozen copy at every step (with --lora: the adapters-off policy)",
+                            choices=["precompute", "model"])
+    ref_ckpt_paths: list = tc.arg([], help="reference weights, same forms as --ckpt_paths (default: --ckpt_paths)")
+
+
+# -- the loss --------------------------------------------------------------------------------------------------
+def dpo_loss(policy_logps, reference_logps, lengths, beta: float, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid"):
+    """Per-pair losses [P] and the logged quantities, from [2P] rows (the P chosen responses, then the P
+    rejected ones): summed response log-probs under the policy (s) and the reference (s_ref), and the number
+    of response tokens. Returns (losses, chosen rewards, rejected rewards, chosen s, rejected s)."""
+    logratios = policy_logps - reference_logps
+    chosen, rejected = logratios.chunk(2)
+    if loss_type == "sigmoid":
+        h = chosen - rejected
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":  # Azar et al. eq. 17 on per-token averages (TRL; confirmed with the IPO authors)
+        chosen_len, rejected_len = lengths.chunk(2)
+        h = chosen / chosen_len - rejected / rejected_len
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown --dpo_loss {loss_type!r} (sigmoid, ipo)")
+    s_chosen, s_rejected = policy_logps.detach().chunk(2)
+    return losses, beta * chosen.detach(), beta * rejected.detach(), s_chosen, s_rejected
+
+
+# -- the reference ---------------------------------------------------------------------------------------------
+def weights_fingerprint(paths, dtype: torch.dtype) -> str:
+    """Names a reference: each weights file's path, size, modification time and 16 sampled 64 KiB blocks,
+    params.json and any adapter config, and the compute dtype. Rewriting a checkpoint changes it, so a cache
+    made from the old weights is never reused; hashing a whole 16 GB file on every start would be too slow."""
+    from model import resolve_weights
+
+    h = hashlib.sha256(str(dtype).encode())
+    for path in paths:
+        weights = resolve_weights(path).resolve()
+        for f in (weights, weights.parent / "params.json", weights.parent / lora.ADAPTER_CONFIG):
+            if not f.is_file():
+                continue
+            stat = f.stat()
+            h.update(f"{f}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            with open(f, "rb") as fh:
+                for i in range(16):
+                    fh.seek(stat.st_size * i // 16)
+                    h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def adapters_off(model, enabled: bool):
+    """The LoRA policy with its adapters disabled is the base model: the reference without a second copy."""
+    if enabled:
+        lora.set_adapters(model, False)
+    try:
+        yield
+    finally:
+        if enabled:
+            lora.set_adapters(model, True)
+
+
+def load_reference_model(args, d: tc.Dist, param_dtype: torch.dtype):
+    """A frozen copy in the compute dtype (nothing updates it, so no fp32 master), in eval mode, without
+    activation checkpointing; FSDP2-sharded like the policy (DDP has nothing to synchronise: a plain copy)."""
+    from model import Transformer
+
+    model = Transformer.from_pretrained(args.ref_ckpt_paths or args.ckpt_paths, dtype=param_dtype, device=d.device)
+    model.requires_grad_(False).eval()
+    if args.compile:
+        tc.apply_compile(model)
+    if torch.distributed.is_initialized() and args.dp == "fsdp":
+        tc.apply_fsdp(model, param_dtype)
+    return model
+
+
+@torch.no_grad()
+def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: int, fingerprint: str):
+    """s_ref of every response of `dataset` [2N] (chosen at 2i, rejected at 2i + 1): read from the cache file
+    beside the data cache, or computed in one pass (each rank a share of the batches) and written there."""
+    path = Path(dataset.path).parent / f"{Path(dataset.path).name}.reference-{fingerprint}.npy"
+    # Every rank must agree: if any rank cannot read the file, all take part in the pass (FSDP needs them).
+    missing = tc.all_reduce_sum(torch.tensor([float(not path.is_file())], device=d.device))
+    if not missing.item():
+        tc.print0(f"reference log-probs: {path} (cached)")
+        return torch.from_numpy(np.load(path))
+    tc.print0(f"reference log-probs: one pass over {len(dataset)} pairs -> {path}")
+    values = torch.zeros(2 * len(dataset), dtype=torch.float64, device=d.device)
+    was_training = model.training
+    model.eval()
+    for batch in Loader(dataset, args.micro_batch_size_per_gpu, shuffle=False, pad_id=pad_id):
+        with tc.autocast(d, args.dp, param_dtype):
+            s, _ = tc.response_logps(model, batch, d.device)
+        ids, B = batch["sample_ids"].to(d.device), s.shape[0] // 2
+        values[2 * ids] = s[:len(ids)].double()
+        values[2 * ids + 1] = s[B:B + len(ids)].double()
+    model.train(was_training)
+    tc.reshard(model)
+    values = tc.all_reduce_sum(values).float().cpu()  # each pair was computed by one rank, zeros elsewhere
+    if d.main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, values.numpy())
+        tmp.replace(path)
+    tc.barrier()
+    return values
+
+
+def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_dtype, pad_id: int):
+    """-> reference(batch, split) giving s_ref [2B] for a batch of datasets[split]. Call before resuming:
+    precompute may use the policy, which then still holds the initial weights."""
+    same_base = not args.ref_ckpt_paths or list(map(str, args.ref_ckpt_paths)) == list(map(str, args.ckpt_paths))
+    if args.reference == "precompute":
+        fingerprint = weights_fingerprint(args.ref_ckpt_paths or args.ckpt_paths, param_dtype)
+        ref_model = model if same_base else load_reference_model(args, d, param_dtype)
+        with adapters_off(base_model, args.lora and same_base):
+            tables = {split: precompute_reference(ref_model, ds, args, d, param_dtype, pad_id, fingerprint)
+                      for split, ds in datasets.items() if ds is not None}
+        del ref_model
+
+        def reference(batch, split):
+            ids, B = batch["sample_ids"], batch["labels"].shape[0] // 2
+            s = torch.zeros(2 * B)
+            s[:len(ids)], s[B:B + len(ids)] = tables[split][2 * ids], tables[split][2 * ids + 1]
+            return s.to(d.device)
+        return reference
+
+    # The adapters-off policy is the reference only while nothing but adapters trains.
+    adapters_are_the_delta = args.lora and same_base and not args.lora_unfrozen_params
+    ref_model = model if adapters_are_the_delta else load_reference_model(args, d, param_dtype)
+    tc.print0("reference: " + ("the policy with LoRA adapters off" if ref_model is model else "a frozen copy"))
+
+    @torch.no_grad()
+    def reference(batch, split):
+        with adapters_off(base_model, ref_model is model), tc.autocast(d, args.dp, param_dtype):
+            s = tc.response_logps(ref_model, batch, d.device)[0]
+        tc.reshard(ref_model)
+        return s
+    return reference
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model, loader, reference, args, d: tc.Dist, param_dtype) -> dict:
+    """Loss and metrics over the whole validation set, each a mean over its pairs."""
+    model.eval()
+    totals = torch.zeros(2 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, then the metrics' sums
+    for batch in loader:
+        keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)
+        ref = reference(batch, "val")[keep]
+        with tc.autocast(d, args.dp, param_dtype):
+            s, n = tc.response_logps(model, batch, d.device)
+        losses, *logged = dpo_loss(s[keep], ref, n[keep], args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
+        totals += torch.cat([torch.stack([keep.sum() / 2, losses.sum()]), tc.pair_metric_sums(*logged)])
+    model.train()
+    tc.reshard(model)
+    pairs, loss, *sums = tc.all_reduce_sum(totals).tolist()
+    return {"val/loss": loss / max(pairs, 1), **tc.pair_metrics(sums, pairs, "val/")}
+
+
+def train(args: DPOArgs, d: tc.Dist):
+    tc.prepare_output_dir(args, d)
+    tc.seed_everything(args.seed)
+    tokenizer, template = tc.load_tokenizer_and_template(args)
+    train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="preference")
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    loader = Loader(train_set, args.micro_batch_size_per_gpu, seed=args.seed, pad_id=pad_id)
+    val_loader = val_set and Loader(val_set, args.micro_batch_size_per_gpu, shuffle=False, pad_id=pad_id)
+    model, base_model, lora_config, input_dtype = tc.load_model(args, d)
+    param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
+    reference = build_reference(args, d, model, base_model, {"train": train_set, "val": val_set}, param_dtype, pad_id)
+    optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
+    steps = tc.total_steps(args, loader)
+    tc.print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation "
+              f"x {d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size}"
+              f" pairs per step; {steps} steps")
+
+    step = 0
+    if args.resume:
+        latest = tc.checkpoint_dirs(args.output_dir)[-1]
+        extra = tc.load_checkpoint(latest, model, optimizer, d)
+        loader.load_state_dict(extra["loader"])
+        tc.set_rng_state(extra["rng"])
+        step = extra["step"]
+        tc.print0(f"resumed from {latest} at step {step}")
+    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, start_step=step)
+    stop = tc.StopSignal()
+    batches = tc.endless(loader)
+    model.train()
+
+    def checkpoint():
+        extra = {"step": step, "loader": loader.state_dict(), "rng": tc.rng_state()}
+        return tc.save_checkpoint(args.output_dir, step, model, optimizer, extra, d, args.max_checkpoints)
+
+    while step < steps:
+        t0 = time.perf_counter()
+        lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
+        tc.set_lr(optimizer, lr)
+        micro_batches = [next(batches) for _ in range(args.gradient_accum_steps)]
+        # The global pair count first, so every micro-batch's gradient is already correctly scaled.
+        pairs, _, tokens = tc.preference_counts(micro_batches, d)
+        totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
+        for i, batch in enumerate(micro_batches):
+            keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)  # chosen rows, then rejected; no filler
+            ref = reference(batch, "train")[keep]
+            with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
+                s, n = tc.response_logps(model, batch, d.device)
+                losses, *logged = dpo_loss(s[keep], ref, n[keep], args.dpo_beta, args.dpo_label_smoothing,
+                                           args.dpo_loss)
+                loss = losses.sum() / max(pairs, 1)
+            # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
+            (loss * d.world_size).backward()
+            totals += torch.cat([loss.detach()[None], tc.pair_metric_sums(*logged)])
+        loss_value, *sums = tc.all_reduce_sum(totals).tolist()
+        tc.check_finite(loss_value, step + 1, args.output_dir)
+        grad_norm = tc.clip_grad_norm(model, args.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - t0
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
+                   "tokens_per_s": tokens / seconds, "epoch": loader.epoch, **tc.pair_metrics(sums, pairs)}
+        if val_loader is not None and args.val_freq and step % args.val_freq == 0:
+            metrics.update(validate(model, val_loader, reference, args, d, param_dtype))
+        log.log(step, metrics)
+        if args.save_freq and step % args.save_freq == 0 and step < steps:
+            checkpoint()
+        if stop.should_stop(d.device):
+            tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+            return
+
+    if val_loader is not None and not (args.val_freq and step % args.val_freq == 0):
+        val = validate(model, val_loader, reference, args, d, param_dtype)
+        tc.print0("validation: " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in val.items()))
+    save_dtype = input_dtype if args.save_dtype == "auto" else tc.resolve_dtype(args.save_dtype, d.device)
+    tc.save_model(args.output_dir, model, base_model.args, d, tc.native_dir(args.ckpt_paths[0]),
+                  Path(template.path), tc.config_dict(args), save_dtype, lora_config)
+    tc.print0(f"saved {args.output_dir}")
+
+
+def main(argv=None):
+    args = tc.parse_args(DPOArgs, argv)
+    d = tc.setup_distributed()
+    try:
+        train(args, d)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train_dpo.py: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        tc.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""SimPO (Meng et al., 2024): preference optimization without a reference model, on {"chosen", "rejected"}
+conversation pairs.
+
+    torchrun --nproc_per_node 1 train_simpo.py --ckpt_paths checkpoints/llama3.1_8b_instruct/consolidated.00.pth \\
+        --template_config llama3_instruct.yaml --lr 5e-7 --lr_scheduler cosine --simpo_beta 1.0 --simpo_gamma 1.0 \\
+        --train_data_paths jsonl:examples.jsonl --train_epochs 1 --max_seq_len 1024 \\
+        --micro_batch_size_per_gpu 1 --gradient_accum_steps 8 --output_dir outputs/simpo_example
+
+a = s / n: a response's summed log-prob over its n tokens (prompt and padding masked), per sequence; w = chosen,
+l = rejected. loss = -log sig(b (a_w - a_l) - g), the paper's form: g (--simpo_gamma) is the target reward
+margin, in reward units. The official code and TRL's CPOTrainer(loss_type="simpo") write the same loss with
+gamma_beta_ratio = g / b. --sft_weight adds that weight times the token-mean NLL of the chosen responses, as
+the official code does. The step loss is the mean over every pair of the global batch (all micro-batches,
+all ranks); the NLL term's mean runs over every chosen response token of the global batch.
+Metrics as TRL's CPOTrainer: rewards/chosen = b a_w, rewards/rejected = b a_l, rewards/accuracies = mean of
+1[r_w > r_l], rewards/margins = mean of r_w - r_l, logps/chosen and logps/rejected = mean a.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import train_common as tc
+from data import Loader
+
+
+@dataclass
+class SimPOArgs(tc.CommonArgs):
+    simpo_beta: float = tc.arg(2.0, help="b: scale of the length-normalised reward b * a")
+    simpo_gamma: float = tc.arg(1.0, help="g: the paper's target reward margin, subtracted from b (a_w - a_l); "
+                                "official code and TRL take gamma_beta_ratio = g / b instead")
+    sft_weight: float = tc.arg(0.0, help="weight of the chosen responses' token-mean NLL added to the loss")
+
+
+# -- the loss --------------------------------------------------------------------------------------------------
+def simpo_loss(policy_logps, lengths, beta: float, gamma: float):
+    """Per-pair losses [P] and the logged quantities, from [2P] rows (the P chosen responses, then the P
+    rejected ones): summed response log-probs s and response token counts n. Each row is normalised by its
+    own n, never the padded length, and the pairs stay paired: [P], not a [P, P] broadcast.
+    Returns (losses, chosen rewards, rejected rewards, chosen a, rejected a)."""
+    if (lengths <= 0).any():
+        raise ValueError("SimPO needs every response to have at least one token (a = s / n)")
+    a_chosen, a_rejected = (policy_logps / lengths).chunk(2)
+    losses = -F.logsigmoid(beta * (a_chosen - a_rejected) - gamma)
+    a_chosen, a_rejected = a_chosen.detach(), a_rejected.detach()
+    return losses, beta * a_chosen, beta * a_rejected, a_chosen, a_rejected
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model, loader, args, d: tc.Dist, param_dtype) -> dict:
+    """Loss and metrics over the whole validation set, each a mean over its pairs."""
+    model.eval()
+    totals = torch.zeros(4 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, NLL, tokens, the metrics
+    for batch in loader:
+        keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)
+        with tc.autocast(d, args.dp, param_dtype):
+            s, n = tc.response_logps(model, batch, d.device)
+        losses, *logged = simpo_loss(s[keep], n[keep], args.simpo_beta, args.simpo_gamma)
+        nll, tokens = -s[keep].chunk(2)[0].sum(), n[keep].chunk(2)[0].sum()
+        totals += torch.cat([torch.stack([keep.sum() / 2, losses.sum(), nll, tokens]), tc.pair_metric_sums(*logged)])
+    model.train()
+    tc.reshard(model)
+    pairs, loss, nll, tokens, *sums = tc.all_reduce_sum(totals).tolist()
+    return {"val/loss": loss / max(pairs, 1) + args.sft_weight * nll / max(tokens, 1),
+            **tc.pair_metrics(sums, pairs, "val/")}
+
+
+def train(args: SimPOArgs, d: tc.Dist):
+    tc.prepare_output_dir(args, d)
+    tc.seed_everything(args.seed)
+    tokenizer, template = tc.load_tokenizer_and_template(args)
+    train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="preference")
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    loader = Loader(train_set, args.micro_batch_size_per_gpu, seed=args.seed, pad_id=pad_id)
+    val_loader = val_set and Loader(val_set, args.micro_batch_size_per_gpu, shuffle=False, pad_id=pad_id)
+    model, base_model, lora_config, input_dtype = tc.load_model(args, d)
+    param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
+    optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
+    steps = tc.total_steps(args, loader)
+    tc.print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation "
+              f"x {d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size}"
+              f" pairs per step; {steps} steps")
+
+    step = 0
+    if args.resume:
+        latest = tc.checkpoint_dirs(args.output_dir)[-1]
+        extra = tc.load_checkpoint(latest, model, optimizer, d)
+        loader.load_state_dict(extra["loader"])
+        tc.set_rng_state(extra["rng"])
+        step = extra["step"]
+        tc.print0(f"resumed from {latest} at step {step}")
+    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, start_step=step)
+    stop = tc.StopSignal()
+    batches = tc.endless(loader)
+    model.train()
+
+    def checkpoint():
+        extra = {"step": step, "loader": loader.state_dict(), "rng": tc.rng_state()}
+        return tc.save_checkpoint(args.output_dir, step, model, optimizer, extra, d, args.max_checkpoints)
+
+    while step < steps:
+        t0 = time.perf_counter()
+        lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
+        tc.set_lr(optimizer, lr)
+        micro_batches = [next(batches) for _ in range(args.gradient_accum_steps)]
+        # The global pair count first, so every micro-batch's gradient is already correctly scaled.
+        pairs, chosen_tokens, tokens = tc.preference_counts(micro_batches, d)
+        totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
+        for i, batch in enumerate(micro_batches):
+            keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)  # chosen rows, then rejected; no filler
+            with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
+                s, n = tc.response_logps(model, batch, d.device)
+                losses, *logged = simpo_loss(s[keep], n[keep], args.simpo_beta, args.simpo_gamma)
+                loss = losses.sum() / max(pairs, 1)
+                if args.sft_weight:  # the chosen responses' NLL, a mean over the global batch's chosen tokens
+                    loss = loss + args.sft_weight * -s[keep].chunk(2)[0].sum() / max(chosen_tokens, 1)
+            # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
+            (loss * d.world_size).backward()
+            totals += torch.cat([loss.detach()[None], tc.pair_metric_sums(*logged)])
+        loss_value, *sums = tc.all_reduce_sum(totals).tolist()
+        tc.check_finite(loss_value, step + 1, args.output_dir)
+        grad_norm = tc.clip_grad_norm(model, args.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - t0
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
+                   "tokens_per_s": tokens / seconds, "epoch": loader.epoch, **tc.pair_metrics(sums, pairs)}
+        if val_loader is not None and args.val_freq and step % args.val_freq == 0:
+            metrics.update(validate(model, val_loader, args, d, param_dtype))
+        log.log(step, metrics)
+        if args.save_freq and step % args.save_freq == 0 and step < steps:
+            checkpoint()
+        if stop.should_stop(d.device):
+            tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+            return
+
+    if val_loader is not None and not (args.val_freq and step % args.val_freq == 0):
+        val = validate(model, val_loader, args, d, param_dtype)
+        tc.print0("validation: " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in val.items()))
+    save_dtype = input_dtype if args.save_dtype == "auto" else tc.resolve_dtype(args.save_dtype, d.device)
+    tc.save_model(args.output_dir, model, base_model.args, d, tc.native_dir(args.ckpt_paths[0]),
+                  Path(template.path), tc.config_dict(args), save_dtype, lora_config)
+    tc.print0(f"saved {args.output_dir}")
+
+
+def main(argv=None):
+    args = tc.parse_args(SimPOArgs, argv)
+    d = tc.setup_distributed()
+    try:
+        train(args, d)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train_simpo.py: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        tc.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
