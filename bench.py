@@ -521,7 +521,7 @@ def bench_training(job_name: str, root: Path, pairs: int, micro: int, accum: int
     gb = 1024**3
     print(f"{job_name}: {pairs} {'conversations' if algo == 'sft' else 'pairs'}, {steps} steps of {micro} x {accum}, "
           f"{tokens} tokens")
-    print(f"| trainer | tokens/s | peak RSS |\n|---|---|---|")
+    print("| trainer | tokens/s | peak RSS |\n|---|---|---|")
     flags = (" --lora" if job["lora"] else "") + (" --pack_samples" if job["pack"] else "")
     print(f"| train_{algo}.py{flags} | {r['ours_tokens_per_s']:.0f} | {r['ours_peak_rss'] / gb:.2f} GiB |")
     print(f"| TRL {peer} | {r['trl_tokens_per_s']:.0f} | {r['trl_peak_rss'] / gb:.2f} GiB |")

@@ -391,6 +391,47 @@ def check_finite(loss: float, step: int, output_dir):
                                  f"check the data")
 
 
+def resume(args, model, optimizer, loader, d: Dist) -> int:
+    """With --resume, restore the latest checkpoint (model, optimizer, loader position, RNG); the step to
+    continue from, else 0."""
+    if not args.resume:
+        return 0
+    latest = checkpoint_dirs(args.output_dir)[-1]
+    extra = load_checkpoint(latest, model, optimizer, d)
+    loader.load_state_dict(extra["loader"])
+    set_rng_state(extra["rng"])
+    print0(f"resumed from {latest} at step {extra['step']}")
+    return extra["step"]
+
+
+def metrics_log(args, d: Dist, total: int, start_step: int) -> "MetricsLog":
+    return MetricsLog(args.output_dir, d, total, args.print_freq, start_step=start_step,
+                      wandb_project=args.wandb_project if args.wandb else None, config=config_dict(args))
+
+
+def save_final(args, model, bare_model, d: Dist, template, lora_config, input_dtype):
+    """The finished run's output dir (see save_model), in the input checkpoint's dtype unless --save_dtype."""
+    save_dtype = input_dtype if args.save_dtype == "auto" else resolve_dtype(args.save_dtype, d.device)
+    save_model(args.output_dir, model, bare_model.args, d, native_dir(args.ckpt_paths[0]), Path(template.path),
+               config_dict(args), save_dtype, lora_config)
+    print0(f"saved {args.output_dir}")
+
+
+def run(train, args_class, argv=None):
+    """A trainer's main(): parse the flags, start the process group, train; bad input exits 1 with the
+    message (no traceback), and the process group always closes."""
+    args = parse_args(args_class, argv)
+    d = setup_distributed()
+    try:
+        train(args, d)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        name = Path(sys.modules[train.__module__].__file__).name
+        print(f"{name}: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        teardown_distributed()
+
+
 # -- preference pairs (DPO, SimPO) -------------------------------------------------------------------------------
 # A preference batch holds 2B rows: the B chosen responses, then the B rejected ones (data.py).
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

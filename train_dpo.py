@@ -24,7 +24,6 @@ The reference (--ref_ckpt_paths, default --ckpt_paths) comes from one of:
 """
 
 import hashlib
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -223,15 +222,8 @@ def train(args: DPOArgs, d: tc.Dist):
               f"x {d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size}"
               f" pairs per step; {steps} steps")
 
-    step = 0
-    if args.resume:
-        latest = tc.checkpoint_dirs(args.output_dir)[-1]
-        extra = tc.load_checkpoint(latest, model, optimizer, d)
-        loader.load_state_dict(extra["loader"])
-        tc.set_rng_state(extra["rng"])
-        step = extra["step"]
-        tc.print0(f"resumed from {latest} at step {step}")
-    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, start_step=step)
+    step = tc.resume(args, model, optimizer, loader, d)
+    log = tc.metrics_log(args, d, steps, step)
     stop = tc.StopSignal()
     batches = tc.endless(loader)
     model.train()
@@ -280,22 +272,11 @@ def train(args: DPOArgs, d: tc.Dist):
     if val_loader is not None and not (args.val_freq and step % args.val_freq == 0):
         val = validate(model, val_loader, reference, args, d, param_dtype)
         tc.print0("validation: " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in val.items()))
-    save_dtype = input_dtype if args.save_dtype == "auto" else tc.resolve_dtype(args.save_dtype, d.device)
-    tc.save_model(args.output_dir, model, base_model.args, d, tc.native_dir(args.ckpt_paths[0]),
-                  Path(template.path), tc.config_dict(args), save_dtype, lora_config)
-    tc.print0(f"saved {args.output_dir}")
+    tc.save_final(args, model, base_model, d, template, lora_config, input_dtype)
 
 
 def main(argv=None):
-    args = tc.parse_args(DPOArgs, argv)
-    d = tc.setup_distributed()
-    try:
-        train(args, d)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"train_dpo.py: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        tc.teardown_distributed()
+    tc.run(train, DPOArgs, argv)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ ranks) divided by their number, so accumulation and world size do not change the
 --loss_reduction sequences: the mean over the global batch's sequences of each sequence's token mean.
 """
 
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -94,16 +92,8 @@ def train(args: SFTArgs, d: tc.Dist):
               f"x {d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size}"
               f" {'packed rows' if args.pack_samples else 'sequences'} per step; {steps} steps")
 
-    step = 0
-    if args.resume:
-        latest = tc.checkpoint_dirs(args.output_dir)[-1]
-        extra = tc.load_checkpoint(latest, model, optimizer, d)
-        loader.load_state_dict(extra["loader"])
-        tc.set_rng_state(extra["rng"])
-        step = extra["step"]
-        tc.print0(f"resumed from {latest} at step {step}")
-    log = tc.MetricsLog(args.output_dir, d, steps, args.print_freq, start_step=step,
-                        wandb_project=args.wandb_project if args.wandb else None, config=tc.config_dict(args))
+    step = tc.resume(args, model, optimizer, loader, d)
+    log = tc.metrics_log(args, d, steps, step)
     stop = tc.StopSignal()
     param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
     batches = tc.endless(loader)
@@ -152,22 +142,11 @@ def train(args: SFTArgs, d: tc.Dist):
 
     if val_loader is not None and not (args.val_freq and step % args.val_freq == 0):
         tc.print0(f"val loss {validate(model, val_loader, d, args.pack_samples):.4f}")
-    save_dtype = input_dtype if args.save_dtype == "auto" else tc.resolve_dtype(args.save_dtype, d.device)
-    tc.save_model(args.output_dir, model, base_model.args, d, tc.native_dir(args.ckpt_paths[0]),
-                  Path(template.path), tc.config_dict(args), save_dtype, lora_config)
-    tc.print0(f"saved {args.output_dir}")
+    tc.save_final(args, model, base_model, d, template, lora_config, input_dtype)
 
 
 def main(argv=None):
-    args = tc.parse_args(SFTArgs, argv)
-    d = tc.setup_distributed()
-    try:
-        train(args, d)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"train_sft.py: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        tc.teardown_distributed()
+    tc.run(train, SFTArgs, argv)
 
 
 if __name__ == "__main__":
