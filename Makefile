@@ -39,10 +39,10 @@ demo: $(STAMP)
 	$(RUN) train_sft.py --ckpt_paths $(BASE) $(COMMON) --lr 1e-3 --micro_batch_size_per_gpu 8 \
 		--train_data_paths jsonl:$(DEMO)/data/sft.jsonl --output_dir $(DEMO)/sft
 	@echo "==> 5/7 DPO (LoRA) on the SFT model: correct answers over near misses"
-	$(RUN) train_dpo.py --ckpt_paths $(DEMO)/sft $(COMMON) --lr 5e-4 --dpo_beta 0.1 --micro_batch_size_per_gpu 8 \
+	$(RUN) train_dpo.py --ckpt_paths $(DEMO)/sft $(COMMON) --lr 1e-4 --dpo_beta 0.1 --micro_batch_size_per_gpu 8 \
 		--train_data_paths jsonl:$(DEMO)/data/preference.jsonl --output_dir $(DEMO)/dpo
 	@echo "==> 6/7 SimPO (LoRA) on the DPO model"
-	$(RUN) train_simpo.py --ckpt_paths $(DEMO)/dpo $(COMMON) --lr 5e-4 --simpo_beta 2.0 --simpo_gamma 1.0 \
+	$(RUN) train_simpo.py --ckpt_paths $(DEMO)/dpo $(COMMON) --lr 1e-4 --simpo_beta 2.0 --simpo_gamma 1.0 \
 		--micro_batch_size_per_gpu 8 --train_data_paths jsonl:$(DEMO)/data/preference.jsonl --output_dir $(DEMO)/simpo
 	@echo "==> 7/7 answer the held-out problems with each model, score them, plot each run"
 	$(PY) generate.py --ckpt_paths $(BASE) --template_config smollm2_chat --dtype fp32 --max_new_tokens 32 \

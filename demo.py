@@ -74,17 +74,20 @@ def question(a: int, b: int) -> str:
 
 
 def near_miss(a: int, b: int, rng: random.Random) -> int:
-    """A plausible wrong sum: the typical slips (a dropped carry, a digit off by one or ten)."""
-    return a + b + rng.choice([-10, -1, 1, 10, -2, 2])
+    """The slip small models make on these sums: the tens digit off by one (a carry dropped or doubled)."""
+    return a + b + rng.choice([-10, 10])
 
 
 def write_data(output_dir: Path, n_sft: int, n_pref: int, n_eval: int, seed: int = 0):
     """SFT conversations, preference pairs (correct vs a near miss, same form) and held-out eval prompts.
-    Every (a, b) appears in one split only."""
+    Every (a, b) appears in one split only. The preference pairs come from the hard half, sums of 100 or
+    more (the tens carry into the hundreds), where the SFT model's remaining mistakes are."""
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
-    sft, pref, held_out = pairs[:n_sft], pairs[n_sft:n_sft + n_pref], pairs[-n_eval:]
+    held_out, rest = pairs[-n_eval:], pairs[:-n_eval]
+    sft = rest[:n_sft]
+    pref = [(a, b) for a, b in rest[n_sft:] if a + b >= 100][:n_pref]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
