@@ -17,6 +17,7 @@
     python bench.py --only data [--tokenizer llama3|smollm2 | --ckpt_dir DIR --template_config NAME]
                                 [--n 20000] [--num_proc 1]
     python bench.py --only convert [--convert_gb 2.2]
+    python bench.py --device cuda [--gpu_shapes llama3.2-1b llama3.2-3b --gpu_nproc 8]
     python bench.py --only sft --only sft_packed --only sft_lora --only dpo --only simpo [--pairs 64 --micro 4]
 
 - sft, sft_packed, sft_lora, dpo, simpo: tokens/s (real tokens) and peak RSS of train_sft.py (padded,
@@ -530,6 +531,118 @@ def bench_training(job_name: str, root: Path, pairs: int, micro: int, accum: int
     return r
 
 
+# -- GPU: Llama-3.2-shaped models at full speed ---------------------------------------------------------------------
+# Random weights in the real shapes; train_sft.py under torchrun with every speed flag: bf16 compute, packed
+# rows, FSDP2, torch.compile per block, activation checkpointing. "tiny" exists to smoke-test the wiring
+# on a CPU (`--device cpu --gpu_shapes tiny`).
+GPU_SHAPES = {
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0),
+    "tiny": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=1.0),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense
+
+
+def make_random_native(path: Path, shape: dict, device: str) -> int:
+    """A native dir of random bf16 weights in a Llama 3.2 shape, with Llama 3's real tokenizer. Returns the
+    parameter count."""
+    from model import ModelArgs, Transformer
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from assets import LLAMA3_TOKENIZER, asset
+
+    args = ModelArgs(vocab_size=128256, multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+                     rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192},
+                     tie_word_embeddings=True, max_seq_len=131072, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(args).to(torch.bfloat16)
+    state = {k: v.cpu() for k, v in model.state_dict().items() if k != "output.weight"}
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / "consolidated.00.pth")
+    (path / "params.json").write_text(json.dumps(args.to_json()))
+    shutil.copy(asset(*LLAMA3_TOKENIZER), path / "tokenizer.model")
+    return sum(v.numel() for v in state.values())
+
+
+def bench_gpu(shapes, device: str, nproc: int, steps: int, seq: int, micro: int) -> dict:
+    """tokens/s, MFU and peak memory of train_sft.py per shape. MFU counts 6 N flops per token for the
+    weights (embedding lookup excluded, the output projection included) plus 6 L d T for causal attention
+    (T = the rows' length; packed documents attend less, so this slightly overstates the work)."""
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    results = {}
+    with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
+        data = Path(tmp) / "sft.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in ultrachat_like(max(64, 4 * steps * micro * nproc))))
+        for shape in shapes:
+            ckpt, out = Path(tmp) / shape, Path(tmp) / f"out_{shape}"
+            n_params = make_random_native(ckpt, GPU_SHAPES[shape], device)
+            flags = ["--pack_samples", "--dp", "fsdp", "--activation_checkpointing"]
+            if device == "cuda":
+                flags += ["--compile", "--param_dtype", "bf16"]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   str(REPO / "train_sft.py"), "--ckpt_paths", str(ckpt), "--template_config", "llama3_instruct",
+                   "--train_data_paths", f"jsonl:{data}", "--output_dir", str(out), "--max_seq_len", str(seq),
+                   "--micro_batch_size_per_gpu", str(micro), "--train_steps", str(steps), "--lr", "1e-5",
+                   "--print_freq", "1", "--data_cache_dir", str(Path(tmp) / "cache"), *flags]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"{shape} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][3:]  # compile
+            tokens_per_s = sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens_per_s"] for r in rows)
+            s = GPU_SHAPES[shape]
+            # Tied embeddings: the one [V, d] matrix is a lookup (free) going in and a matmul coming out.
+            flops_per_token = 6 * n_params + 6 * s["n_layers"] * s["dim"] * seq
+            mfu = tokens_per_s * flops_per_token / (nproc * peak) if peak else None
+            results[shape] = {"params": n_params, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                              "memory_gb": max(r["memory_gb"] for r in rows)}
+    print(f"GPU training ({name} x {nproc}): train_sft.py, bf16, packed rows of {seq}, micro batch {micro}, "
+          f"FSDP2, compile, activation checkpointing, {steps} steps (first 3 not timed)")
+    print("| model | parameters | tokens/s | tokens/s per GPU | MFU | peak memory |\n|---|---|---|---|---|---|")
+    for shape, r in results.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"| {shape} | {r['params'] / 1e9:.2f} B | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / nproc:.0f} | "
+              f"{mfu} | {r['memory_gb']:.1f} GB |")
+    return results
+
+
+def summary(results: dict) -> list[tuple[str, float, float | None]]:
+    """(section, speed ratio ours / peer, peak-memory ratio ours / peer or None) for every section run."""
+    rows = []
+    if "tokenize" in results:
+        rows.append(("chat templating vs apply_chat_template", results["tokenize"]["speedup_vs_best_hf"], None))
+    if "data" in results:
+        rows.append(("pretokenization vs datasets.map", results["data"]["pretokenize"]["speedup"], None))
+    for job in TRAINING_JOBS:
+        if job in results:
+            rows.append((f"{job} vs TRL", results[job]["speedup"], results[job]["rss_ratio"]))
+    return rows
+
+
+def write_chart(rows, path: Path):
+    """One PNG: speed and peak-memory ratios against the peer, with the 1x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.5))
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [r[1] for r in rows], height=0.4, label="speed (ours / peer, higher is better)")
+    ax.barh(y + 0.2, [r[2] or 0 for r in rows], height=0.4, label="peak memory (ours / peer, lower is better)")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS], action="append",
@@ -551,6 +664,14 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4, help="training: model depth")
     ap.add_argument("--threads", type=int, default=0 if torch.cuda.is_available() else 1,
                     help="training: OMP_NUM_THREADS of each side (default 1 on CPU; 0 leaves it alone)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: time Llama-3.2-1B/3B-shaped models on the GPUs instead of the CPU sections")
+    ap.add_argument("--gpu_shapes", nargs="+", choices=list(GPU_SHAPES), default=["llama3.2-1b", "llama3.2-3b"])
+    ap.add_argument("--gpu_nproc", type=int, default=torch.cuda.device_count() or 1, help="--device: processes")
+    ap.add_argument("--gpu_steps", type=int, default=13, help="--device: optimizer steps (3 warm-up)")
+    ap.add_argument("--gpu_seq", type=int, default=4096, help="--device: packed row length")
+    ap.add_argument("--gpu_micro", type=int, default=2, help="--device: rows per GPU per step")
+    ap.add_argument("--chart", default="outputs/bench.png", help="where to write the PNG chart of the ratios")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:  # one side of a training comparison, in its own process
@@ -560,6 +681,8 @@ def main(argv=None):
         result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         print("BENCH_RESULT " + json.dumps({**result, "peak_cuda": peak}), flush=True)
         return result
+    if args.device == "cuda" or args.gpu_shapes == ["tiny"]:
+        return bench_gpu(args.gpu_shapes, args.device, args.gpu_nproc, args.gpu_steps, args.gpu_seq, args.gpu_micro)
     only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS]
     results = {}
     if "tokenize" in only:
@@ -586,6 +709,13 @@ def main(argv=None):
             print(f"step time, train_dpo.py (precomputed reference) / train_simpo.py: {ratio:.2f}x "
                   f"({results['dpo']['ours_step_s']:.3f} s / {results['simpo']['ours_step_s']:.3f} s)")
             results["dpo_over_simpo_step"] = ratio
+    rows = summary(results)
+    if rows:
+        print("\n| benchmark | speed, ours / peer | peak memory, ours / peer |\n|---|---|---|")
+        for name, speed, memory in rows:
+            print(f"| {name} | {speed:.2f}x | {f'{memory:.2f}x' if memory is not None else '-'} |")
+        write_chart(rows, Path(args.chart))
+        print(f"wrote {args.chart}")
     return results
 
 

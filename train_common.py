@@ -637,6 +637,7 @@ class MetricsLog:
             return
         if self.start_step is None:
             self.start_step = step - 1
+        metrics = {**metrics, "memory_gb": peak_memory_gb(self.d.device)}  # rank 0's peak so far
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
@@ -646,11 +647,11 @@ class MetricsLog:
             eta = (time.perf_counter() - self.start) / done * (self.total - step)
             extra = " ".join(f"{k.split('/')[-1] if k.startswith('rewards/') else k} {v:.4g}"
                              for k, v in metrics.items()
-                             if k not in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "epoch"))
+                             if k not in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "epoch", "memory_gb"))
             bar = "#" * (20 * step // self.total)
             print(f"[{bar:<20}] step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
                   f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
-                  f"mem {peak_memory_gb(self.d.device):.2f} GB | eta {format_seconds(eta)}"
+                  f"mem {metrics['memory_gb']:.2f} GB | eta {format_seconds(eta)}"
                   + (f" | {extra}" if extra else ""), flush=True)
 
 
