@@ -4,6 +4,8 @@ import json
 import random
 from pathlib import Path
 
+from sft_fixtures import to_argv
+
 
 def write_preference_data(path: Path, n: int = 12, seed: int = 0) -> Path:
     """Chosen: the right sum then " Indeed." repeated; rejected: a wrong sum then " You add numbers." repeated;
@@ -94,10 +96,4 @@ def pref_args(setup, out, **overrides) -> list:
             "micro_batch_size_per_gpu": 3, "gradient_accum_steps": 1, "train_steps": 3,
             "data_cache_dir": setup["cache"], "seed": 42}
     args.update(overrides)
-    argv = []
-    for k, v in args.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not False and v is not None:
-            argv += [f"--{k}", *(map(str, v) if isinstance(v, (list, tuple)) else [str(v)])]
-    return argv
+    return to_argv(args)

@@ -65,6 +65,17 @@ def write_chat_data(path: Path, n: int = 24, seed: int = 0) -> Path:
     return path
 
 
+def to_argv(flags: dict) -> list:
+    """{"lr": 1e-3, "lora": True, "betas": [0.9, 0.95], "x": None} -> --lr 0.001 --lora --betas 0.9 0.95."""
+    argv = []
+    for k, v in flags.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not False and v is not None:
+            argv += [f"--{k}", *(map(str, v) if isinstance(v, (list, tuple)) else [str(v)])]
+    return argv
+
+
 def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

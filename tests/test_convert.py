@@ -1,7 +1,6 @@
 """convert.py: HF <-> native round trips, every input layout, and bad input that must fail cleanly."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -98,7 +98,7 @@ def test_meta_original_format_loads_as_is(tmp_path):
               "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0,
               "use_scaled_rope": True, "max_batch_size": 32}  # Llama 3.1's schema (factor 8 over 8192)
     args = ModelArgs(**{k: v for k, v in params.items() if k != "max_batch_size"})
-    hidden, hd = args.hidden_dim, 16
+    hidden = args.hidden_dim
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
     meta = {"tok_embeddings.weight": rnd(512, 64), "norm.weight": 1 + rnd(64), "output.weight": rnd(512, 64)}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_sft
-from sft_fixtures import REPO, env, free_port, metrics, tiny_chat_model, torchrun, write_chat_data
+from sft_fixtures import REPO, env, free_port, metrics, tiny_chat_model, to_argv, torchrun, write_chat_data
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,7 @@ def base_args(setup, out, **overrides):
             "micro_batch_size_per_gpu": 4, "gradient_accum_steps": 1, "train_steps": 3,
             "data_cache_dir": setup["cache"], "seed": 42}
     args.update(overrides)
-    argv = []
-    for k, v in args.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not False and v is not None:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return to_argv(args)
 
 
 def run_inprocess(argv):
