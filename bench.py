@@ -341,17 +341,28 @@ def verify_conversion(hf_dir: Path, native_dir: Path) -> int:
     return count
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so a child started
+    by a large parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: no exec carry-over issue
+
+
 def bench_convert(target_gb: float):
     with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
         hf_dir, out_dir = Path(tmp) / "hf", Path(tmp) / "native"
         n_shards = make_random_hf_checkpoint(hf_dir, target_gb)
         input_bytes = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
-        # The conversion runs in a fresh process so its peak RSS is its own (ru_maxrss of children).
+        # The conversion runs in a fresh process, which reports its own peak RSS when it is done.
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(REPO / "convert.py"), "--ckpt_paths", str(hf_dir), "--output_dir",
-                        str(out_dir)], check=True)
+        code = ("import sys, bench, convert; convert.main(sys.argv[1:]); "
+                "print('PEAK_RSS', bench.peak_rss_bytes())")
+        proc = subprocess.run([sys.executable, "-c", code, "--ckpt_paths", str(hf_dir), "--output_dir",
+                               str(out_dir)], cwd=REPO, check=True, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        peak = int(proc.stdout.split("PEAK_RSS")[-1])
         output_bytes = (out_dir / "consolidated.00.pth").stat().st_size
         verified = verify_conversion(hf_dir, out_dir)
     gb = 1024**3
@@ -680,7 +691,7 @@ def main(argv=None):
         job = json.loads(args.child)
         result = (_child_ours if job["side"] == "ours" else _child_trl)(job)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        result["peak_rss"] = peak_rss_bytes()
         print("BENCH_RESULT " + json.dumps({**result, "peak_cuda": peak}), flush=True)
         return result
     if args.device == "cuda" or args.gpu_shapes == ["tiny"]:
