@@ -377,6 +377,12 @@ def total_steps(args, loader) -> int:
     return max(1, -(-micro // args.gradient_accum_steps))
 
 
+def print_effective_batch(args, d: Dist, steps: int, unit: str):
+    per_step = args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size
+    print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation "
+           f"x {d.world_size} processes = {per_step} {unit} per step; {steps} steps")
+
+
 def endless(loader):
     """Micro-batches across epoch boundaries; the loader's own state marks the position for resume."""
     while True:

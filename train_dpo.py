@@ -218,9 +218,7 @@ def train(args: DPOArgs, d: tc.Dist):
     reference = build_reference(args, d, model, base_model, {"train": train_set, "val": val_set}, param_dtype, pad_id)
     optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     steps = tc.total_steps(args, loader)
-    tc.print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation "
-              f"x {d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size}"
-              f" pairs per step; {steps} steps")
+    tc.print_effective_batch(args, d, steps, "pairs")
 
     step = tc.resume(args, model, optimizer, loader, d)
     log = tc.metrics_log(args, d, steps, step)

@@ -88,9 +88,7 @@ def train(args: SFTArgs, d: tc.Dist):
     model, base_model, lora_config, input_dtype = tc.load_model(args, d)
     optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     steps = tc.total_steps(args, loader)
-    tc.print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation "
-              f"x {d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size}"
-              f" {'packed rows' if args.pack_samples else 'sequences'} per step; {steps} steps")
+    tc.print_effective_batch(args, d, steps, "packed rows" if args.pack_samples else "sequences")
 
     step = tc.resume(args, model, optimizer, loader, d)
     log = tc.metrics_log(args, d, steps, step)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from sft_fixtures import to_argv
 
+PAIR_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected")
+
 
 def write_preference_data(path: Path, n: int = 12, seed: int = 0) -> Path:
     """Chosen: the right sum then " Indeed." repeated; rejected: a wrong sum then " You add numbers." repeated;

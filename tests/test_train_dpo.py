@@ -12,11 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import train_dpo
-from pref_fixtures import close, first_batch_pairs, hf_response_logps, make_setup, pref_args
+from pref_fixtures import PAIR_KEYS, close, first_batch_pairs, hf_response_logps, make_setup, pref_args
 from sft_fixtures import free_port, metrics, torchrun
-
-PAIR_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected")
 
 
 @pytest.fixture(scope="module")
