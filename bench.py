@@ -568,7 +568,11 @@ def make_random_native(path: Path, shape: dict, device: str) -> int:
                      tie_word_embeddings=True, max_seq_len=131072, **shape)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(args).to(torch.bfloat16)
+        model = Transformer(args)
+        for p in model.parameters():  # Llama's initializer_range: logits near uniform, loss near ln V
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
+        model = model.to(torch.bfloat16)
     state = {k: v.cpu() for k, v in model.state_dict().items() if k != "output.weight"}
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state, path / "consolidated.00.pth")
@@ -590,9 +594,7 @@ def bench_gpu(shapes, device: str, nproc: int, steps: int, seq: int, micro: int)
         for shape in shapes:
             ckpt, out = Path(tmp) / shape, Path(tmp) / f"out_{shape}"
             n_params = make_random_native(ckpt, GPU_SHAPES[shape], device)
-            flags = ["--pack_samples", "--dp", "fsdp", "--activation_checkpointing"]
-            if device == "cuda":
-                flags += ["--compile", "--param_dtype", "bf16"]
+            flags = ["--pack_samples", "--dp", "fsdp", "--activation_checkpointing", "--compile", "--param_dtype", "bf16"]
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    str(REPO / "train_sft.py"), "--ckpt_paths", str(ckpt), "--template_config", "llama3_instruct",
                    "--train_data_paths", f"jsonl:{data}", "--output_dir", str(out), "--max_seq_len", str(seq),

@@ -299,8 +299,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     rows = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
     chunks = [_TargetLogprob.apply(h[i:i + rows], weight, y_kept[i:i + rows], i + rows >= len(keep))
               for i in range(0, len(keep), rows)]
-    out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
-    return out.index_copy(0, keep, torch.cat(chunks)).view(B, T)
+    # A fresh [B, T] tensor, not a view of a flat one: FSDP2 warns about a root module that returns a view.
+    out = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
+    return out.index_put((keep // T, keep % T), torch.cat(chunks))
 
 
 class _TargetLogprob(torch.autograd.Function):

@@ -282,3 +282,26 @@ def test_output_dir_of_another_run_is_refused(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_inprocess(base_args(setup, out))
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_compile_changes_nothing(setup, tmp_path):
+    """--compile (torch.compile per block, inductor) gives the eager losses."""
+    a, b = tmp_path / "eager", tmp_path / "compiled"
+    run_inprocess(base_args(setup, a))
+    torch._dynamo.reset()
+    run_inprocess(base_args(setup, b, compile=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks really were compiled
+    assert rel_close(losses(a), losses(b), tol=1e-4), (losses(a), losses(b))
+
+
+def test_bf16_compute_tracks_fp32(setup, tmp_path):
+    """--param_dtype bf16 through autocast (one process) and through FSDP2's mixed precision (two processes):
+    the losses stay within bf16 rounding of the fp32 run, and differ from it (the flag took effect)."""
+    fp32, auto, fsdp = tmp_path / "fp32", tmp_path / "autocast", tmp_path / "fsdp"
+    run_inprocess(base_args(setup, fp32))
+    run_inprocess(base_args(setup, auto, param_dtype="bf16"))
+    torchrun("train_sft.py", base_args(setup, fsdp, micro_batch_size_per_gpu=2, dp="fsdp", param_dtype="bf16"),
+             nproc=2, port=free_port())
+    for out in (auto, fsdp):
+        assert rel_close(losses(out), losses(fp32), tol=2e-2), (out.name, losses(out), losses(fp32))
+        assert not rel_close(losses(out), losses(fp32), tol=1e-6), out.name
