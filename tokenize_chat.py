@@ -22,6 +22,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -88,6 +89,7 @@ class TiktokenTokenizer:
             self._nbytes[i] = len(b)
         for t in self._in_text:
             self._nbytes[self.specials[t]] = len(t.encode())
+        self._nbytes_array = np.array(self._nbytes, dtype=np.int64)
         self._control_ids = {i for t, i in self.specials.items() if t not in self._in_text}
         self.bos_id = self.specials[bos] if bos else None
         self.eos_id = self.specials[eos] if eos else None
@@ -109,6 +111,9 @@ class TiktokenTokenizer:
 
     def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
         """ids and how many bytes of the (normalized, UTF-8) text each one covers."""
+        ids = self._encode(self.normalize(text))
+        if max(ids, default=-1) < self.vocab_size:
+            return ids, self._nbytes_array[ids]
         ids, nbytes = [], []
         for i in self._encode(self.normalize(text)):
             if i < self.vocab_size:
@@ -544,15 +549,14 @@ def _encode_parts(parts, tokenizer):
             mask.extend([run[0][1]] * len(toks))
         else:
             # A token that straddles template text and trained content is trained: the model has to
-            # produce it to produce the content.
-            trained = bytearray()
-            for p in run:
-                trained += bytes([p[1]]) * len(p[0].encode())
+            # produce it to produce the content. A token covering no text goes with the byte after it.
+            trained = np.repeat([p[1] for p in run], [len(p[0].encode()) for p in run])
+            trained_before = np.concatenate(([0], np.cumsum(trained)))  # trained bytes before each offset
             toks, nbytes = tokenizer.encode_with_bytes(text)
-            pos = 0
-            for n in nbytes:  # a token covering no text goes with the byte after it
-                mask.append(1 if 1 in trained[pos:pos + max(n, 1)] else 0)
-                pos += n
+            ends = np.cumsum(nbytes, dtype=np.int64)
+            starts = ends - nbytes
+            ends = np.minimum(np.maximum(ends, starts + 1), len(trained))
+            mask.extend((trained_before[ends] > trained_before[starts]).astype(int).tolist())
         ids.extend(toks)
         run.clear()
 
