@@ -76,9 +76,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenize_chat import ConversationError, load_template, load_tokenizer, tokenize_conversation
+from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
+                           tokenize_conversation)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them)
 IGNORE_INDEX = -100
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
 PREFIXES = ("jsonl", "text", "local")
@@ -284,7 +285,8 @@ def _records(src: Source, payload):
             loc = f"{src.path} line {lineno}"
             if src.type == "text":
                 try:
-                    yield loc, line.decode("utf-8").rstrip("\r\n")
+                    # A byte-order mark opening the file is not text (json.loads drops it from jsonl too).
+                    yield loc, line.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
                 continue
@@ -320,7 +322,7 @@ def _check_messages(messages, key: str, loc: str):
                                 f"{'nothing' if k not in m else type(m[k]).__name__}")
 
 
-def _conversations(record, kind: str, loc: str) -> list[list[dict]]:
+def record_conversations(record, kind: str, loc: str) -> list[list[dict]]:
     """The conversations of one record: [messages] for SFT, [chosen, rejected] for preference."""
     if not isinstance(record, dict):
         raise DataError(f"{loc}: expected a JSON object, got {type(record).__name__}")
@@ -373,7 +375,7 @@ def _tokenize_record(record, loc: str, src_type: str, kind: str, tokenizer, temp
         return [(ids, [0] + [1] * (len(ids) - 1))]  # the first token is never a target
     docs = []
     trained_roles = getattr(template, "trained_roles", ["assistant"])
-    for conv in _conversations(record, kind, loc):
+    for conv in record_conversations(record, kind, loc):
         if not any(m["role"] in trained_roles for m in conv):
             docs.append(([], []))  # nothing to train: the length policy drops it and counts it
             continue
@@ -926,5 +928,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except (DataError, TemplateError, TokenizerError) as e:
         sys.exit(f"error: {e}")

@@ -84,12 +84,11 @@ class TiktokenTokenizer:
         self._normalization = normalization
         n_ids = max(max(ranks.values()), max(self.specials.values(), default=-1)) + 1
         self.vocab_size = n_vocab or n_ids
-        self._nbytes = [0] * n_ids  # bytes of text each id stands for: offsets for the loss mask
+        self._nbytes = np.zeros(n_ids, dtype=np.int64)  # bytes of text each id stands for: spans for the mask
         for b, i in ranks.items():
             self._nbytes[i] = len(b)
         for t in self._in_text:
             self._nbytes[self.specials[t]] = len(t.encode())
-        self._nbytes_array = np.array(self._nbytes, dtype=np.int64)
         self._control_ids = {i for t, i in self.specials.items() if t not in self._in_text}
         self.bos_id = self.specials[bos] if bos else None
         self.eos_id = self.specials[eos] if eos else None
@@ -109,19 +108,13 @@ class TiktokenTokenizer:
             ids = [i for i in ids if i < self.vocab_size]
         return ids
 
-    def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
-        """ids and how many bytes of the (normalized, UTF-8) text each one covers."""
-        ids = self._encode(self.normalize(text))
-        if max(ids, default=-1) < self.vocab_size:
-            return ids, self._nbytes_array[ids]
-        ids, nbytes = [], []
-        for i in self._encode(self.normalize(text)):
-            if i < self.vocab_size:
-                ids.append(i)
-                nbytes.append(self._nbytes[i])
-            elif nbytes:
-                nbytes[-1] += 1  # a dropped byte: count it with the token before
-        return ids, nbytes
+    def encode_with_spans(self, text: str):
+        """ids, and the byte span [start, end) of the (normalized, UTF-8) text each one covers."""
+        ids = np.array(self._encode(self.normalize(text)), dtype=np.int64)
+        nbytes = self._nbytes[ids]
+        ends = np.cumsum(nbytes)
+        kept = ids < self.vocab_size  # bytes the vocabulary lacks are dropped (as `tokenizers` does): no token's
+        return ids[kept].tolist(), (ends - nbytes)[kept], ends[kept]
 
     def decode(self, ids) -> str:
         return self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
@@ -155,9 +148,6 @@ class SentencePieceTokenizer:
         self.specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
-        control = set(self.specials.values())
-        self._nbytes = [0 if i in control else 1 if sp.is_byte(i)
-                        else len(sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in range(self.vocab_size)]
         self.fingerprint = _hash_files([path])
 
     def normalize(self, text: str) -> str:
@@ -166,18 +156,12 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)  # control pieces such as "<s>" in the text stay plain text
 
-    def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
-        """ids and how many bytes of the UTF-8 text each one covers."""
-        ids = self._sp.encode(text)
-        nbytes = [self._nbytes[i] for i in ids]
-        extra = sum(nbytes) - len(text.encode())  # the dummy leading space is not in the text
-        for k in range(len(nbytes)):
-            if extra <= 0:
-                break
-            take = min(extra, nbytes[k])
-            nbytes[k] -= take
-            extra -= take
-        return ids, nbytes
+    def encode_with_spans(self, text: str):
+        """ids, and the byte span [start, end) of the UTF-8 text each one covers, as sentencepiece reports it
+        (the dummy leading space and all but the last byte-fallback piece of a character cover nothing)."""
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        return ([p.id for p in pieces], np.array([p.begin for p in pieces], dtype=np.int64),
+                np.array([p.end for p in pieces], dtype=np.int64))
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
@@ -464,6 +448,8 @@ def _check_messages(messages, template, training):
         if not isinstance(m, dict):
             raise ConversationError(f"message {i} is a {type(m).__name__}, not a {{role, content}} object")
         role = m.get("role")
+        if not isinstance(role, str):
+            raise ConversationError(f"message {i}: role must be a string, got {type(role).__name__}")
         if role not in template.roles and not (role == "system" and template.system_placement != "message"):
             known = sorted(set(template.roles) | {"system"})
             raise ConversationError(f"message {i}: unknown role {role!r} (template {template.name} knows {known})")
@@ -472,6 +458,11 @@ def _check_messages(messages, template, training):
         if not isinstance(m["content"], str):
             raise ConversationError(f"message {i} (role {role}): content must be a string, "
                                     f"got {type(m['content']).__name__}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud83d"); UTF-8 cannot
+            raise ConversationError(f"message {i} (role {role}): content has an unpaired surrogate "
+                                    f"{m['content'][e.start]!r} at character {e.start}: not valid Unicode text") from None
         if role == "system" and i > 0:
             raise ConversationError(f"message {i}: a system message may only come first")
     if training and not any(m["role"] in template.trained_roles for m in messages):
@@ -552,9 +543,7 @@ def _encode_parts(parts, tokenizer):
             # produce it to produce the content. A token covering no text goes with the byte after it.
             trained = np.repeat([p[1] for p in run], [len(p[0].encode()) for p in run])
             trained_before = np.concatenate(([0], np.cumsum(trained)))  # trained bytes before each offset
-            toks, nbytes = tokenizer.encode_with_bytes(text)
-            ends = np.cumsum(nbytes, dtype=np.int64)
-            starts = ends - nbytes
+            toks, starts, ends = tokenizer.encode_with_spans(text)
             ends = np.minimum(np.maximum(ends, starts + 1), len(trained))
             mask.extend((trained_before[ends] > trained_before[starts]).astype(int).tolist())
         ids.extend(toks)
@@ -603,29 +592,38 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=3, help="how many samples to show")
     ap.add_argument("--add_generation_prompt", action="store_true", help="render as an inference prompt")
     args = ap.parse_args(argv)
-    tokenizer = load_tokenizer(args.ckpt_dir)
-    template = load_template(args.template_config, tokenizer)
+    from data import DataError, record_conversations  # data.py imports this module: import it here
+
+    try:
+        tokenizer = load_tokenizer(args.ckpt_dir)
+        template = load_template(args.template_config, tokenizer)
+        lines = Path(args.show).read_text(encoding="utf-8-sig").splitlines()
+    except (TokenizerError, TemplateError, OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {e}")
     color = sys.stdout.isatty()
     shown = 0
-    with open(args.show, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if shown >= args.n:
-                break
-            if not line.strip():
-                continue
-            sample = json.loads(line)
-            messages = sample.get("messages") or sample.get("chosen")
-            if "prompt" in sample and isinstance(sample.get("chosen"), str):
-                messages = [{"role": "user", "content": sample["prompt"]},
-                            {"role": "assistant", "content": sample["chosen"]}]
-            try:
-                ids, mask = tokenize_conversation(messages, tokenizer, template, args.add_generation_prompt)
-            except ConversationError as e:
-                print(f"{args.show}:{lineno}: {e}")
-                continue
-            print(f"--- {args.show}:{lineno}  trained {sum(mask)} / {len(ids)} tokens")
-            print(render_tokens(ids, mask, tokenizer, color))
-            shown += 1
+    for lineno, line in enumerate(lines, 1):
+        if shown >= args.n:
+            break
+        if not line.strip():
+            continue
+        try:  # as data.py reads it: SFT messages, or the chosen side of a preference pair in either format
+            record = json.loads(line)
+            kind = "preference" if isinstance(record, dict) and "chosen" in record else "sft"
+            messages = record_conversations(record, kind, f"{args.show}:{lineno}")[0]
+            ids, mask = tokenize_conversation(messages, tokenizer, template, args.add_generation_prompt)
+        except json.JSONDecodeError as e:
+            print(f"{args.show}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        except DataError as e:
+            print(e)
+            continue
+        except ConversationError as e:
+            print(f"{args.show}:{lineno}: {e}")
+            continue
+        print(f"--- {args.show}:{lineno}  trained {sum(mask)} / {len(ids)} tokens")
+        print(render_tokens(ids, mask, tokenizer, color))
+        shown += 1
     if not color:
         print("(trained tokens are between [[ ]])")
 

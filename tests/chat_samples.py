@@ -108,6 +108,9 @@ def conversations() -> list[tuple[str, list[dict]]]:
         ("prompt_only", [U("Only a question, no answer yet.")]),
         ("system_prompt_only", [S("Be helpful."), U("What now?")]),
         ("multi_turn_open", [U("First"), A("One"), U("Second")]),
+        # sentencepiece writes a space as "\u2581" (3 bytes in UTF-8): the mask must not mistake one for the other
+        ("u2581_text", [S("rules\u2581\u2581one"), U("a\u2581\u2581\u2581\u2581b"), A("Hello\u2581world, nice day")]),
+        ("byte_not_in_vocab", [U("q"), A("\x04hi")]),  # SmolLM2's vocabulary has no 0x04 byte: dropped
     ]
     for k in range(4):  # random multi-turn conversations over the mixed text
         msgs = [S(mixed_text(rng.randint(20, 200), seed=100 + k))] if k % 2 else []

@@ -150,7 +150,7 @@ def test_length_policy(tok, tmp_path):
 
 def test_text_source_trains_every_token_and_appends_eos(tok, tmp_path):
     lines = ["first line of text", "", "second  line"]
-    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "t.txt").write_text("\ufeff" + "\n".join(lines) + "\n")  # a byte-order mark is not text
     ds = prep(tok, f"text:{tmp_path / 't.txt'}", tmp_path)
     t = tok[0]
     assert len(ds) == 2  # the blank line is not a sample

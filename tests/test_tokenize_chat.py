@@ -421,6 +421,10 @@ def test_only_assistant_content_and_end_are_trained(toks, template_name, tok_nam
         assert len(runs) == len(answers), case
         for run, answer in zip(runs, answers):
             answer = {"both": answer.strip, "right": lambda: answer.rstrip(fmt.strip_chars)}.get(fmt.strip, lambda: answer)()
+            if tok.kind == "sentencepiece":  # its pieces spell a space and a typed "\u2581" alike
+                answer = answer.replace("\u2581", " ")
+            if tok_name == "smollm2":  # its vocabulary lacks the 0x04 byte: dropped from the ids, as in `tokenizers`
+                answer = answer.replace("\x04", "")
             assert run.endswith(template.stop[0]), case  # the end-of-turn token is trained
             # the run is the answer (sentencepiece shows its leading "▁" as a space) and the end string
             assert run.strip() == (answer + fmt.end).strip() or run.lstrip(" ") == answer + fmt.end, (case, run)
@@ -479,6 +483,9 @@ def l3(toks):
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}],
      r"message 1: a system message may only come first"),
     ("not a list", r"'messages' must be a list"),
+    ([{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "x"}], r"message 0: role must be a string"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "cut \ud83d"}],
+     r"message 1 \(role assistant\): content has an unpaired surrogate '\\ud83d' at character 4"),
 ])
 def test_bad_conversations(l3, messages, match):
     tok, template = l3
