@@ -45,8 +45,9 @@ NAME_MAP = {
 }
 HF_TO_NATIVE = {hf: native for native, hf in NAME_MAP.items()}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Files that travel with the weights (transformers 5 keeps the chat template in chat_template.jinja).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "config.json")
+                   "chat_template.jinja", "generation_config.json", "config.json")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SHARD_BYTES = 5 * 1024**3

@@ -26,11 +26,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 import lora
+from convert import TOKENIZER_FILES
 from lora import DEFAULT_TARGETS as LORA_TARGETS
 from model import IGNORE_INDEX, ModelArgs
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "config.json")
 
 
 # -- arguments ------------------------------------------------------------------------------------------------
