@@ -140,35 +140,34 @@ def find_template(ckpt_paths: list[Path]) -> Path:
                         f"--template_config, a name from templates/ (e.g. chatml, llama3_instruct) or a path")
 
 
-def weights_path(p: Path) -> Path:
-    """A native dir or .pth file as is; a LoRA adapter dir (adapter.pth + adapter_config.json) -> its file."""
-    return p / "adapter.pth" if (p / "adapter.pth").is_file() else p
-
-
 def read_prompts_file(path: Path, system: str | None, tokenizer, template) -> tuple[list[dict], list[list[int]]]:
     """Each non-empty line: {"prompt": str} or {"messages": [...]} ending with a user turn. Every line is
     checked before anything is generated; an error names the file and line."""
     records, prompt_ids = [], []
     if not path.is_file():
         raise GenerateError(f"--prompts_file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise GenerateError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
+                json.dumps(record, ensure_ascii=False).encode("utf-8")  # what the output line will need
             except json.JSONDecodeError as e:
                 raise GenerateError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except UnicodeEncodeError:
+                raise GenerateError(f"{where}: holds an unpaired surrogate escape (such as \"\\ud83d\"): "
+                                    f"not valid Unicode text") from None
             if not isinstance(record, dict):
                 raise GenerateError(f"{where}: expected an object with 'prompt' or 'messages', "
                                     f"got {type(record).__name__}")
             if "messages" in record:
                 messages = record["messages"]
-                if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-                        and messages[-1].get("role") != "user":
-                    raise GenerateError(f"{where}: the last message is {messages[-1].get('role')!r}; "
-                                        f"generation continues a conversation that ends with a user turn")
             elif isinstance(record.get("prompt"), str):
                 messages = [{"role": "user", "content": record["prompt"]}]
             else:
@@ -181,6 +180,9 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template) -> tu
                 ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True)
             except ConversationError as e:
                 raise GenerateError(f"{where}: {e}") from None
+            if messages[-1]["role"] != "user":
+                raise GenerateError(f"{where}: the last message is {messages[-1]['role']!r}; generation "
+                                    f"continues a conversation that ends with a user turn")
             records.append(record)
             prompt_ids.append(ids)
     if not records:
@@ -191,6 +193,9 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template) -> tu
 # -- the three modes ------------------------------------------------------------------------------------------
 def run_prompts_file(model, tokenizer, template, args, stops, generator):
     records, prompts = read_prompts_file(args.prompts_file, args.system, tokenizer, template)
+    if args.output_file.is_dir():  # found now, not after generating
+        raise GenerateError(f"--output_file {args.output_file} is a directory; give the jsonl file to write")
+    args.output_file.parent.mkdir(parents=True, exist_ok=True)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     results, start, n_tokens = [None] * len(prompts), time.perf_counter(), 0
     for k in range(0, len(order), args.batch_size):
@@ -205,12 +210,14 @@ def run_prompts_file(model, tokenizer, template, args, stops, generator):
         elapsed = time.perf_counter() - start
         print(f"{min(k + args.batch_size, len(order))}/{len(order)} prompts | {n_tokens} tokens | "
               f"{n_tokens / elapsed:.1f} tok/s", file=sys.stderr, flush=True)
-    args.output_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output_file.with_name(f".{args.output_file.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.output_file)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, args.output_file)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {args.output_file} ({len(results)} lines)", file=sys.stderr)
 
 
@@ -288,25 +295,27 @@ def parse_args(argv):
         ap.error("--prompts_file needs --output_file")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         ap.error("--max_new_tokens and --batch_size must be positive")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        ap.error("--temperature and --top_k must be >= 0 and --top_p in (0, 1]")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("generate.py: error: --device cuda, but this machine has no CUDA device (use --device cpu)")
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        paths = [weights_path(p) for p in args.ckpt_paths]
-        for p in paths:
-            resolve_weights(p)  # a missing checkpoint fails before the tokenizer and template are read
-        tokenizer = load_tokenizer(paths[0] if paths[0].is_dir() else paths[0].parent)
+        paths = [resolve_weights(p) for p in args.ckpt_paths]  # fails early on a missing checkpoint
+        tokenizer = load_tokenizer(paths[0].parent)
         template = load_template(args.template_config or find_template(paths), tokenizer)
         stops = set(stop_token_ids(tokenizer, template))
         model = Transformer.from_pretrained(paths, dtype=dtype, device=device).eval()
         generator = torch.Generator(device=device).manual_seed(args.seed)
         run = run_chat if args.chat else run_prompts_file if args.prompts_file else run_prompts
         run(model, tokenizer, template, args, stops, generator)
-    except (GenerateError, ConversationError, TemplateError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (GenerateError, ConversationError, TemplateError, TokenizerError, OSError, ValueError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -240,7 +240,9 @@ class Transformer(nn.Module):
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_paths, dtype: torch.dtype | None = None, device=None) -> "Transformer":
-        """Load a native dir, or its `consolidated.00.pth`, or a list: the base, then overlays (e.g. LoRA).
+        """Load a native dir, or its `consolidated.00.pth`, or a list: the base, then overlays applied in
+        order. A LoRA adapter (its `adapter.pth`) is merged into the weights so far, so base + SFT adapter +
+        DPO adapter stacks as trained; any other overlay replaces the tensors it holds.
 
         The model is built on the meta device and the checkpoint memory-mapped in, so loading costs no
         random init and no second copy. Every tensor must be present with the right shape; anything
@@ -257,20 +259,19 @@ class Transformer(nn.Module):
         args = ModelArgs.from_json(params)
         with torch.device("meta"):
             model = cls(args)
-        state, adapter = {}, None
-        for w in weights:
+        state = load_state_dict(weights[0])
+        for w in weights[1:]:
             overlay = load_state_dict(w)
             if any(".lora_" in k for k in overlay):
-                adapter = lora.read_adapter_config(w)
-            state.update(overlay)
-        if adapter:  # a LoRA overlay: wrap the targeted projections so its tensors have a place to go
-            lora.apply_lora(model, adapter["rank"], adapter["alpha"], targets=adapter["targets"])
+                config = lora.read_adapter_config(w)
+                check_adapter(state, overlay, w)
+                state = lora.merged_state_dict({**state, **overlay}, config["rank"], config["alpha"])
+            else:
+                state.update(overlay)
         check_state_dict(model, state, source=", ".join(str(w) for w in weights))
         model.load_state_dict(state, assign=True, strict=True)
         if args.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
             model.output.weight = model.tok_embeddings.weight
-        if adapter:
-            lora.merge_lora(model)
         model.inv_freq = rope_frequencies(args)  # built on meta above
         return model.to(device=device, dtype=dtype)
 
@@ -334,9 +335,10 @@ class _TargetLogprob(torch.autograd.Function):
 
 
 def resolve_weights(path) -> Path:
+    """A native dir -> its consolidated.00.pth; a LoRA adapter dir -> its adapter.pth; a file as is."""
     path = Path(path)
     if path.is_dir():
-        path = path / "consolidated.00.pth"
+        path = path / (lora.ADAPTER_WEIGHTS if (path / lora.ADAPTER_WEIGHTS).is_file() else "consolidated.00.pth")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.name == "consolidated.00.pth" and (path.parent / "consolidated.01.pth").exists():
@@ -363,6 +365,17 @@ def load_state_dict(path: Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors")
     return state
+
+
+def check_adapter(state: dict, adapter: dict, source: Path):
+    """Every lora_a [r, in] / lora_b [out, r] pair must fit a weight [out, in] of the model so far."""
+    for prefix in sorted({k.rsplit("lora_", 1)[0] for k in adapter if ".lora_" in k}):
+        a, b, weight = (d.get(prefix + n) for d, n in ((adapter, "lora_a"), (adapter, "lora_b"), (state, "weight")))
+        shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+        if a is None or b is None or weight is None or b.shape[1] != a.shape[0] \
+                or (b.shape[0], a.shape[1]) != weight.shape:
+            raise ValueError(f"LoRA adapter {source}: {prefix}lora_a {shape(a)} / lora_b {shape(b)} do not fit "
+                             f"{prefix}weight {shape(weight)}; was it trained on another model?")
 
 
 def check_state_dict(model: nn.Module, state: dict, source: str):
@@ -416,7 +429,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    logits = (logits.float() - logits.max()) / temperature  # max first: a tiny temperature must not overflow
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -425,6 +438,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[0] = False
         sorted_probs[drop] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -53,11 +53,14 @@ def read_metrics(path) -> list[dict]:
 
 
 def run_label(path, others) -> str:
-    """The run dir's name, or more of its path when two runs share the name."""
-    path = Path(path)
-    run = path if path.is_dir() else path.parent
-    names = [(Path(o) if Path(o).is_dir() else Path(o).parent).name for o in others]
-    return run.name if names.count(run.name) == 1 else str(run)
+    """A run's name: its dir's (outputs/sft/metrics.jsonl -> sft), or the file's for another file name
+    (results/dpo.jsonl -> dpo); the path as given when two runs share a name."""
+    def name(p):
+        p = Path(p).resolve()  # "metrics.jsonl" in the working dir still has a dir name
+        return p.name if p.is_dir() else p.parent.name if p.name == "metrics.jsonl" else p.stem
+
+    names = [name(o) for o in others]
+    return name(path) if names.count(name(path)) == 1 else str(path)
 
 
 def plot_metrics(paths, output) -> Path:
@@ -72,6 +75,9 @@ def plot_metrics(paths, output) -> Path:
     runs = [(run_label(p, paths), read_metrics(p)) for p in paths]
     panels = [(title, series) for title, series in PANELS
               if any(key in row for _, rows in runs for row in rows for key, _ in series)]
+    if not panels:
+        keys = [key for _, series in PANELS for key, _ in series]
+        raise PlotError(f"nothing to plot: no step of {', '.join(map(str, paths))} logged any of {keys}")
     cols = 1 if len(panels) == 1 else 2
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False)
@@ -94,6 +100,10 @@ def plot_metrics(paths, output) -> Path:
         ax.set_visible(False)
     fig.tight_layout()
     output = Path(output)
+    if output.is_dir():
+        output = output / "metrics.png"
+    elif not output.suffix:  # matplotlib would add ".png" itself, and we would report another name
+        output = output.with_suffix(".png")
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)

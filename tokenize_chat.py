@@ -448,6 +448,8 @@ def _check_messages(messages, template, training):
         if not isinstance(m, dict):
             raise ConversationError(f"message {i} is a {type(m).__name__}, not a {{role, content}} object")
         role = m.get("role")
+        if "role" not in m:
+            raise ConversationError(f"message {i} has no 'role'")
         if not isinstance(role, str):
             raise ConversationError(f"message {i}: role must be a string, got {type(role).__name__}")
         if role not in template.roles and not (role == "system" and template.system_placement != "message"):

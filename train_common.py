@@ -630,11 +630,16 @@ class MetricsLog:
                                     name=Path(output_dir).name, resume="allow")
         if d.main:
             # A resumed run continues the file from its checkpoint; steps logged after it (by a run that
-            # was killed later) are dropped, since they are about to be trained again.
+            # was killed later) are dropped, since they are about to be trained again, and so is a last
+            # line that a kill cut short.
             kept = []
             if start_step and self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line and json.loads(line)["step"] <= start_step]
+                for line in self.path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] <= start_step:
+                            kept.append(line)
+                    except (json.JSONDecodeError, TypeError, KeyError):
+                        pass
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict):

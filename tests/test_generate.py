@@ -196,7 +196,8 @@ def test_bad_input(chat, tmp_path, capsys):
                                  "--prompt", "Hi"])
     bad = {"not json": "{'prompt': 1}", "no prompt": '{"text": "Hi"}', "ends with assistant":
            '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}',
-           "unknown role": '{"messages": [{"role": "robot", "content": "Hi"}]}'}
+           "unknown role": '{"messages": [{"role": "robot", "content": "Hi"}]}',
+           "no role": '{"messages": [{"content": "Hi"}]}', "lone surrogate": '{"prompt": "Hi", "id": "\\ud800"}'}
     for what, line in bad.items():
         src = tmp_path / "in.jsonl"
         src.write_text('{"prompt": "Hi"}\n' + line + "\n")
@@ -205,3 +206,37 @@ def test_bad_input(chat, tmp_path, capsys):
         assert f"{src}:2:" in err, (what, err)
         assert not (tmp_path / "out.jsonl").exists()
     assert "--output_file" in error(base + ["--template_config", "chatml", "--prompts_file", str(src)])
+    src.write_bytes(b'{"prompt": "Hi"}\n{"prompt": "\xff"}\n')
+    assert f"{src}:2: not valid UTF-8" in error(base + ["--template_config", "chatml", "--prompts_file", str(src),
+                                                         "--output_file", str(tmp_path / "out.jsonl")])
+    src.write_text('{"prompt": "Hi"}\n')
+    assert "is a directory" in error(base + ["--template_config", "chatml", "--prompts_file", str(src),
+                                             "--output_file", str(tmp_path)])  # found before generating
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_sample_follows_the_truncated_softmax():
+    """20,000 draws against softmax(logits / T) restricted to the top k, then to the smallest set holding top_p of
+    the mass, renormalised (the definition transformers' TopK/TopP warpers implement): each frequency within 4
+    standard errors. Degenerate settings collapse to the argmax instead of failing."""
+    from model import sample
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+    p = (logits / 0.7).softmax(-1)
+    p[4:] = 0  # top_k 4
+    p /= p.sum()
+    keep = (p.cumsum(-1) - p < 0.85) & (p > 0)  # top_p 0.85 over the sorted (already descending) probabilities
+    expected = torch.where(keep, p, 0.0)
+    expected /= expected.sum()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample(logits, 0.7, 0.85, 4, g) for _ in range(20_000)])
+    freq = torch.bincount(draws, minlength=6).double() / len(draws)
+    assert (freq - expected).abs().max() <= 4 * (0.25 / len(draws)) ** 0.5 and freq[~keep].sum() == 0
+    assert keep.tolist() == [True, True, True, False, False, False]  # the cut falls inside the top k
+    assert sample(logits, 1e-40, 1.0, 0, g) == 0 and sample(logits, 1.0, 1e-9, 0, g) == 0
+    assert sample(logits.flip(0), 1.0, 1.0, 1, g) == 5
+
+
+def test_bad_sampling_flags(chat, capsys):
+    with pytest.raises(SystemExit):
+        gen.main(["--ckpt_paths", str(chat[1]), "--prompt", "Hi", "--temperature", "1", "--top_p", "0"])
+    assert "--top_p in (0, 1]" in capsys.readouterr().err

@@ -85,3 +85,29 @@ def test_adapter_without_config_is_an_error(native, tmp_path):
 def test_bad_targets(native):
     with pytest.raises(ValueError, match="match no linear layer"):
         lora.apply_lora(Transformer.from_pretrained(native), rank=2, alpha=2, targets=["q_proj"])
+
+
+def test_adapters_stack_in_order(native, tmp_path):
+    """base + adapter A + adapter B = W + (alpha_A / r_A) B_A A_A + (alpha_B / r_B) B_B A_B, computed here from the
+    saved tensors; B trained on top of A (as a DPO adapter on an SFT one) needs both."""
+    torch.manual_seed(0)
+    for name, rank, alpha in (("a", 4, 16), ("b", 2, 2)):
+        model = trained_adapters(lora.apply_lora(Transformer.from_pretrained(native), rank=rank, alpha=alpha))
+        lora.save_adapter(tmp_path / name, lora.adapter_state_dict(model.state_dict()), rank, alpha, lora.DEFAULT_TARGETS)
+    base = torch.load(native / "consolidated.00.pth")
+    a, b = (torch.load(tmp_path / n / lora.ADAPTER_WEIGHTS) for n in "ab")
+    stacked = Transformer.from_pretrained([native, tmp_path / "a", tmp_path / "b"]).state_dict()
+    key = "layers.1.feed_forward.w2."
+    expected = base[key + "weight"] + 4 * a[key + "lora_b"] @ a[key + "lora_a"] + b[key + "lora_b"] @ b[key + "lora_a"]
+    assert (stacked[key + "weight"] - expected).abs().max() <= 1e-6
+    only_b = Transformer.from_pretrained([native, tmp_path / "b"]).state_dict()
+    assert (only_b[key + "weight"] - stacked[key + "weight"]).abs().max() > 1e-3
+
+
+def test_adapter_of_another_model_is_an_error(native, tmp_path):
+    model = lora.apply_lora(Transformer.from_pretrained(native), rank=2, alpha=2)
+    state = lora.adapter_state_dict(model.state_dict())
+    state["layers.0.attention.wq.lora_a"] = torch.zeros(2, 7)
+    lora.save_adapter(tmp_path / "bad", state, 2, 2, lora.DEFAULT_TARGETS)
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.lora_a \(2, 7\) / lora_b \(\d+, 2\) do not fit"):
+        Transformer.from_pretrained([native, tmp_path / "bad"])

@@ -44,6 +44,13 @@ def test_sft_and_dpo_runs_to_png(tmp_path):
     assert w4 > w1 and h4 > h1
     png_size(plot.plot_metrics([sft, tmp_path / "dpo"], tmp_path / "out" / "both.png"))  # a run dir works too
     assert plot.run_label(sft, [sft, dpo]) == "sft"
+    # files named after their runs in one dir; and a metrics.jsonl given relative to the working dir
+    runs = [tmp_path / "results" / "sft.jsonl", tmp_path / "results" / "dpo.jsonl"]
+    assert [plot.run_label(p, runs) for p in runs] == ["sft", "dpo"]
+    assert plot.run_label("metrics.jsonl", ["metrics.jsonl"]) == plot.Path.cwd().name
+    # an output without a suffix gets ".png", and that is the name reported
+    assert plot.plot_metrics([sft], tmp_path / "noext") == tmp_path / "noext.png"
+    png_size(tmp_path / "noext.png")
 
 
 def test_command_line(tmp_path):
@@ -70,4 +77,7 @@ def test_errors(tmp_path, capsys):
     bad.write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(plot.PlotError, match="bad.jsonl:2"):
         plot.read_metrics(bad)
+    bad.write_text('{"step": 1, "lr": 1e-5}\n')
+    with pytest.raises(plot.PlotError, match="nothing to plot: no step of .*bad.jsonl logged any of"):
+        plot.plot_metrics([bad], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
