@@ -11,6 +11,7 @@ temp dir that is renamed into place only when everything succeeded.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -51,10 +52,25 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SHARD_BYTES = 5 * 1024**3
+# What each direction writes. A conversion replaces every file of these names that it does not write
+# itself: a previous output's model.safetensors beside new shards would be the one transformers loads.
+NATIVE_FILES = ("consolidated.*.pth", "params.json", *TOKENIZER_FILES)
+HF_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json", *TOKENIZER_FILES)
 
 
 class ConvertError(Exception):
     """Bad input: the message names the file or tensor and what is wrong."""
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 def rename(key: str, mapping: dict) -> str | None:
@@ -85,14 +101,36 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConvertError(f"{path}: model_type {model_type!r} is not supported; supported: "
                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5)")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+    for key in required:
         if key not in config:
             raise ConvertError(f"{path}: missing required key {key!r}")
+    for key in (*required, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise ConvertError(f"{path}: {key} must be a positive integer, got {value!r}")
+    n_heads = config["num_attention_heads"]
+    n_kv_heads = config.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv_heads:
+        raise ConvertError(f"{path}: num_attention_heads={n_heads} is not a multiple of "
+                           f"num_key_value_heads={n_kv_heads}")
+    # model.py's MLP is SwiGLU with SiLU; any other activation would convert into a different function.
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConvertError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only silu)")
     if config.get("mlp_bias") or (model_type != "qwen2" and config.get("attention_bias")):
         raise ConvertError(f"{path}: attention_bias/mlp_bias on a {model_type} model are not supported "
                            f"(only Qwen2's q/k/v biases are)")
-    if config.get("use_sliding_window"):
-        raise ConvertError(f"{path}: use_sliding_window=true is not supported (full attention only)")
+    # Mistral applies sliding_window (every layer) whenever it is set, and model.py does the same. Qwen2
+    # applies it only with use_sliding_window, and then only from layer max_window_layers on: not supported,
+    # unless the window is at least max_position_embeddings long (full attention).
+    max_seq_len = config.get("max_position_embeddings") or 8192
+    window = config.get("sliding_window") if model_type == "mistral" else None
+    if window is not None and (type(window) is not int or window <= 0):
+        raise ConvertError(f"{path}: sliding_window must be a positive integer or null, got {window!r}")
+    if model_type == "qwen2" and config.get("use_sliding_window") and (config.get("sliding_window") or 0) < max_seq_len:
+        raise ConvertError(f"{path}: Qwen2's use_sliding_window (a window on layers from max_window_layers on) "
+                           f"is not supported: only full attention, which differs past "
+                           f"{config.get('sliding_window')} tokens")
 
     # transformers 5 nests rotary settings in rope_parameters; 4 has rope_theta + rope_scaling.
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -102,21 +140,23 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
         raise ConvertError(f"{path}: rope type {rope_type!r} is not supported (default and llama3 are)")
     rope_scaling = None
     if rope_type == "llama3":
-        rope_scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                             "original_max_position_embeddings")}
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if missing := [k for k in keys if k not in rope]:
+            raise ConvertError(f"{path}: llama3 rope scaling lacks {', '.join(missing)}")
+        rope_scaling = {k: rope[k] for k in keys}
 
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    dim = config["hidden_size"]
     head_dim = config.get("head_dim") or dim // n_heads
     multiple_of, ffn_dim_multiplier = ffn_params(dim, config["intermediate_size"])
     return ModelArgs(
         dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+        n_kv_heads=n_kv_heads, vocab_size=config["vocab_size"],
         multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
         norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
         use_scaled_rope=rope_scaling is not None, rope_scaling=rope_scaling,
         head_dim=head_dim if head_dim != dim // n_heads else None,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2", max_seq_len=config.get("max_position_embeddings", 8192))
+        qkv_bias=model_type == "qwen2", max_seq_len=max_seq_len, sliding_window=window)
 
 
 def ffn_params(dim: int, intermediate_size: int) -> tuple[int, float | None]:
@@ -135,8 +175,8 @@ def hf_config_from_args(args: ModelArgs, base: dict | None, dtype: torch.dtype) 
     """config.json for transformers. Starts from the source model's config.json when the native dir kept
     one (architecture, token ids, generation fields survive the round trip), else from scratch."""
     config = dict(base or {})
-    if "model_type" not in config:
-        config["model_type"] = "qwen2" if args.qkv_bias else "llama"
+    if "model_type" not in config:  # the family that has what this model needs
+        config["model_type"] = "qwen2" if args.qkv_bias else "mistral" if args.sliding_window else "llama"
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     config.setdefault("architectures", [arch.get(config["model_type"], "LlamaForCausalLM")])
     config.update(
@@ -146,6 +186,8 @@ def hf_config_from_args(args: ModelArgs, base: dict | None, dtype: torch.dtype) 
         max_position_embeddings=config.get("max_position_embeddings", args.max_seq_len), hidden_act="silu")
     if config["model_type"] == "llama":
         config.update(attention_bias=False, mlp_bias=False)
+    if config["model_type"] == "mistral":
+        config["sliding_window"] = args.sliding_window
     rope = {"rope_type": "default"}
     if args.use_scaled_rope or args.rope_scaling:
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -171,10 +213,9 @@ class HFWeights:
                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             index = ckpt_dir / index_name
             if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ConvertError(f"{index}: not a valid shard index ({e})") from e
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ConvertError(f"{index}: not a valid shard index (no weight_map object)")
                 self.shards = sorted({ckpt_dir / f for f in weight_map.values()})
                 break
             if (ckpt_dir / single).is_file():
@@ -242,8 +283,9 @@ def save_pth_streaming(path: Path, specs: dict, tensors):
     Storage records are numbered in the order the dict is pickled, i.e. insertion order.
     """
     placeholders = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
-    with torch.serialization.skip_data():
-        torch.save(placeholders, path)
+    # Through a Python file object, a failed write (disk full) is an OSError, not torch's "iostream error".
+    with torch.serialization.skip_data(), open(path, "wb") as f:
+        torch.save(placeholders, f)
     del placeholders
     with zipfile.ZipFile(path) as zf:
         records = {info.filename.split("/data/")[-1]: info for info in zf.infolist() if "/data/" in info.filename}
@@ -297,25 +339,55 @@ def copy_tokenizer_files(src: Path, dst: Path, names=TOKENIZER_FILES):
 
 class StagingDir:
     """Files are written to a hidden temp dir inside the output dir and moved into place only on success,
-    so a failure leaves the output dir (which may be the input dir) exactly as it was."""
+    so a failure leaves the output dir (which may be the input dir) exactly as it was, and removes the dirs
+    it created. On success, files matching `replaces` that this conversion did not write are deleted (a
+    previous conversion's); other files in the dir are left alone. A write error (disk full) becomes a
+    ConvertError naming the output dir."""
 
-    def __init__(self, output_dir: Path):
-        self.output_dir = output_dir
+    def __init__(self, output_dir: Path, replaces=()):
+        self.output_dir, self.replaces = output_dir, replaces
 
     def __enter__(self) -> Path:
-        self.created = not self.output_dir.exists()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=self.output_dir))
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConvertError(f"{self.output_dir}: exists and is not a directory (--output_dir names a dir)")
+        # The output dir and any missing parents: what a failure removes again.
+        self.created = list(itertools.takewhile(lambda d: not d.exists(),
+                                                (self.output_dir, *self.output_dir.parents)))
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=self.output_dir))
+        except OSError as e:
+            self.remove_created()
+            raise ConvertError(f"cannot create {self.output_dir}: {e}") from e
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            for f in sorted(self.tmp.iterdir()):
-                os.replace(f, self.output_dir / f.name)
+        if exc is None:
+            try:
+                written = {f.name for f in self.tmp.iterdir()}
+                for name in sorted(written):
+                    os.replace(self.tmp / name, self.output_dir / name)
+                for pattern in self.replaces:
+                    for f in self.output_dir.glob(pattern):
+                        if f.name not in written and not f.is_dir():
+                            f.unlink()
+            except OSError as e:
+                exc = e
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if exc_type is not None and self.created:
-            shutil.rmtree(self.output_dir, ignore_errors=True)
+        if exc is not None:
+            self.remove_created()
+        if isinstance(exc, OSError):
+            raise ConvertError(f"could not write {self.output_dir}: {exc} (disk full or not writable?)") from exc
         return False
+
+    def remove_created(self):
+        if self.created:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+        for d in self.created[1:]:  # parents, innermost first; one that is no longer empty stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 # -- the two directions --------------------------------------------------------------------------------------
@@ -325,10 +397,7 @@ def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bf
         raise ConvertError(f"{ckpt_dir}: no such directory")
     if not config_path.is_file():
         raise ConvertError(f"{ckpt_dir}: no config.json (is this a Hugging Face checkpoint dir?)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{config_path}: invalid JSON: {e}") from e
+    config = read_json(config_path)
     args = args_from_hf_config(config, config_path)
     weights = HFWeights(ckpt_dir)
 
@@ -368,7 +437,7 @@ def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bf
                 yield native, t.to(dtype)
 
     specs = {k: (expected[k], dtype) for k in expected}
-    with StagingDir(output_dir) as tmp:
+    with StagingDir(output_dir, replaces=NATIVE_FILES) as tmp:
         save_pth_streaming(tmp / "consolidated.00.pth", specs, converted())
         (tmp / "params.json").write_text(json.dumps(args.to_json(), indent=2) + "\n")
         copy_tokenizer_files(ckpt_dir, tmp)
@@ -381,9 +450,14 @@ def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype = torch.b
     except (FileNotFoundError, ValueError) as e:
         raise ConvertError(str(e)) from e
     native_dir = weights_path.parent
-    if not (native_dir / "params.json").is_file():
+    params = native_dir / "params.json"
+    if not params.is_file():
         raise ConvertError(f"{native_dir}: no params.json beside {weights_path.name}")
-    args = ModelArgs.from_json(native_dir / "params.json")
+    read_json(params)  # a message naming the file for bad JSON, before from_json parses it again
+    try:
+        args = ModelArgs.from_json(params)
+    except ValueError as e:  # ModelArgs' own checks (heads, vocab_size)
+        raise ConvertError(f"{params}: {e}") from e
     try:
         state = load_state_dict(weights_path)
     except ValueError as e:
@@ -419,8 +493,8 @@ def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype = torch.b
         size += nbytes
     base_config = None
     if (native_dir / "config.json").is_file():
-        base_config = json.loads((native_dir / "config.json").read_text())
-    with StagingDir(output_dir) as tmp:
+        base_config = read_json(native_dir / "config.json")
+    with StagingDir(output_dir, replaces=HF_FILES) as tmp:
         copy_tokenizer_files(native_dir, tmp, [n for n in TOKENIZER_FILES if n != "config.json"])
         weight_map = {}
         for i, keys in enumerate(shards):

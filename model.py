@@ -40,6 +40,7 @@ class ModelArgs:
     # Meta's Llama 3.1 files say only use_scaled_rope=true, which means factor 8 over 8192 positions.
     rope_scaling: dict | None = None
     max_seq_len: int = 8192
+    sliding_window: int | None = None  # Mistral 7B v0.1: a token sees itself and the previous window - 1
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -70,8 +71,9 @@ class ModelArgs:
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["rope_scaling"] is None:
-            del out["rope_scaling"]
+        for key in ("rope_scaling", "sliding_window"):  # Meta's schema has neither
+            if out[key] is None:
+                del out[key]
         return out
 
 
@@ -221,6 +223,12 @@ class Transformer(nn.Module):
             # query i (at position start_pos + i) sees every cached key and the new ones up to itself.
             keys = torch.arange(start_pos + T, device=tokens.device)
             mask = keys[None, :] <= (start_pos + torch.arange(T, device=tokens.device))[:, None]
+        window = self.args.sliding_window
+        if window and start_pos + T > window:  # only then does the window hide anything
+            queries = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]
+            keys = torch.arange(start_pos + T, device=tokens.device)[None, :]
+            recent = (keys <= queries) & (queries - keys < window)
+            mask = recent if mask is None else mask & recent
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, start_pos)

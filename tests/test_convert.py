@@ -1,6 +1,7 @@
 """convert.py: HF <-> native round trips, every input layout, and bad input that must fail cleanly."""
 
 import json
+import resource
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import convert
-from model import Transformer
+from data import block_causal_mask
+from model import Transformer, generate
 from tiny import hf_model, native_model, save_hf
 
 
@@ -58,6 +60,44 @@ def test_to_hf_from_scratch_config_and_sharding(tmp_path, monkeypatch):
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, hf(tokens).logits)
+
+
+def test_export_replaces_a_previous_export(tmp_path, monkeypatch):
+    """Exporting into a dir holding an earlier export: its weight files go (transformers loaded an old
+    model.safetensors in preference to new shards beside it), a file of the user's stays."""
+    hf, native_dir = native_model(tmp_path, "llama3")
+    out = tmp_path / "out"
+    run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", out)  # bf16, one model.safetensors
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(convert, "SHARD_BYTES", 200_000)
+    run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", out, "--precision", "fp32")  # shards + index
+    assert not (out / "model.safetensors").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, hf(tokens).logits)  # fp32: not the bf16 export
+    monkeypatch.setattr(convert, "SHARD_BYTES", 5 * 1024**3)
+    run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", out)  # back to one file: the shards go
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_conversion_replaces_previous_tokenizer_files(hf_dir, tmp_path):
+    """A native dir holds exactly one conversion's tokenizer files: a stale tokenizer.model or chat template
+    from an earlier conversion into the same dir would be read instead of the new tokenizer.json."""
+    (hf_dir / "tokenizer.model").write_text("tiktoken ranks")
+    (hf_dir / "chat_template.jinja").write_text("{{ messages }}")
+    out = tmp_path / "native"
+    run("--ckpt_paths", hf_dir, "--output_dir", out)
+    (out / "notes.txt").write_text("mine")
+    (hf_dir / "tokenizer.model").unlink()
+    (hf_dir / "chat_template.jinja").unlink()
+    (hf_dir / "tokenizer.json").write_text("{}")
+    run("--ckpt_paths", hf_dir, "--output_dir", out)
+    names = {p.name for p in out.iterdir()}
+    assert {"consolidated.00.pth", "params.json", "config.json", "tokenizer.json", "notes.txt"} <= names
+    assert not names & {"tokenizer.model", "chat_template.jinja"}
 
 
 def test_sharded_safetensors_and_bin_give_identical_weights(tmp_path):
@@ -193,6 +233,84 @@ def test_unexpected_tensor(hf_dir, capsys, out_dir):
                    "model.layers.0.mlp.extra.weight", output_dir=out_dir)
 
 
+@pytest.mark.parametrize("edit,needles", [
+    (lambda c: {**c, "hidden_act": "gelu"}, ["hidden_act 'gelu'", "only silu"]),  # SwiGLU is always SiLU here
+    (lambda c: {**c, "num_key_value_heads": 3}, ["num_attention_heads=4", "num_key_value_heads=3"]),
+    (lambda c: {**c, "vocab_size": 0}, ["vocab_size must be a positive integer, got 0"]),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+     ["llama3 rope scaling lacks low_freq_factor"]),
+    (lambda c: [c], ["expected a JSON object, found a list"]),
+], ids=["hidden_act", "kv_heads", "vocab_size", "llama3_rope", "list"])
+def test_bad_config(hf_dir, capsys, out_dir, edit, needles):
+    config = hf_dir / "config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+    expect_failure(capsys, ["--ckpt_paths", hf_dir, "--output_dir", out_dir], str(config), *needles,
+                   output_dir=out_dir)
+
+
+@pytest.mark.parametrize("family,config,refused", [
+    ("mistral", {"sliding_window": 8}, False),  # Mistral 7B v0.1 has 4096 of 32768: the window applies
+    ("mistral", {"sliding_window": 512}, False),  # as long as max_position_embeddings: full attention
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, True),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 8}, False),  # Qwen2.5's configs: window unused
+])
+def test_sliding_window(tmp_path, capsys, family, config, refused):
+    """Mistral's window converts, and past it (64 tokens, window 8) the logits, a packed batch (each document
+    attends within itself and its window) and greedy decoding through the KV cache equal transformers';
+    --to_hf writes the window back. Qwen2's per-layer window is refused."""
+    hf_dir = save_hf(hf_model(family), tmp_path / "hf")
+    path = hf_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if refused:
+        expect_failure(capsys, ["--ckpt_paths", hf_dir, "--output_dir", tmp_path / "out"], str(path),
+                       "use_sliding_window", "not supported")
+        assert not (tmp_path / "out").exists()
+        return
+    run("--ckpt_paths", hf_dir, "--output_dir", tmp_path / "out", "--precision", "fp32")
+    from transformers import AutoModelForCausalLM
+    ref_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = Transformer.from_pretrained(tmp_path / "out")
+    tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(tokens) - ref_model(tokens).logits).abs().max() <= 1e-4
+        # two documents of 40 and 24 tokens packed in one row
+        doc = torch.tensor([0] * 40 + [1] * 24)
+        positions = torch.cat([torch.arange(40), torch.arange(24)])[None]
+        packed = model(tokens[:1], positions, block_causal_mask(doc[None]))
+        alone = torch.cat([ref_model(tokens[:1, :40]).logits, ref_model(tokens[:1, 40:]).logits], 1)
+        assert (packed - alone).abs().max() <= 1e-4
+        new = list(generate(model, tokens[0, :5].tolist(), max_new_tokens=20))
+        ref = ref_model.generate(tokens[:1, :5], max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert new == ref[0, 5:].tolist()
+    if family == "mistral":
+        run("--to_hf", "--ckpt_paths", tmp_path / "out", "--output_dir", tmp_path / "back", "--precision", "fp32")
+        assert json.loads((tmp_path / "back" / "config.json").read_text())["sliding_window"] == config["sliding_window"]
+
+
+def test_output_dir_is_a_file(hf_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    expect_failure(capsys, ["--ckpt_paths", hf_dir, "--output_dir", afile], str(afile), "not a directory")
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("to_hf", [False, True])
+def test_disk_full(tmp_path, capsys, hf_dir, native, out_dir, to_hf):
+    """A file-size limit makes every write past 100 KB fail with EFBIG (Python ignores SIGXFSZ), as a full
+    disk would: the error names the output dir, the dirs the run created go, an existing dir is untouched."""
+    argv = ["--to_hf", "--ckpt_paths", native] if to_hf else ["--ckpt_paths", hf_dir]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        nested = tmp_path / "a" / "b" / "c"
+        expect_failure(capsys, [*argv, "--output_dir", nested, "--precision", "fp32"], str(nested), "File too large")
+        expect_failure(capsys, [*argv, "--output_dir", out_dir, "--precision", "fp32"], str(out_dir),
+                       "File too large", output_dir=out_dir)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not (tmp_path / "a").exists()
+
+
 def test_truncated_safetensors(hf_dir, capsys, out_dir):
     path = hf_dir / "model.safetensors"
     data = path.read_bytes()
@@ -255,6 +373,20 @@ def test_native_extra_tensor_named(native, tmp_path):
     bad = tampered(native, tmp_path, lambda s: s.update({"layers.0.attention.wq.scales": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected tensors.*layers\.0\.attention\.wq\.scales"):
         Transformer.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("params.json", "{oops", "invalid JSON"),
+    ("params.json", "[1]", "expected a JSON object"),
+    ("params.json", '{"dim": 64, "n_heads": 4, "n_kv_heads": 3, "vocab_size": 512}', "n_kv_heads=3"),
+    ("config.json", "{oops", "invalid JSON"),
+])
+def test_to_hf_bad_json_in_native_dir(native, tmp_path, capsys, name, text, needle):
+    bad = tmp_path / "bad"
+    shutil.copytree(native, bad)
+    (bad / name).write_text(text)
+    expect_failure(capsys, ["--to_hf", "--ckpt_paths", bad, "--output_dir", tmp_path / "x"], str(bad / name), needle)
+    assert not (tmp_path / "x").exists()
 
 
 def test_native_wrong_shape_named(native, tmp_path):
