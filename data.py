@@ -787,6 +787,10 @@ class Loader:
     def __len__(self) -> int:
         return self.num_steps()
 
+    def epoch_done(self) -> bool:
+        """Whether the current epoch has served all its batches (iterating further starts the next)."""
+        return self.consumed >= min(len(self.rows(self.epoch)), self.num_steps() * self.batch_size * self.world_size)
+
     def __iter__(self):
         for end, mine in self._steps(self.epoch, self.consumed):
             batch = self.collate(mine)

@@ -267,15 +267,7 @@ class Transformer(nn.Module):
         args = ModelArgs.from_json(params)
         with torch.device("meta"):
             model = cls(args)
-        state = load_state_dict(weights[0])
-        for w in weights[1:]:
-            overlay = load_state_dict(w)
-            if any(".lora_" in k for k in overlay):
-                config = lora.read_adapter_config(w)
-                check_adapter(state, overlay, w)
-                state = lora.merged_state_dict({**state, **overlay}, config["rank"], config["alpha"])
-            else:
-                state.update(overlay)
+        state = checkpoint_state(weights)
         check_state_dict(model, state, source=", ".join(str(w) for w in weights))
         model.load_state_dict(state, assign=True, strict=True)
         if args.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
@@ -372,6 +364,22 @@ def load_state_dict(path: Path) -> dict:
                          f"a pickled object or a truncated file?): {reason}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors")
+    return state
+
+
+def checkpoint_state(paths) -> dict:
+    """The state dict of a base checkpoint and its overlays, in order: a LoRA adapter merges into the weights
+    so far (in their dtype), any other overlay replaces the tensors it holds. Memory-mapped where untouched."""
+    weights = [resolve_weights(p) for p in paths]
+    state = load_state_dict(weights[0])
+    for w in weights[1:]:
+        overlay = load_state_dict(w)
+        if any(".lora_" in k for k in overlay):
+            config = lora.read_adapter_config(w)
+            check_adapter(state, overlay, w)
+            state = lora.merged_state_dict({**state, **overlay}, config["rank"], config["alpha"])
+        else:
+            state.update(overlay)
     return state
 
 

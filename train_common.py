@@ -112,7 +112,23 @@ def parse_args(cls, argv=None):
             if not required and "action" not in kwargs:
                 kwargs["help"] += f" (default: {kwargs['default']})"
         parser.add_argument(f"--{f.name}", **kwargs)
-    return cls(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
+    for name, value in vars(args).items():
+        rule = next((r for names, r in VALUE_RULES if name in names), None)
+        if rule and value is not None and not rule[0](value):
+            parser.error(f"--{name} {value}: must be {rule[1]}")
+    return args
+
+
+# Flags with a valid range; argparse checks only types.
+VALUE_RULES = [
+    (("max_seq_len", "micro_batch_size_per_gpu", "gradient_accum_steps", "train_epochs", "train_steps", "lora_rank",
+      "max_checkpoints", "print_freq"), (lambda v: v > 0, "a positive integer")),
+    (("lr", "warmup_steps", "wd", "eps", "clip_grad_norm", "save_freq", "val_freq", "sft_weight",
+      "dpo_label_smoothing"), (lambda v: v >= 0, "zero or more")),
+    (("lora_alpha", "dpo_beta", "simpo_beta"), (lambda v: v > 0, "positive")),
+    (("lora_dropout",), (lambda v: 0 <= v < 1, "in [0, 1)")),
+]
 
 
 def prepare_output_dir(args, d: "Dist"):
@@ -124,14 +140,39 @@ def prepare_output_dir(args, d: "Dist"):
                          f"or --overwrite to replace it")
     if args.resume and not checkpoint_dirs(out):
         raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if any(native_dir(p).resolve() == out.resolve() for p in args.ckpt_paths):
+        raise ValueError(f"--output_dir {out} is an input checkpoint's dir; write the run elsewhere")
+    if args.resume:
+        check_resumed_flags(args, out / "train_args.json")
     barrier()
     if d.main:
-        if args.overwrite and not args.resume:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if args.overwrite and not args.resume:  # the other run's outputs go; unrelated files stay
+            for name in ("checkpoints", "adapter"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for f in [*RUN_FILES, *TOKENIZER_FILES, *(p.name for p in out.glob("*.yaml"))]:
+                (out / f).unlink(missing_ok=True)
         for partial in (out / "checkpoints").glob(".tmp_step_*"):  # left by a killed run
             shutil.rmtree(partial, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "train_args.json").write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
     barrier()
+
+
+RUN_FILES = ("consolidated.00.pth", "params.json", "train_args.json", "metrics.jsonl", "metrics.png")
+# A resumed run must rebuild the same trainable parameters as the checkpoint; other changed flags only warn.
+RESUME_MUST_MATCH = ("lora", "lora_rank", "lora_targets", "lora_unfrozen_params")
+
+
+def check_resumed_flags(args, saved: Path):
+    if not saved.is_file():  # a run from before train_args.json was written at the start
+        return
+    before, now = json.loads(saved.read_text()), json.loads(json.dumps(config_dict(args), default=str))
+    changed = sorted(k for k in set(before) | set(now) if k not in ("resume", "overwrite") and before.get(k) != now.get(k))
+    if bad := [k for k in changed if k in RESUME_MUST_MATCH]:
+        raise ValueError(f"--resume: {', '.join(f'--{k} was {before.get(k)!r}, now {now.get(k)!r}' for k in bad)}; "
+                         f"the checkpoint holds other trainable parameters: resume with the same flags")
+    for k in changed:
+        print0(f"warning: --resume with --{k} {now.get(k)!r} (the run started with {before.get(k)!r})")
 
 
 # -- processes -------------------------------------------------------------------------------------------------
@@ -363,17 +404,19 @@ def load_model(args, d: Dist):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        lora_config = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": list(args.lora_targets)}
+        lora_config = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": list(args.lora_targets),
+                       "unfrozen": [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]}
     print0(parameter_summary(model))
     wrapped = parallelize(model, d, args.dp, param_dtype, args.activation_checkpointing, args.compile)
     return wrapped, model, lora_config, input_dtype
 
 
 def total_steps(args, loader) -> int:
+    """--train_steps, else the steps of --train_epochs passes: the last step of an epoch takes the epoch's
+    remaining micro-batches (see step_batches)."""
     if args.train_steps:
         return args.train_steps
-    micro = sum(loader.num_steps(e) for e in range(args.train_epochs))
-    return max(1, -(-micro // args.gradient_accum_steps))
+    return sum(-(-loader.num_steps(e) // args.gradient_accum_steps) for e in range(args.train_epochs))
 
 
 def print_effective_batch(args, d: Dist, steps: int, unit: str):
@@ -386,6 +429,16 @@ def endless(loader):
     """Micro-batches across epoch boundaries; the loader's own state marks the position for resume."""
     while True:
         yield from loader
+
+
+def step_batches(batches, loader, accum: int) -> list:
+    """The micro-batches of one optimizer step: `accum` of them, fewer when the epoch runs out, so that an
+    epoch is exactly one pass over the data (as transformers' Trainer does). The loss is normalised by the
+    step's own token or pair count, so a short step is still a mean."""
+    micro = [next(batches)]
+    while len(micro) < accum and not loader.epoch_done():
+        micro.append(next(batches))
+    return micro
 
 
 def check_finite(loss: float, step: int, output_dir):
@@ -417,7 +470,7 @@ def metrics_log(args, d: Dist, total: int, start_step: int) -> "MetricsLog":
 def save_final(args, model, bare_model, d: Dist, template, lora_config, input_dtype):
     """The finished run's output dir (see save_model), in the input checkpoint's dtype unless --save_dtype."""
     save_dtype = input_dtype if args.save_dtype == "auto" else resolve_dtype(args.save_dtype, d.device)
-    save_model(args.output_dir, model, bare_model.args, d, native_dir(args.ckpt_paths[0]), Path(template.path),
+    save_model(args.output_dir, model, bare_model.args, d, args.ckpt_paths, Path(template.path),
                config_dict(args), save_dtype, lora_config)
     print0(f"saved {args.output_dir}")
 
@@ -560,7 +613,12 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, 
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (RuntimeError, ValueError, KeyError) as e:  # DCP's messages run to pages: keep the first line
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"cannot resume from {path}: it does not fit this model and optimizer ({first[:300]}); "
+                         f"resume with the --ckpt_paths and LoRA flags the run started with") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra_path = Path(path) / f"extra_rank{d.rank}.pt"
     if not extra_path.exists():
@@ -569,10 +627,13 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     return torch.load(extra_path, weights_only=False)
 
 
-def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_dir: Path, template_path: Path,
+def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_paths: list, template_path: Path,
                train_args: dict, save_dtype: torch.dtype, lora_config: dict | None = None):
     """The output dir as a complete native dir: consolidated.00.pth (LoRA merged in), params.json, tokenizer
-    files, the template, train_args.json; LoRA runs also keep the adapter alone under adapter/."""
+    files, the template, train_args.json; LoRA runs also keep the adapter alone under adapter/ (with any
+    --lora_unfrozen_params), so base + adapter loads as the trained model."""
+    from model import checkpoint_state
+
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         barrier()
@@ -580,18 +641,22 @@ def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_dir
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if lora_config:
-        adapter = {k: v.float() for k, v in lora.adapter_state_dict(state).items()}
+        adapter = {k: v.float() for k, v in state.items() if ".lora_" in k or k in lora_config["unfrozen"]}
         lora.save_adapter(output_dir / "adapter", adapter, lora_config["rank"], lora_config["alpha"],
                           lora_config["targets"])
-        state = lora.merged_state_dict(state, lora_config["rank"], lora_config["alpha"])
+        # Merged into the input checkpoint as read, not into the copy that trained: that frozen base may have
+        # been cast to bf16 for compute, and saving it would round every untrained weight.
+        state = lora.merged_state_dict({**checkpoint_state(ckpt_paths), **adapter}, lora_config["rank"],
+                                       lora_config["alpha"])
     if model_args.tie_word_embeddings:
         state.pop("output.weight", None)
     state = {k: v.to(save_dtype) for k, v in state.items()}
     atomic_torch_save(state, output_dir / "consolidated.00.pth")
     (output_dir / "params.json").write_text(json.dumps(model_args.to_json(), indent=2) + "\n")
+    ckpt_dir = native_dir(ckpt_paths[0])
     for name in TOKENIZER_FILES:
-        if (Path(ckpt_dir) / name).is_file() and Path(ckpt_dir).resolve() != output_dir.resolve():
-            shutil.copy2(Path(ckpt_dir) / name, output_dir / name)
+        if (ckpt_dir / name).is_file() and ckpt_dir.resolve() != output_dir.resolve():
+            shutil.copy2(ckpt_dir / name, output_dir / name)
     if template_path is not None:
         shutil.copy2(template_path, output_dir / Path(template_path).name)
     (output_dir / "train_args.json").write_text(json.dumps(train_args, indent=2, default=str) + "\n")

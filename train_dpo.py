@@ -211,7 +211,7 @@ def train(args: DPOArgs, d: tc.Dist):
     tokenizer, template = tc.load_tokenizer_and_template(args)
     train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="preference")
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = Loader(train_set, args.micro_batch_size_per_gpu, seed=args.seed, pad_id=pad_id)
+    loader = Loader(train_set, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, pad_id=pad_id)
     val_loader = val_set and Loader(val_set, args.micro_batch_size_per_gpu, shuffle=False, pad_id=pad_id)
     model, base_model, lora_config, input_dtype = tc.load_model(args, d)
     param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
@@ -234,7 +234,7 @@ def train(args: DPOArgs, d: tc.Dist):
         t0 = time.perf_counter()
         lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
         tc.set_lr(optimizer, lr)
-        micro_batches = [next(batches) for _ in range(args.gradient_accum_steps)]
+        micro_batches = tc.step_batches(batches, loader, args.gradient_accum_steps)
         # The global pair count first, so every micro-batch's gradient is already correctly scaled.
         pairs, _, tokens = tc.preference_counts(micro_batches, d)
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
@@ -258,7 +258,7 @@ def train(args: DPOArgs, d: tc.Dist):
         seconds = time.perf_counter() - t0
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                    "tokens_per_s": tokens / seconds, "epoch": loader.epoch, **tc.pair_metrics(sums, pairs)}
-        if val_loader is not None and args.val_freq and step % args.val_freq == 0:
+        if val_loader is not None and (step == steps or args.val_freq and step % args.val_freq == 0):
             metrics.update(validate(model, val_loader, reference, args, d, param_dtype))
         log.log(step, metrics)
         if args.save_freq and step % args.save_freq == 0 and step < steps:
@@ -267,9 +267,6 @@ def train(args: DPOArgs, d: tc.Dist):
             tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
             return
 
-    if val_loader is not None and not (args.val_freq and step % args.val_freq == 0):
-        val = validate(model, val_loader, reference, args, d, param_dtype)
-        tc.print0("validation: " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in val.items()))
     tc.save_final(args, model, base_model, d, template, lora_config, input_dtype)
 
 

@@ -105,7 +105,7 @@ def train(args: SFTArgs, d: tc.Dist):
         t0 = time.perf_counter()
         lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
         tc.set_lr(optimizer, lr)
-        micro_batches = [next(batches) for _ in range(args.gradient_accum_steps)]
+        micro_batches = tc.step_batches(batches, loader, args.gradient_accum_steps)
         # The global denominator first, so every micro-batch's gradient is already correctly scaled.
         counts = torch.tensor([sum(loss_units(b, args.loss_reduction) for b in micro_batches),
                                sum(int((b["document_ids"] >= 0).sum()) for b in micro_batches)],
@@ -129,7 +129,7 @@ def train(args: SFTArgs, d: tc.Dist):
         seconds = time.perf_counter() - t0
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                    "tokens_per_s": tokens / seconds, "epoch": loader.epoch}
-        if val_loader is not None and args.val_freq and step % args.val_freq == 0:
+        if val_loader is not None and (step == steps or args.val_freq and step % args.val_freq == 0):
             metrics["val/loss"] = validate(model, val_loader, d, args.pack_samples)
         log.log(step, metrics)
         if args.save_freq and step % args.save_freq == 0 and step < steps:
@@ -138,8 +138,6 @@ def train(args: SFTArgs, d: tc.Dist):
             tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
             return
 
-    if val_loader is not None and not (args.val_freq and step % args.val_freq == 0):
-        tc.print0(f"val loss {validate(model, val_loader, d, args.pack_samples):.4f}")
     tc.save_final(args, model, base_model, d, template, lora_config, input_dtype)
 
 

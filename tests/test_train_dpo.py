@@ -191,3 +191,9 @@ def test_stale_reference_cache_is_rebuilt(setup, tmp_path, capsys):
     # Reference = policy again. Precomputed and training log-probs come from differently padded batches, so
     # they agree to float rounding only (~1e-7); stale values would be off by whole nats.
     assert abs(m[0]["loss"] - math.log(2)) <= 1e-6 and abs(m[0]["rewards/margins"]) <= 1e-5
+
+
+def test_packing_is_refused(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(setup, tmp_path / "o", pack_samples=True, train_steps=1)
+    assert exc.value.code == 1 and "packing is for SFT" in capsys.readouterr().err

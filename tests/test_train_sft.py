@@ -314,3 +314,83 @@ def test_resume_drops_later_and_cut_short_metrics_lines(tmp_path):
                                             '{"step": 3, "loss": 0.8}\n{"step": 4, "lo')
     tc.MetricsLog(tmp_path, tc.Dist(0, 0, 1, torch.device("cpu")), total_steps=5, print_freq=1, start_step=2)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_epochs_are_whole_passes_with_accumulation(setup, tmp_path):
+    """24 samples, micro-batch 7, accumulation 3: an epoch is 4 micro-batches, so steps of 3 + 1 (the last
+    step takes what the epoch has left, as transformers' Trainer does), every sample exactly once per epoch."""
+    one_step = tmp_path / "one_step"
+    run_inprocess(base_args(setup, one_step, train_steps=None, micro_batch_size_per_gpu=24))
+    epoch_tokens = sum(m["tokens"] for m in metrics(one_step))
+    out = tmp_path / "accum"
+    run_inprocess(base_args(setup, out, train_steps=None, train_epochs=2, micro_batch_size_per_gpu=7,
+                            gradient_accum_steps=3))
+    assert [m["epoch"] for m in metrics(out)] == [0, 0, 1, 1]
+    assert [sum(m["tokens"] for m in metrics(out)[e:e + 2]) for e in (0, 2)] == [epoch_tokens] * 2
+
+
+def test_lora_output_adapter_and_frozen_weights(setup, tmp_path):
+    """With --lora_unfrozen_params the adapter dir carries those parameters too, so base + adapter is the
+    trained model; with bf16 compute the untrained weights are saved exactly as read (not bf16-rounded);
+    --overwrite by a full run removes the LoRA run's adapter dir."""
+    from model import Transformer
+
+    out = tmp_path / "lora"
+    run_inprocess(base_args(setup, out, lora=True, lora_rank=4, lr=1e-2, lora_unfrozen_params=["^norm"],
+                            lora_targets=["wq", "wv"], param_dtype="bf16"))
+    base = torch.load(setup["native"] / "consolidated.00.pth")
+    saved = torch.load(out / "consolidated.00.pth")
+    assert sorted(k for k in torch.load(out / "adapter" / "adapter.pth") if ".lora_" not in k) == ["norm.weight"]
+    assert not torch.equal(saved["norm.weight"], base["norm.weight"])
+    assert all(torch.equal(saved[k], base[k]) for k in base if k != "norm.weight" and ".wq." not in k and ".wv." not in k)
+    tokens = torch.randint(0, setup["hf"].config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged, stacked = Transformer.from_pretrained(out), Transformer.from_pretrained([setup["native"], out / "adapter"])
+        assert (merged(tokens) - stacked(tokens)).abs().max() <= 1e-5
+    run_inprocess(base_args(setup, out, overwrite=True))
+    assert not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("gradient_accum_steps", 0), ("train_epochs", 0), ("train_steps", -3),
+                                        ("warmup_steps", -2), ("lora_dropout", 1.0)])
+def test_out_of_range_flags(setup, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        run_inprocess(base_args(setup, tmp_path / "o", **{flag: value}))
+    assert exc.value.code == 2
+    assert f"--{flag} {value}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_other_trainable_parameters_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_inprocess(base_args(setup, out, save_freq=1, train_steps=2))
+    with pytest.raises(SystemExit):
+        run_inprocess(base_args(setup, out, save_freq=1, train_steps=4, resume=True, lora=True))
+    assert "--resume: --lora was False, now True" in capsys.readouterr().err
+    run_inprocess(base_args(setup, out, save_freq=1, train_steps=4, resume=True, lr=1e-3))  # only warns
+    assert "warning: --resume with --lr 0.001 (the run started with 0.002)" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_validation_loss_is_logged_at_the_end(setup, tmp_path):
+    """--val_freq 0 validates once, after the last step, into metrics.jsonl; at lr 0 the value is the token
+    mean over the whole validation set of transformers' NLL (packed rows do not change it)."""
+    from data import prepare_dataset
+    from tokenize_chat import load_template, load_tokenizer
+
+    tok = load_tokenizer(setup["native"])
+    ds = prepare_dataset([f"jsonl:{setup['data']}"], tok, load_template("chatml.yaml", tok), 96,
+                         cache_dir=setup["cache"], seed=42, progress=False)
+    nll, count = 0.0, 0
+    for i in range(len(ds)):
+        ids, mask = (torch.tensor(x.astype("int64")) for x in ds[i])
+        with torch.no_grad():
+            logp = setup["hf"](ids[None]).logits[0, :-1].float().log_softmax(-1)
+        trained = mask[1:].bool()
+        nll -= float(logp.gather(-1, ids[1:, None])[:, 0][trained].sum())
+        count += int(trained.sum())
+    for pack in (False, True):
+        out = tmp_path / f"val_{pack}"
+        run_inprocess(base_args(setup, out, lr=0.0, val_data_paths=f"jsonl:{setup['data']}", pack_samples=pack))
+        logged = [m.get("val/loss") for m in metrics(out)]
+        assert logged[:-1] == [None, None] and abs(logged[-1] - nll / count) <= 1e-5 * logged[-1], (logged, nll / count)
