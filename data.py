@@ -215,7 +215,10 @@ def _open_source(src: Source, kind: str, seed: int):
     else:
         datasets = _import_datasets()
         if src.type == "local":
-            ds = datasets.load_from_disk(src.path)
+            try:
+                ds = datasets.load_from_disk(src.path)
+            except FileNotFoundError as e:  # a plain file, an empty or foreign dir
+                raise DataError(f"data path {src.spec!r}: not a dataset written by save_to_disk ({e})") from None
             for p in sorted(Path(src.path).rglob("*")):
                 if p.is_file():
                     h.update(str(p.relative_to(src.path)).encode())

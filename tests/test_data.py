@@ -171,6 +171,10 @@ def test_local_source_splits_and_subsampling(tok, tmp_path):
     assert len(prep(tok, f"local:{tmp_path / 'dd'}", tmp_path)) == 30  # default split: train
     with pytest.raises(DataError, match=r"no split 'dev'.*\['test', 'train'\]"):
         prep(tok, f"local:{tmp_path / 'dd'}", tmp_path, splits="dev")
+    (tmp_path / "empty").mkdir()
+    for wrong in (tmp_path / "empty", tmp_path / "dd" / "dataset_dict.json"):
+        with pytest.raises(DataError, match="not a dataset written by save_to_disk"):
+            prep(tok, f"local:{wrong}", tmp_path)
 
     decoded = lambda d: [tok[0].decode(d[i][0].tolist()) for i in range(len(d))]
     a = prep(tok, f"local:{tmp_path / 'dd'}", tmp_path, num_samples=10, seed=3)
