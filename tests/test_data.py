@@ -158,6 +158,11 @@ def test_text_source_trains_every_token_and_appends_eos(tok, tmp_path):
         ids, mask = ds[i]
         assert ids.tolist() == [t.bos_id] + t.encode(line) + [t.eos_id]
         assert mask.tolist() == [0] + [1] * (len(ids) - 1)
+    # ChatML has no BOS, although SmolLM2's tokenizer config names <|im_start|> (id 1) as one
+    from assets import smollm2_tokenizer_dir
+    smol = load_tokenizer(smollm2_tokenizer_dir())
+    ds = prep((smol, load_template("chatml", smol)), f"text:{tmp_path / 't.txt'}", tmp_path)
+    assert smol.bos_id == 1 and ds[0][0].tolist() == smol.encode("first line of text") + [smol.eos_id]
 
 
 def test_local_source_splits_and_subsampling(tok, tmp_path):
