@@ -464,7 +464,8 @@ def _check_messages(messages, template, training):
             m["content"].encode("utf-8")
         except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud83d"); UTF-8 cannot
             raise ConversationError(f"message {i} (role {role}): content has an unpaired surrogate "
-                                    f"{m['content'][e.start]!r} at character {e.start}: not valid Unicode text") from None
+                                    f"{m['content'][e.start]!r} at character {e.start}: not valid Unicode "
+                                    f"text") from None
         if role == "system" and i > 0:
             raise ConversationError(f"message {i}: a system message may only come first")
     if training and not any(m["role"] in template.trained_roles for m in messages):

@@ -167,7 +167,8 @@ def check_resumed_flags(args, saved: Path):
     if not saved.is_file():  # a run from before train_args.json was written at the start
         return
     before, now = json.loads(saved.read_text()), json.loads(json.dumps(config_dict(args), default=str))
-    changed = sorted(k for k in set(before) | set(now) if k not in ("resume", "overwrite") and before.get(k) != now.get(k))
+    changed = sorted(k for k in set(before) | set(now)
+                     if k not in ("resume", "overwrite") and before.get(k) != now.get(k))
     if bad := [k for k in changed if k in RESUME_MUST_MATCH]:
         raise ValueError(f"--resume: {', '.join(f'--{k} was {before.get(k)!r}, now {now.get(k)!r}' for k in bad)}; "
                          f"the checkpoint holds other trainable parameters: resume with the same flags")

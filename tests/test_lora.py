@@ -93,7 +93,8 @@ def test_adapters_stack_in_order(native, tmp_path):
     torch.manual_seed(0)
     for name, rank, alpha in (("a", 4, 16), ("b", 2, 2)):
         model = trained_adapters(lora.apply_lora(Transformer.from_pretrained(native), rank=rank, alpha=alpha))
-        lora.save_adapter(tmp_path / name, lora.adapter_state_dict(model.state_dict()), rank, alpha, lora.DEFAULT_TARGETS)
+        lora.save_adapter(tmp_path / name, lora.adapter_state_dict(model.state_dict()), rank, alpha,
+                          lora.DEFAULT_TARGETS)
     base = torch.load(native / "consolidated.00.pth")
     a, b = (torch.load(tmp_path / n / lora.ADAPTER_WEIGHTS) for n in "ab")
     stacked = Transformer.from_pretrained([native, tmp_path / "a", tmp_path / "b"]).state_dict()
