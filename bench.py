@@ -696,6 +696,9 @@ def main(argv=None):
         result["peak_rss"] = peak_rss_bytes()
         print("BENCH_RESULT " + json.dumps({**result, "peak_cuda": peak}), flush=True)
         return result
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py: error: --device cuda needs a CUDA GPU; `python bench.py --gpu_shapes tiny` runs the "
+                 "same section on the CPU")
     if args.device == "cuda" or args.gpu_shapes == ["tiny"]:
         return bench_gpu(args.gpu_shapes, args.device, args.gpu_nproc, args.gpu_steps, args.gpu_seq, args.gpu_micro)
     only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS]
