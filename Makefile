@@ -1,6 +1,9 @@
 # `make test` and `make demo` work on a fresh clone: they create .venv and install what is missing.
 # torch is pinned to the tested release through constraints.txt (-c), so no package can upgrade it.
+# PyPI's Linux torch wheel is the CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the
+# CPU build instead (machines with a local CPU wheel in pip's find-links need nothing).
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -13,7 +16,8 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+		-r requirements-dev.txt
 	touch $@
 
 test: $(STAMP)

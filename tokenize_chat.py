@@ -285,8 +285,10 @@ def _tiktoken_from_json(path: Path) -> TiktokenTokenizer:
 def load_tokenizer(ckpt_dir) -> Tokenizer:
     """The tokenizer of a checkpoint dir, its kind detected from the files in it."""
     d = Path(ckpt_dir)
-    models = [p for p in (d / "tokenizer.model", d / "original" / "tokenizer.model") if p.is_file()]
-    model = models[0] if models else None
+    if not any((d / f).is_file() for f in ("tokenizer.model", "tokenizer.json")) \
+            and (d / "original" / "tokenizer.model").is_file():
+        d = d / "original"  # Meta's download layout; files beside the weights come first
+    model = d / "tokenizer.model" if (d / "tokenizer.model").is_file() else None
     if model is not None:
         ranks = _read_tiktoken_ranks(model)
         if ranks is not None:

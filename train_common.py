@@ -56,6 +56,9 @@ class CommonArgs:
     max_seq_len: int = arg(2048, help="longer samples are truncated (if a trained token survives) or dropped")
     micro_batch_size_per_gpu: int = arg(1, help="sequences (pairs for DPO/SimPO) per process per forward")
     gradient_accum_steps: int = arg(1, help="micro-batches per optimizer step")
+    loss_reduction: str = arg("tokens", help="SFT: tokens: mean over all trained tokens of the global batch; "
+                              "sequences: mean of per-sequence token means. DPO/SimPO average their per-pair "
+                              "loss over pairs either way", choices=["tokens", "sequences"])
     pack_samples: bool = arg(False, help="pack several samples per row with per-document attention (SFT)")
     lr: float = arg(1e-5, help="peak learning rate")
     lr_scheduler: str = arg("cosine", help="schedule after warmup", choices=["linear", "cosine", "constant"])

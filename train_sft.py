@@ -21,8 +21,7 @@ from data import IGNORE_INDEX, Loader, block_causal_mask
 
 @dataclass
 class SFTArgs(tc.CommonArgs):
-    loss_reduction: str = tc.arg("tokens", help="tokens: mean over all trained tokens of the global batch; "
-                                 "sequences: mean of per-sequence token means", choices=["tokens", "sequences"])
+    pass  # --loss_reduction is a common flag (torchllms lists it for every trainer); SFT is where it acts
 
 
 # -- the loss --------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def test_seed_sft_then_dpo_and_simpo(seed_dir, lora):
         "--lr", "5e-7", "--lr_scheduler", "cosine", "--dpo_beta", "0.01",
         "--train_data_paths", f"jsonl:{seed_dir['pref']}", "--train_epochs", "1", "--max_seq_len", "1024",
         "--micro_batch_size_per_gpu", "1", "--gradient_accum_steps", "8", "--output_dir", dpo_out,
+        "--loss_reduction", "tokens",  # the seed lists it among every trainer's arguments
         *extra, *cache], port=free_port())
     first = metrics(dpo_out)[0]
     assert abs(first["loss"] - 0.6931471805599453) <= 1e-6 and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
@@ -65,7 +66,7 @@ def test_seed_sft_then_dpo_and_simpo(seed_dir, lora):
         "--lr", "5e-7", "--lr_scheduler", "cosine", "--simpo_beta", "1.0", "--simpo_gamma", "1.0",
         "--train_data_paths", f"jsonl:{seed_dir['pref']}", "--train_epochs", "1", "--max_seq_len", "1024",
         "--micro_batch_size_per_gpu", "1", "--gradient_accum_steps", "8", "--output_dir", simpo_out,
-        *extra, *cache], port=free_port())
+        "--loss_reduction", "tokens", *extra, *cache], port=free_port())
     assert len(metrics(simpo_out)) == 1
     assert (simpo_out / "consolidated.00.pth").exists() and (simpo_out / "llama3_instruct.yaml").exists()
     if lora:

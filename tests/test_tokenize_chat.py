@@ -9,6 +9,7 @@ HF `tokenizers`/transformers loaded from the same files for plain-text parity.
 
 import json
 import os
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -192,6 +193,9 @@ def test_load_tokenizer_detection_and_errors(tmp_path, llama3_dir, mistral_v1_di
     assert tok.kind == "tiktoken" and tok.vocab_size == 128_256
     assert tok.fingerprint == tc.load_tokenizer(llama3_dir).fingerprint  # a hash of the file content
     assert tok.fingerprint != tc.load_tokenizer(mistral_v1_dir).fingerprint
+    from assets import smollm2_tokenizer_dir  # a tokenizer beside the weights wins over original/
+    shutil.copy(smollm2_tokenizer_dir() / "tokenizer.json", d / "tokenizer.json")
+    assert tc.load_tokenizer(d).vocab_size == 49_152
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(tc.TokenizerError, match=r"empty.*tokenizer\.model.*original/tokenizer\.model.*tokenizer\.json"):
