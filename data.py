@@ -10,7 +10,8 @@
 
 Sources (several may be mixed; they become one dataset, in the order given):
     jsonl:/path.jsonl   one JSON object per line (blank lines skipped)
-    text:/path.txt      one sample per line, every token trained: the template's BOS, the line, EOS (SFT only)
+    text:/path.txt      one sample per line, every token trained: BOS (if the tokenizer adds one), the line,
+                        EOS (SFT only)
     local:/path         a dataset written by `datasets`' save_to_disk (a Dataset or a DatasetDict)
     org/name            a hub dataset through `datasets.load_dataset` (cached or online; honours HF_HUB_OFFLINE)
 `splits` picks the split of `local:` and hub sources (default "train"; ignored for files). `num_samples`
@@ -372,8 +373,7 @@ def record_conversations(record, kind: str, loc: str) -> list[list[dict]]:
 
 def _tokenize_record(record, loc: str, src_type: str, kind: str, tokenizer, template) -> list[tuple[list, list]]:
     if src_type == "text":
-        # The template's BOS (Llama's; ChatML models have none, though SmolLM2's config names <|im_start|>).
-        bos = [tokenizer.token_id(template.bos)] if template.bos else []
+        bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # as the tokenizer opens plain text
         eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
         ids = bos + tokenizer.encode(record) + eos
         return [(ids, [0] + [1] * (len(ids) - 1))]  # the first token is never a target

@@ -72,7 +72,7 @@ class TiktokenTokenizer:
     kind = "tiktoken"
 
     def __init__(self, path, ranks: dict, pattern: str, specials: dict, in_text=(), bos=None, eos=None,
-                 normalization=None, files=(), n_vocab=None):
+                 normalization=None, files=(), n_vocab=None, add_bos=True):
         import tiktoken
         self.path = str(path)
         self.specials = dict(specials)  # name -> id: control tokens, never produced from text
@@ -92,6 +92,7 @@ class TiktokenTokenizer:
         self._control_ids = {i for t, i in self.specials.items() if t not in self._in_text}
         self.bos_id = self.specials[bos] if bos else None
         self.eos_id = self.specials[eos] if eos else None
+        self.add_bos = add_bos and self.bos_id is not None  # whether plain text starts with BOS (text: data)
         self.fingerprint = _hash_files(files or [path])
 
     def normalize(self, text: str) -> str:
@@ -148,6 +149,7 @@ class SentencePieceTokenizer:
         self.specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.add_bos = self.bos_id is not None  # Meta's and Mistral's code open plain text with <s>
         self.fingerprint = _hash_files([path])
 
     def normalize(self, text: str) -> str:
@@ -276,10 +278,14 @@ def _tiktoken_from_json(path: Path) -> TiktokenTokenizer:
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     bos, eos = _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
     in_text = [t["content"] for t in spec.get("added_tokens", []) if not t.get("special", True)]
+    # transformers opens plain text with BOS when the post-processor's template holds it (Llama 3) or the
+    # config asks for it; SmolLM2's config names a bos_token (<|im_start|>) that is never added.
+    add_bos = config.get("add_bos_token") is True or \
+        (bos is not None and bos in json.dumps(spec.get("post_processor")))
     return TiktokenTokenizer(path, ranks, pattern, added, in_text=in_text,
                              bos=bos if bos in added else None, eos=eos if eos in added else None,
                              normalization="NFC" if norm else None, n_vocab=n_vocab,
-                             files=[path] + ([config_path] if config_path.exists() else []))
+                             files=[path] + ([config_path] if config_path.exists() else []), add_bos=add_bos)
 
 
 def load_tokenizer(ckpt_dir) -> Tokenizer:

@@ -82,7 +82,7 @@ class CommonArgs:
     lora_targets: list = arg(list(LORA_TARGETS), help="projections to adapt (wq wk wv wo w1 w2 w3)")
     lora_unfrozen_params: list = arg([], help="regexes of other parameters to train with LoRA, e.g. norm")
     save_freq: int = arg(0, help="save a resumable checkpoint every N steps (0: only on SIGTERM)")
-    max_checkpoints: int = arg(2, help="resumable checkpoints to keep")
+    max_checkpoints: int = arg(2, help="resumable checkpoints to keep (0: all)")
     save_dtype: str = arg("auto", help="dtype of the saved weights (auto: the input checkpoint's)",
                           choices=["auto", "bf16", "fp16", "fp32"])
     resume: bool = arg(False, help="continue from the latest checkpoint in --output_dir")
@@ -126,53 +126,69 @@ def parse_args(cls, argv=None):
 # Flags with a valid range; argparse checks only types.
 VALUE_RULES = [
     (("max_seq_len", "micro_batch_size_per_gpu", "gradient_accum_steps", "train_epochs", "train_steps", "lora_rank",
-      "max_checkpoints", "print_freq"), (lambda v: v > 0, "a positive integer")),
+      "print_freq"), (lambda v: v > 0, "a positive integer")),
     (("lr", "warmup_steps", "wd", "eps", "clip_grad_norm", "save_freq", "val_freq", "sft_weight",
-      "dpo_label_smoothing"), (lambda v: v >= 0, "zero or more")),
+      "dpo_label_smoothing", "max_checkpoints"), (lambda v: v >= 0, "zero or more")),
     (("lora_alpha", "dpo_beta", "simpo_beta"), (lambda v: v > 0, "positive")),
     (("lora_dropout",), (lambda v: 0 <= v < 1, "in [0, 1)")),
 ]
 
 
 def prepare_output_dir(args, d: "Dist"):
-    """Refuse to mix two runs in one dir: a non-empty --output_dir needs --resume or --overwrite."""
+    """Refuse to mix two runs in one dir: an --output_dir holding anything but the start record
+    (train_args.json) of a run that failed before training needs --resume or --overwrite."""
     out = Path(args.output_dir)
-    has_run = out.exists() and any(out.iterdir())
+    has_run = out.exists() and any(p.name != "train_args.json" for p in out.iterdir())
     if has_run and not (args.resume or args.overwrite):
         raise ValueError(f"--output_dir {out} already holds files (another run?); pass --resume to continue it "
                          f"or --overwrite to replace it")
     if args.resume and not checkpoint_dirs(out):
         raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if any(native_dir(p).resolve() == out.resolve() for p in args.ckpt_paths):
-        raise ValueError(f"--output_dir {out} is an input checkpoint's dir; write the run elsewhere")
+    inside = [p for p in args.ckpt_paths
+              if out.resolve() in (native_dir(p).resolve(), *native_dir(p).resolve().parents)]
+    if inside:
+        raise ValueError(f"--output_dir {out} holds the input checkpoint {inside[0]}; write the run elsewhere")
+    record = out / "train_args.json"
+    previous = json.loads(record.read_text()) if record.is_file() else {}
     if args.resume:
-        check_resumed_flags(args, out / "train_args.json")
+        check_resumed_flags(args, previous)
     barrier()
     if d.main:
         if args.overwrite and not args.resume:  # the other run's outputs go; unrelated files stay
             for name in ("checkpoints", "adapter"):
                 shutil.rmtree(out / name, ignore_errors=True)
-            for f in [*RUN_FILES, *TOKENIZER_FILES, *(p.name for p in out.glob("*.yaml"))]:
+            template = Path(previous.get("template_config") or "none.yaml").name
+            for f in [*RUN_FILES, *TOKENIZER_FILES, template if template.endswith(".yaml") else template + ".yaml"]:
                 (out / f).unlink(missing_ok=True)
         for partial in (out / "checkpoints").glob(".tmp_step_*"):  # left by a killed run
             shutil.rmtree(partial, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_args.json").write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
+        if not args.resume:  # the record of how the run started; a resumed run is checked against it
+            record.write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
     barrier()
 
 
 RUN_FILES = ("consolidated.00.pth", "params.json", "train_args.json", "metrics.jsonl", "metrics.png")
-# A resumed run must rebuild the same trainable parameters as the checkpoint; other changed flags only warn.
-RESUME_MUST_MATCH = ("lora", "lora_rank", "lora_targets", "lora_unfrozen_params")
 
 
-def check_resumed_flags(args, saved: Path):
-    if not saved.is_file():  # a run from before train_args.json was written at the start
+def check_resumed_flags(args, before: dict):
+    """A resumed run must rebuild the trainable parameters the checkpoint holds (the LoRA flags, when --lora
+    is on); any other changed flag is allowed with a warning."""
+    if not before:  # a run from before train_args.json was written at the start
         return
-    before, now = json.loads(saved.read_text()), json.loads(json.dumps(config_dict(args), default=str))
+
+    def comparable(flags: dict) -> dict:
+        flags = dict(flags)
+        flags["ckpt_paths"] = [str(Path(p).resolve()) for p in flags.get("ckpt_paths") or []]
+        flags["lora_targets"] = sorted(set(flags.get("lora_targets") or []))  # apply_lora takes a set
+        if not flags.get("lora"):
+            flags = {k: v for k, v in flags.items() if not k.startswith("lora_")}
+        return flags
+
+    before, now = comparable(before), comparable(json.loads(json.dumps(config_dict(args), default=str)))
     changed = sorted(k for k in set(before) | set(now)
                      if k not in ("resume", "overwrite") and before.get(k) != now.get(k))
-    if bad := [k for k in changed if k in RESUME_MUST_MATCH]:
+    if bad := [k for k in changed if k in ("lora", "lora_rank", "lora_targets", "lora_unfrozen_params")]:
         raise ValueError(f"--resume: {', '.join(f'--{k} was {before.get(k)!r}, now {now.get(k)!r}' for k in bad)}; "
                          f"the checkpoint holds other trainable parameters: resume with the same flags")
     for k in changed:

@@ -158,11 +158,20 @@ def test_text_source_trains_every_token_and_appends_eos(tok, tmp_path):
         ids, mask = ds[i]
         assert ids.tolist() == [t.bos_id] + t.encode(line) + [t.eos_id]
         assert mask.tolist() == [0] + [1] * (len(ids) - 1)
-    # ChatML has no BOS, although SmolLM2's tokenizer config names <|im_start|> (id 1) as one
-    from assets import smollm2_tokenizer_dir
+    # BOS as transformers encodes plain text: SmolLM2's config names <|im_start|> (id 1) but never adds it;
+    # Mistral's sentencepiece opens with <s> although llama2_chat writes its <s> into each user turn
+    from transformers import AutoTokenizer
+
+    from assets import MISTRAL_V1_TOKENIZER, asset, smollm2_tokenizer_dir
     smol = load_tokenizer(smollm2_tokenizer_dir())
     ds = prep((smol, load_template("chatml", smol)), f"text:{tmp_path / 't.txt'}", tmp_path)
-    assert smol.bos_id == 1 and ds[0][0].tolist() == smol.encode("first line of text") + [smol.eos_id]
+    expected = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())("first line of text")["input_ids"]
+    assert smol.bos_id == 1 and ds[0][0].tolist() == expected + [smol.eos_id]
+    (tmp_path / "mistral").mkdir()
+    shutil.copy(asset(*MISTRAL_V1_TOKENIZER), tmp_path / "mistral" / "tokenizer.model")
+    sp = load_tokenizer(tmp_path / "mistral")
+    ds = prep((sp, load_template("llama2_chat", sp)), f"text:{tmp_path / 't.txt'}", tmp_path)
+    assert ds[0][0].tolist() == [sp.bos_id] + sp.encode("first line of text") + [sp.eos_id] and sp.bos_id == 1
 
 
 def test_local_source_splits_and_subsampling(tok, tmp_path):

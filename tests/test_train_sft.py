@@ -347,8 +347,12 @@ def test_lora_output_adapter_and_frozen_weights(setup, tmp_path):
     with torch.no_grad():
         merged, stacked = Transformer.from_pretrained(out), Transformer.from_pretrained([setup["native"], out / "adapter"])
         assert (merged(tokens) - stacked(tokens)).abs().max() <= 1e-5
+    (out / "my_sweep.yaml").write_text("lr: [1, 2]\n")
+    with pytest.raises(SystemExit):  # stacking on its own adapter would delete it
+        run_inprocess(base_args(setup, out, ckpt_paths=[setup["native"], out / "adapter"], overwrite=True))
+    assert (out / "adapter" / "adapter.pth").exists()
     run_inprocess(base_args(setup, out, overwrite=True))
-    assert not (out / "adapter").exists()
+    assert not (out / "adapter").exists() and (out / "my_sweep.yaml").exists() and (out / "chatml.yaml").exists()
 
 
 @pytest.mark.parametrize("flag,value", [("gradient_accum_steps", 0), ("train_epochs", 0), ("train_steps", -3),
@@ -370,6 +374,21 @@ def test_resume_with_other_trainable_parameters_is_refused(setup, tmp_path, caps
     run_inprocess(base_args(setup, out, save_freq=1, train_steps=4, resume=True, lr=1e-3))  # only warns
     assert "warning: --resume with --lr 0.001 (the run started with 0.002)" in capsys.readouterr().out
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    lora = tmp_path / "lora"  # the same adapters in another spelling resume without a word
+    run_inprocess(base_args(setup, lora, save_freq=1, train_steps=2, lora=True, lora_targets=["wq", "wv"]))
+    capsys.readouterr()
+    run_inprocess(base_args(setup, lora, save_freq=1, train_steps=3, lora=True, lora_targets=["wv", "wq"],
+                            resume=True, ckpt_paths=f"{setup['native']}/"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: --resume with --train_steps 3 (the run started with 2)"] and len(metrics(lora)) == 3
+
+
+def test_a_run_that_failed_on_bad_input_can_be_retried(setup, tmp_path, capsys):
+    out = tmp_path / "retry"
+    with pytest.raises(SystemExit):
+        run_inprocess(base_args(setup, out, train_data_paths=f"jsonl:{tmp_path / 'missing.jsonl'}"))
+    run_inprocess(base_args(setup, out))
+    assert len(metrics(out)) == 3
 
 
 def test_validation_loss_is_logged_at_the_end(setup, tmp_path):
