@@ -5,14 +5,15 @@ native output dir, and logging. Each trainer keeps its own loop in plain sight.
 """
 
 import argparse
+import gc
 import json
 import math
-import sys
 import os
 import random
 import resource
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -225,6 +226,9 @@ def setup_distributed() -> Dist:
 
 def teardown_distributed():
     if dist.is_initialized():
+        # Free the models first, while the process group and the interpreter are alive: FSDP's state sits in
+        # reference cycles holding gloo work objects, and freeing those at interpreter exit can abort.
+        gc.collect()
         dist.destroy_process_group()
 
 
