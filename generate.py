@@ -122,12 +122,12 @@ def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
-def find_template(ckpt_paths: list[Path]) -> Path:
-    """The chat template a training run copied into its output dir (for an adapter, the run's dir above it);
-    the last path first: an adapter's run knows the template it was trained with."""
+def find_template(weights: list[Path]) -> Path:
+    """The chat template a training run copied into its output dir (for an adapter, the run's dir above it),
+    given the weight files (resolve_weights); the last first: an adapter's run knows its template."""
     dirs = []
-    for p in reversed(ckpt_paths):
-        d = p if p.is_dir() else p.parent
+    for w in reversed(weights):
+        d = w.parent
         dirs += [d, d.parent] if (d / "adapter_config.json").is_file() else [d]
     for d in dirs:
         found = sorted(d.glob("*.yaml"))

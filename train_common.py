@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import lora
 from convert import TOKENIZER_FILES
 from lora import DEFAULT_TARGETS as LORA_TARGETS
-from model import IGNORE_INDEX, ModelArgs
+from model import IGNORE_INDEX, ModelArgs, checkpoint_state
 
 
 
@@ -158,8 +158,11 @@ def prepare_output_dir(args, d: "Dist"):
         if args.overwrite and not args.resume:  # the other run's outputs go; unrelated files stay
             for name in ("checkpoints", "adapter"):
                 shutil.rmtree(out / name, ignore_errors=True)
-            template = Path(previous.get("template_config") or "none.yaml").name
-            for f in [*RUN_FILES, *TOKENIZER_FILES, template if template.endswith(".yaml") else template + ".yaml"]:
+            names = [*RUN_FILES, *TOKENIZER_FILES]
+            if previous.get("template_config"):  # its template copy: a path's file name, or NAME.yaml
+                template = Path(previous["template_config"])
+                names.append(template.name if template.suffix else f"{template.name}.yaml")
+            for f in names:
                 (out / f).unlink(missing_ok=True)
         for partial in (out / "checkpoints").glob(".tmp_step_*"):  # left by a killed run
             shutil.rmtree(partial, ignore_errors=True)
@@ -656,8 +659,6 @@ def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_pat
     """The output dir as a complete native dir: consolidated.00.pth (LoRA merged in), params.json, tokenizer
     files, the template, train_args.json; LoRA runs also keep the adapter alone under adapter/ (with any
     --lora_unfrozen_params), so base + adapter loads as the trained model."""
-    from model import checkpoint_state
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         barrier()
