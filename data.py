@@ -41,16 +41,25 @@ Batches (`Loader`), every tensor int64:
                           boundary between two packed documents). loss = cross_entropy(logits.flatten(0, 1),
                           labels.flatten(), ignore_index=-100).
     position_ids  [R, T]  0, 1, 2, ... restarting at every packed document
-    document_ids  [R, T]  index of the document within its row, -1 on padding. `block_causal_mask` turns
-                          it into SDPA's boolean mask; padded (unpacked) batches need no mask at all, since
-                          right padding never precedes a real token under causal attention.
-    sample_ids    [N]     dataset indices of the samples in this batch (pair indices for preference)
+    document_ids  [R, T]  index of the document within its row, -1 on padding
+    segments      [S, 5]  packed batches only: (row, start, end, prefix_start, prefix_end) per document, the
+                          attention layout model.segment_attention takes (a document sees itself causally, and a
+                          shared prompt's tokens row[prefix_start:prefix_end] before it). Padded batches need
+                          none: right padding never precedes a real token under causal attention.
+    response_ids  [R, T]  preference: which response a token belongs to (chosen of the batch's pair k = k,
+                          rejected = P + k; -1 elsewhere), so s = the sum of log-probs where labels != -100
+                          grouped by it, [2P] chosen then rejected
+    sample_ids    [P]     dataset indices of the samples in this batch (pair indices for preference)
+    tokens        []      the batch's tokens as the samples have them (a shared prompt counted in both sides)
 SFT padded: R = batch_size rows, T = the longest sample (rounded up to `pad_to_multiple_of`). Packed: R =
 batch_size rows of exactly max_seq_len tokens, documents never split (best-fit within windows of
-`pack_window` shuffled documents: ~1% padding on ultrachat-like lengths). Preference: R = 2 * batch_size,
-rows [0, B) chosen and [B, 2B) rejected, so one forward serves both; s = the sum of the log-probs where
-labels != -100, per row. Every rank gets the same number of steps per epoch; a rank short of samples at
-the end of an epoch gets filler rows with no trained token (detect them with (labels != -100).any(-1)).
+`pack_window` shuffled documents: ~1% padding on ultrachat-like lengths). Preference padded: R = 2 *
+batch_size, rows [0, B) chosen and [B, 2B) rejected, so one forward serves both. Preference packed: R =
+batch_size rows of 2 * max_seq_len tokens (room for any pair), whole pairs only, each pair as its chosen
+then its rejected document; with `share_prompt` the rejected document drops the prompt it shares with the
+chosen one (`shared_prefix_length`) and attends to the chosen document's copy, with positions continuing
+from the prompt's end, so each response sees exactly its unshared context. Every rank gets the same number
+of steps per epoch; a rank short of samples at the end of an epoch gets filler rows with no trained token.
 Shuffling is a function of (seed, epoch); ranks read disjoint rows; `state_dict()` = (epoch, rows
 consumed), so a resumed run (even on another number of ranks) sees exactly the samples it had not seen.
 """
@@ -702,20 +711,22 @@ def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str =
 # Batches
 
 
-def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """bool [B, 1, T, T] for F.scaled_dot_product_attention (True = may attend): causal, and only within
-    the same document. Padding (-1) forms its own block, so no query row is all False (that gives NaN,
-    and 0 * NaN in the value product would then leak into real tokens)."""
-    T = document_ids.shape[-1]
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
-    return (same & causal)[:, None]
+def shared_prefix_length(ds: TokenizedDataset, i: int) -> int:
+    """How many leading tokens pair i's two sides can compute once: identical in both, and none of them the
+    position that predicts a trained token (that prediction differs between the sides). At most the first
+    trained position - 1, so the prompt's last token starts each response again."""
+    (c, cm), (r, rm) = ds[i]
+    n = min(len(c), len(r))
+    differ = np.flatnonzero(c[:n] != r[:n])
+    common = int(differ[0]) if len(differ) else n
+    first_trained = min(int(np.argmax(cm)) if cm.any() else len(c), int(np.argmax(rm)) if rm.any() else len(r))
+    return max(0, min(common, first_trained - 1))
 
 
 def pack_rows(order: np.ndarray, lengths: np.ndarray, capacity: int, window: int, rng) -> list[list[int]]:
-    """Pack documents into rows of `capacity` tokens, never splitting one: each window of `window`
-    documents of `order` is packed best-fit decreasing (the longest first, each into the fullest row
-    it fits), then its rows are shuffled. Rows depend only on the order, not on batch size or ranks."""
+    """Pack samples into rows of `capacity` tokens, never splitting one: each window of `window` samples of
+    `order` is packed best-fit decreasing (the longest first, each into the fullest row it fits), then its
+    rows are shuffled. Rows depend only on the order, not on batch size or ranks."""
     rows, lengths = [], lengths.tolist()
     for w in range(0, len(order), window):
         docs = sorted(order[w:w + window].tolist(), key=lambda d: -lengths[d])
@@ -737,26 +748,39 @@ class Loader:
     """Batches of a TokenizedDataset for one rank. See the module doc for the batch format.
 
     Epoch e lays the samples out in rows: a permutation drawn from (seed, e), one sample per row, or
-    packed (`pack_rows`). Every global step takes the next batch_size * world_size rows and deals them
-    to the ranks (row r of the step to rank r % world_size): the ranks see disjoint samples and the
-    union over an epoch is the whole dataset. The position is (epoch, rows consumed); the rows do not
-    depend on the world size, so a resumed run, even on another number of ranks, sees exactly the
-    samples it had not seen. Iterating serves the rest of the current epoch, then moves to the next:
-    `while loader.epoch < epochs: for batch in loader: ...`."""
+    packed (`pack_rows`; a preference pair is one unit, never split). Every global step takes the next
+    batch_size * world_size rows and deals them to the ranks (row r of the step to rank r % world_size): the
+    ranks see disjoint samples and the union over an epoch is the whole dataset. The position is (epoch, rows
+    consumed); the rows do not depend on the world size, so a resumed run, even on another number of ranks,
+    sees exactly the samples it had not seen. Iterating serves the rest of the current epoch, then moves to
+    the next: `while loader.epoch < epochs: for batch in loader: ...`."""
 
-    def __init__(self, dataset: TokenizedDataset, batch_size: int, *, pack: bool = False, seed: int = 0,
-                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
+    def __init__(self, dataset: TokenizedDataset, batch_size: int, *, pack: bool = False, share_prompt: bool = False,
+                 seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
                  drop_last: bool = False, pad_id: int = 0, pad_to_multiple_of: int = 1, pack_window: int = 1024):
         d = _dist()
         self.rank = rank if rank is not None else (d[0] if d else 0)
         self.world_size = world_size if world_size is not None else (d[2] if d else 1)
-        if pack and dataset.kind == "preference":
-            raise DataError("packing is for SFT; preference batches are padded (drop --pack_samples)")
+        self.pairs = dataset.kind == "preference"
+        if share_prompt and not (pack and self.pairs):
+            raise DataError("share_prompt lays a preference pair out as prompt | chosen | rejected in a packed row: "
+                            "it needs packing and preference data")
         if batch_size < 1 or not 0 <= self.rank < self.world_size:
             raise DataError(f"bad batch_size {batch_size} / rank {self.rank} / world size {self.world_size}")
-        self.ds, self.batch_size, self.pack, self.seed, self.shuffle = dataset, batch_size, pack, seed, shuffle
-        self.drop_last, self.pad_id, self.multiple, self.window = drop_last, pad_id, pad_to_multiple_of, pack_window
+        self.ds, self.batch_size, self.pack, self.share, self.seed = dataset, batch_size, pack, share_prompt, seed
+        self.shuffle, self.drop_last, self.pad_id = shuffle, drop_last, pad_id
+        self.multiple, self.window = pad_to_multiple_of, pack_window
         self.seq_len = dataset.meta["max_seq_len"]
+        # A packed preference row holds 2 * max_seq_len tokens: room for any pair the length policy kept, and
+        # the token budget of a padded micro-batch's chosen + rejected rows.
+        self.capacity = self.seq_len * (2 if self.pairs else 1)
+        lengths = dataset.doc_lengths
+        self.shared = np.zeros(len(dataset), dtype=np.int64)
+        if self.pairs:
+            if share_prompt:
+                self.shared = np.array([shared_prefix_length(dataset, i) for i in range(len(dataset))], dtype=np.int64)
+            lengths = lengths[0::2] + lengths[1::2] - self.shared
+        self.lengths = lengths  # per sample, as laid out in a row
         self.epoch, self.consumed = 0, 0
         self._rows = (None, None)  # (epoch, rows) cache
 
@@ -767,7 +791,7 @@ class Loader:
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
             if self.pack:
                 rng = np.random.default_rng([self.seed, epoch, 1])
-                rows = pack_rows(order, self.ds.doc_lengths, self.seq_len, self.window, rng)
+                rows = pack_rows(order, self.lengths, self.capacity, self.window, rng)
             else:
                 rows = [[s] for s in order.tolist()]
             self._rows = (epoch, rows)
@@ -804,54 +828,74 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_samples": len(self.ds),
-                "shuffle": self.shuffle, "pack": self.pack, "seq_len": self.seq_len, "pack_window": self.window}
+                "shuffle": self.shuffle, "pack": self.pack, "seq_len": self.seq_len, "pack_window": self.window,
+                "share_prompt": self.share}
 
     def load_state_dict(self, state: dict):
         mine = self.state_dict()
-        for k in ("seed", "num_samples", "shuffle", "pack", "seq_len", "pack_window"):
+        state = {"share_prompt": False, **state}  # checkpoints from before prompt sharing
+        for k in ("seed", "num_samples", "shuffle", "pack", "seq_len", "pack_window", "share_prompt"):
             if state[k] != mine[k]:
                 raise DataError(f"loader state has {k}={state[k]} but this run has {mine[k]}; resuming would "
                                 f"not continue the same sample order (same data, --seed and packing needed)")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
-    def _docs(self, rows: list[list[int]]) -> list[list[int]]:
-        """Rows of sample ids -> rows of document ids (preference: B pairs -> 2B rows, chosen first)."""
-        if self.ds.kind == "preference":
-            return [[2 * r[0]] if r else [] for r in rows] + [[2 * r[0] + 1] if r else [] for r in rows]
-        return rows
+    def layout(self, rows: list[list[int]]) -> list[list[tuple[int, int, int]]]:
+        """Rows of sample ids -> rows of pieces (document, first token, shared prefix) as they sit in the
+        batch: a piece is tokens [first, end) of the document, after `shared` tokens of the row's prompt piece
+        (0: none). Padded preference batches are B chosen rows, then the B rejected ones."""
+        if not self.pairs:
+            return [[(d, 0, 0) for d in row] for row in rows]
+        if not self.pack:
+            return [[(2 * r[0], 0, 0)] if r else [] for r in rows] + [[(2 * r[0] + 1, 0, 0)] if r else [] for r in rows]
+        # prompt + chosen as one document, then the rejected response continuing from the prompt's end
+        return [[p for i in row for p in ((2 * i, 0, 0), (2 * i + 1, int(self.shared[i]), int(self.shared[i])))]
+                for row in rows]
 
-    def _width(self, docs: list[list[int]]) -> int:
+    def _width(self, pieces: list[list[tuple]]) -> int:
         if self.pack:
-            return self.seq_len
+            return self.capacity
         offsets = self.ds.offsets
-        longest = max([int(offsets[r[0] + 1] - offsets[r[0]]) for r in docs if r] or [1])
+        longest = max([int(offsets[d + 1] - offsets[d]) for row in pieces for d, _, _ in row] or [1])
         return -(-longest // self.multiple) * self.multiple
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rows of sample ids ([] = a filler row) -> the batch dict of the module doc."""
-        docs = self._docs(rows)
+        pieces = self.layout(rows)
         offsets, ids_mm, mask_mm = self.ds.offsets, self.ds.ids, self.ds.mask
-        R, T = len(docs), self._width(docs)
+        R, T = len(pieces), self._width(pieces)
         input_ids = np.full((R, T), self.pad_id, dtype=np.int64)
         labels = np.full((R, T), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((R, T), dtype=np.int64)
         document_ids = np.full((R, T), -1, dtype=np.int64)
-        arange = np.arange(T, dtype=np.int64)
-        for r, row in enumerate(docs):
-            p = 0
-            for j, d in enumerate(row):
-                a, b = offsets[d], offsets[d + 1]
+        response_ids = np.full((R, T), -1, dtype=np.int64)
+        arange = np.arange(max(T, 1), dtype=np.int64)
+        sample_ids = [s for r in rows for s in r]
+        slot = {s: k for k, s in enumerate(sample_ids)}  # response k: chosen of pair k, rejected at P + k
+        segments, tokens = [], 0
+        for r, row in enumerate(pieces):
+            p = previous = 0
+            for j, (d, first, shared) in enumerate(row):
+                a, b = offsets[d] + first, offsets[d + 1]
                 n = b - a
                 ids = ids_mm[a:b].astype(np.int64)  # before np.where: uint32 would wrap -100
                 input_ids[r, p:p + n] = ids
                 # the target of position t is token t + 1 of the same document, if trained
                 labels[r, p:p + n - 1] = np.where(mask_mm[a + 1:b] != 0, ids[1:], IGNORE_INDEX)
-                position_ids[r, p:p + n] = arange[:n]
+                position_ids[r, p:p + n] = arange[first:first + n]
                 document_ids[r, p:p + n] = j
-                p += n
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(position_ids), "document_ids": torch.from_numpy(document_ids),
-                "sample_ids": torch.tensor([s for r in rows for s in r], dtype=torch.int64)}
+                if self.pairs:
+                    response_ids[r, p:p + n] = slot[d // 2] + (len(sample_ids) if d % 2 else 0)
+                # a piece after a shared prompt also sees that prompt: the first tokens of the piece before it
+                segments.append((r, p, p + n, previous, previous + shared))
+                tokens += n + first
+                previous, p = p, p + n
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids,
+                 "response_ids": response_ids, "sample_ids": np.array(sample_ids, dtype=np.int64),
+                 "tokens": np.array(tokens, dtype=np.int64)}
+        if self.pack:
+            batch["segments"] = np.array(segments, dtype=np.int64).reshape(-1, 5)
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
 def padding_fraction(loader: Loader, epoch: int = 0) -> float:
@@ -862,9 +906,9 @@ def padding_fraction(loader: Loader, epoch: int = 0) -> float:
         view = copy.copy(loader)
         view.rank = rank
         for _, mine in view._steps(epoch, 0):
-            docs = loader._docs(mine)
-            real += sum(int(lengths[d]) for row in docs for d in row)
-            total += len(docs) * loader._width(docs)
+            pieces = loader.layout(mine)
+            real += sum(int(lengths[d]) - first for row in pieces for d, first, _ in row)
+            total += len(pieces) * loader._width(pieces)
     return 1 - real / max(total, 1)
 
 

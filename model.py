@@ -130,6 +130,46 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+# -- attention over packed rows ------------------------------------------------------------------------------
+@torch.compiler.disable  # a Python loop over this batch's documents: compiled blocks call it as it is
+def segment_attention(q, k, v, segments, window: int | None = None) -> torch.Tensor:
+    """Causal attention within each segment of packed rows, never across: q [B, H, T, D], k and v [B, Hkv, T, D]
+    -> [B, H, T, D]. `segments` holds (row, start, end, prefix_start, prefix_end) tuples: the queries of
+    row[start:end] see, causally, its keys and, before them, the keys of row[prefix_start:prefix_end] (a prompt
+    that several responses share; empty for a plain document). Positions in no segment (padding) get zeros.
+
+    Each segment is one SDPA call on its own slice, so attention costs O(length^2) within documents only and
+    stays on SDPA's causal kernel: no [T, T] mask. Shared-prompt keys are concatenated in front of the
+    segment's own, which moves the causal diagonal to the bottom right; that (and a sliding window) is the
+    only case that spells out a mask, of [end - start, keys] for that segment alone."""
+    B, H, T, D = q.shape
+    gqa = k.shape[1] != H
+    rows = [[] for _ in range(B)]
+    for r, a, b, pa, pb in segments:
+        qs, ks, vs = q[r:r + 1, :, a:b], k[r:r + 1, :, a:b], v[r:r + 1, :, a:b]
+        if pb > pa:
+            ks, vs = torch.cat([k[r:r + 1, :, pa:pb], ks], 2), torch.cat([v[r:r + 1, :, pa:pb], vs], 2)
+        n_q, n_k = b - a, ks.shape[2]
+        if n_k == n_q and not (window and n_k > window):
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        else:
+            i = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)  # each query's index among the keys
+            j = torch.arange(n_k, device=q.device)[None, :]
+            mask = (j <= i) & ((i - j < window) if window else True)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+        rows[r].append((a, b, out))
+    out_rows = []
+    for row in rows:
+        pieces, cursor = [], 0
+        for a, b, out in sorted(row, key=lambda s: s[0]):
+            pieces += [q.new_zeros(1, H, a - cursor, D)] if a > cursor else []
+            pieces.append(out)
+            cursor = b
+        pieces += [q.new_zeros(1, H, T - cursor, D)] if cursor < T else []
+        out_rows.append(torch.cat(pieces, 2))
+    return torch.cat(out_rows, 0)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -138,9 +178,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.window = args.sliding_window
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, start_pos):
+    def forward(self, x, cos, sin, mask, start_pos, segments=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -148,11 +189,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if segments is not None:
+            out = segment_attention(q, k, v, segments, self.window)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            gqa = self.n_kv_heads != self.n_heads
+            causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **causal)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -175,8 +217,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, start_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+    def forward(self, x, cos, sin, mask, start_pos, segments=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos, segments)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -194,22 +236,25 @@ class Transformer(nn.Module):
         self.inv_freq = rope_frequencies(args)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, start_pos: int = 0,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, start_pos: int = 0, labels: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V], or with `labels` [B, T] the fp32 log-probs [B, T] of the labels.
 
-        position_ids [B, T] default to start_pos + arange(T); packed batches pass per-document positions
-        and a boolean `mask` [B, 1, T, T] (True = may attend). Without a mask attention is causal.
+        position_ids [B, T] default to start_pos + arange(T). Attention is causal over each row, or, for
+        packed rows, within each of the row's documents: `segments` [S, 5] (row, start, end, prefix_start,
+        prefix_end), see segment_attention; packed batches pass it with per-document positions. A boolean
+        `mask` [B, 1, T, T] (True = may attend) serves the tests as the dense reference.
         `start_pos` is where these tokens go in the KV cache, when one is set up.
         Training passes labels: the log-probs are computed here, inside the model's forward, because under
         FSDP2 the output projection's weight is only gathered while the root module runs.
         """
-        h = self.hidden_states(tokens, position_ids, mask, start_pos)
+        h = self.hidden_states(tokens, position_ids, mask, start_pos, segments)
         if labels is not None:
             return token_logprobs(h, self.output.weight, labels)
         return self.output(h)
 
-    def hidden_states(self, tokens, position_ids=None, mask=None, start_pos: int = 0) -> torch.Tensor:
+    def hidden_states(self, tokens, position_ids=None, mask=None, start_pos: int = 0,
+                      segments=None) -> torch.Tensor:
         """The final normalised hidden states [B, T, dim], before the output projection."""
         B, T = tokens.shape
         if position_ids is None:
@@ -218,20 +263,21 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(tokens.device)
         angles = position_ids[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
         cos, sin = angles.cos(), angles.sin()
-        if mask is None and start_pos > 0:
-            # Decoding after a prefill: SDPA's is_causal aligns queries to the first key, so spell out that
-            # query i (at position start_pos + i) sees every cached key and the new ones up to itself.
-            keys = torch.arange(start_pos + T, device=tokens.device)
-            mask = keys[None, :] <= (start_pos + torch.arange(T, device=tokens.device))[:, None]
         window = self.args.sliding_window
-        if window and start_pos + T > window:  # only then does the window hide anything
+        if segments is not None:  # read once per batch, not once per layer; the window applies per segment
+            segments = tuple(map(tuple, segments.tolist()))
+        elif mask is None:  # a caller's mask is complete as given (window included)
             queries = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]
             keys = torch.arange(start_pos + T, device=tokens.device)[None, :]
-            recent = (keys <= queries) & (queries - keys < window)
-            mask = recent if mask is None else mask & recent
+            if start_pos > 0:
+                # Decoding after a prefill: SDPA's is_causal aligns queries to the first key, so spell out that
+                # query i (at position start_pos + i) sees every cached key and the new ones up to itself.
+                mask = keys <= queries
+            if window and start_pos + T > window:  # only then does the window hide anything
+                mask = (keys <= queries) & (queries - keys < window)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, start_pos)
+            h = layer(h, cos, sin, mask, start_pos, segments)
         return self.norm(h)
 
     # -- inference ---------------------------------------------------------------------------------------

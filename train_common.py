@@ -60,7 +60,8 @@ class CommonArgs:
     loss_reduction: str = arg("tokens", help="SFT: tokens: mean over all trained tokens of the global batch; "
                               "sequences: mean of per-sequence token means. DPO/SimPO average their per-pair "
                               "loss over pairs either way", choices=["tokens", "sequences"])
-    pack_samples: bool = arg(False, help="pack several samples per row with per-document attention (SFT)")
+    pack_samples: bool = arg(False, help="pack several samples (whole preference pairs) per row, with attention "
+                             "within each document: no padding")
     lr: float = arg(1e-5, help="peak learning rate")
     lr_scheduler: str = arg("cosine", help="schedule after warmup", choices=["linear", "cosine", "constant"])
     warmup_steps: int = arg(0, help="linear warmup steps")
@@ -94,6 +95,14 @@ class CommonArgs:
     wandb_project: str = arg("llm-post-training", help="W&B project")
 
 
+@dataclass
+class PreferenceArgs(CommonArgs):
+    """DPO's and SimPO's flags on top of the common ones."""
+    share_prompt: bool = arg(None, help="with --pack_samples (on by default there): compute each pair's prompt once, "
+                             "laid out as prompt | chosen | rejected; each response sees the prompt and itself, at "
+                             "the positions it has unshared", action=argparse.BooleanOptionalAction)
+
+
 def parse_args(cls, argv=None):
     """argparse built from the dataclass: each field a --flag with its type, default and help."""
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
@@ -117,6 +126,11 @@ def parse_args(cls, argv=None):
                 kwargs["help"] += f" (default: {kwargs['default']})"
         parser.add_argument(f"--{f.name}", **kwargs)
     args = cls(**vars(parser.parse_args(argv)))
+    if getattr(args, "share_prompt", None) and not args.pack_samples:
+        parser.error("--share_prompt lays a pair's prompt and both responses out in one packed row: it needs "
+                     "--pack_samples")
+    if hasattr(args, "share_prompt") and args.share_prompt is None:
+        args.share_prompt = args.pack_samples
     for name, value in vars(args).items():
         rule = next((r for names, r in VALUE_RULES if name in names), None)
         if rule and value is not None and not rule[0](value):
@@ -438,6 +452,14 @@ def load_model(args, d: Dist):
     return wrapped, model, lora_config, input_dtype
 
 
+def make_loader(args, dataset, pad_id: int, shuffle: bool = True):
+    """The run's batches of `dataset`: padded, or packed (pairs laid out with a shared prompt, --share_prompt)."""
+    from data import Loader
+
+    return Loader(dataset, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, shuffle=shuffle,
+                  share_prompt=getattr(args, "share_prompt", False), pad_id=pad_id)
+
+
 def total_steps(args, loader) -> int:
     """--train_steps, else the steps of --train_epochs passes: the last step of an epoch takes the epoch's
     remaining micro-batches (see step_batches)."""
@@ -518,43 +540,49 @@ def run(train, args_class, argv=None):
 
 
 # -- preference pairs (DPO, SimPO) -------------------------------------------------------------------------------
-# A preference batch holds 2B rows: the B chosen responses, then the B rejected ones (data.py).
+# A preference batch's responses, s and n [2P]: the chosen responses of its P pairs, then the rejected ones.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected")
 
 
 def response_lengths(batch) -> torch.Tensor:
-    """Trained (response) tokens of each row [2B]."""
-    return (batch["labels"] != IGNORE_INDEX).sum(-1)
-
-
-def real_pairs(batch) -> torch.Tensor:
-    """bool [B]: which of the micro-batch's B slots hold a pair. Filler rows (a rank short of samples at the end
-    of an epoch) have no trained token on either side and are not pairs. One empty side is an error: its s
-    would be 0 and SimPO's s / length a NaN."""
-    chosen, rejected = (response_lengths(batch) > 0).chunk(2)
-    if (chosen != rejected).any():
-        r = int((chosen != rejected).nonzero()[0])
-        raise ValueError(f"preference pair {int(batch['sample_ids'][r])} (dataset index) has an empty "
-                         f"{'rejected' if chosen[r] else 'chosen'} response: no trained token. Rebuild the data "
+    """n [2P]: each response's trained tokens (data.py's response_ids say which tokens are whose). One empty
+    side is an error: its s would be 0 and SimPO's s / n a NaN."""
+    trained = batch["labels"] != IGNORE_INDEX
+    n = torch.bincount(batch["response_ids"][trained], minlength=2 * len(batch["sample_ids"]))
+    if (n == 0).any():
+        k = int((n == 0).nonzero()[0])
+        P = len(batch["sample_ids"])
+        raise ValueError(f"preference pair {int(batch['sample_ids'][k % P])} (dataset index) has an empty "
+                         f"{'rejected' if k >= P else 'chosen'} response: no trained token. Rebuild the data "
                          f"cache (data.py drops such pairs) or fix the record")
-    return chosen
+    return n
 
 
 def preference_counts(micro_batches, d: Dist) -> list[float]:
-    """[pairs, chosen response tokens, real tokens] of a whole step: all micro-batches, all ranks."""
-    counts = torch.tensor([[float(real_pairs(b).sum()), float(response_lengths(b).chunk(2)[0].sum()),
-                            float((b["document_ids"] >= 0).sum())] for b in micro_batches], dtype=torch.float64)
+    """[pairs, chosen response tokens, tokens] of a whole step: all micro-batches, all ranks. Tokens count
+    each sample as it is (a shared prompt in both sides): the work asked for, not the work done."""
+    counts = torch.tensor([[len(b["sample_ids"]), float(response_lengths(b).chunk(2)[0].sum()), float(b["tokens"])]
+                           for b in micro_batches], dtype=torch.float64)
     return all_reduce_sum(counts.sum(0).to(d.device)).tolist()
 
 
+def forward_logprobs(model, batch, device) -> torch.Tensor:
+    """log p of every label [R, T] (0 where none): per-document attention when the batch is packed."""
+    return model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                 labels=batch["labels"].to(device), segments=batch.get("segments"))
+
+
 def response_logps(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of the concatenated chosen + rejected rows -> (s, n) [2B]: each row's response log-prob,
-    summed over its trained tokens only (prompt and padding are -100, where the model returns 0), and the
-    number of those tokens."""
+    """One forward of the batch's rows (padded chosen + rejected rows, or packed pairs) -> (s, n) [2P]: each
+    response's log-prob summed over its trained tokens only (prompt and padding are -100, where the model
+    returns 0), and the number of those tokens."""
     labels = batch["labels"].to(device)
-    logprobs = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), labels=labels)
-    return logprobs.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+    logprobs = forward_logprobs(model, batch, device)
+    trained = labels != IGNORE_INDEX
+    owner = batch["response_ids"].to(device)[trained]
+    n = response_lengths(batch).to(device)
+    return torch.zeros(len(n), dtype=logprobs.dtype, device=device).index_add(0, owner, logprobs[trained]), n
 
 
 def pair_metric_sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> torch.Tensor:

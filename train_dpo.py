@@ -35,11 +35,10 @@ import torch.nn.functional as F
 
 import lora
 import train_common as tc
-from data import Loader
 
 
 @dataclass
-class DPOArgs(tc.CommonArgs):
+class DPOArgs(tc.PreferenceArgs):
     dpo_beta: float = tc.arg(0.1, help="b: how far the policy may move from the reference (TRL's default 0.1; "
                              "the torchllms example uses 0.01)")
     dpo_label_smoothing: float = tc.arg(0.0, help="e: assumed probability that a pair's labels are flipped "
@@ -135,12 +134,11 @@ def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: 
     values = torch.zeros(2 * len(dataset), dtype=torch.float64, device=d.device)
     was_training = model.training
     model.eval()
-    for batch in Loader(dataset, args.micro_batch_size_per_gpu, shuffle=False, pad_id=pad_id):
+    for batch in tc.make_loader(args, dataset, pad_id, shuffle=False):  # packed as training packs
         with tc.autocast(d, args.dp, param_dtype):
             s, _ = tc.response_logps(model, batch, d.device)
-        ids, B = batch["sample_ids"].to(d.device), s.shape[0] // 2
-        values[2 * ids] = s[:len(ids)].double()
-        values[2 * ids + 1] = s[B:B + len(ids)].double()
+        ids = batch["sample_ids"].to(d.device)
+        values[torch.cat([2 * ids, 2 * ids + 1])] = s.double()
     model.train(was_training)
     tc.reshard(model)
     values = tc.all_reduce_sum(values).float().cpu()  # each pair was computed by one rank, zeros elsewhere
@@ -166,10 +164,8 @@ def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_d
         del ref_model
 
         def reference(batch, split):
-            ids, B = batch["sample_ids"], batch["labels"].shape[0] // 2
-            s = torch.zeros(2 * B)
-            s[:len(ids)], s[B:B + len(ids)] = tables[split][2 * ids], tables[split][2 * ids + 1]
-            return s.to(d.device)
+            ids = batch["sample_ids"]
+            return tables[split][torch.cat([2 * ids, 2 * ids + 1])].float().to(d.device)
         return reference
 
     # The adapters-off policy is the reference only while nothing but adapters trains.
@@ -193,12 +189,11 @@ def validate(model, loader, reference, args, d: tc.Dist, param_dtype) -> dict:
     model.eval()
     totals = torch.zeros(2 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, then the metrics' sums
     for batch in loader:
-        keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)
-        ref = reference(batch, "val")[keep]
+        ref = reference(batch, "val")
         with tc.autocast(d, args.dp, param_dtype):
             s, n = tc.response_logps(model, batch, d.device)
-        losses, *logged = dpo_loss(s[keep], ref, n[keep], args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
-        totals += torch.cat([torch.stack([keep.sum() / 2, losses.sum()]), tc.pair_metric_sums(*logged)])
+        losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
+        totals += torch.cat([torch.stack([s.new_tensor(len(losses)), losses.sum()]), tc.pair_metric_sums(*logged)])
     model.train()
     tc.reshard(model)
     pairs, loss, *sums = tc.all_reduce_sum(totals).tolist()
@@ -211,8 +206,8 @@ def train(args: DPOArgs, d: tc.Dist):
     tokenizer, template = tc.load_tokenizer_and_template(args)
     train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="preference")
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = Loader(train_set, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, pad_id=pad_id)
-    val_loader = val_set and Loader(val_set, args.micro_batch_size_per_gpu, shuffle=False, pad_id=pad_id)
+    loader = tc.make_loader(args, train_set, pad_id)
+    val_loader = val_set and tc.make_loader(args, val_set, pad_id, shuffle=False)
     model, base_model, lora_config, input_dtype = tc.load_model(args, d)
     param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
     reference = build_reference(args, d, model, base_model, {"train": train_set, "val": val_set}, param_dtype, pad_id)
@@ -239,11 +234,10 @@ def train(args: DPOArgs, d: tc.Dist):
         pairs, _, tokens = tc.preference_counts(micro_batches, d)
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
-            keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)  # chosen rows, then rejected; no filler
-            ref = reference(batch, "train")[keep]
+            ref = reference(batch, "train")
             with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
                 s, n = tc.response_logps(model, batch, d.device)
-                losses, *logged = dpo_loss(s[keep], ref, n[keep], args.dpo_beta, args.dpo_label_smoothing,
+                losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing,
                                            args.dpo_loss)
                 loss = losses.sum() / max(pairs, 1)
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.

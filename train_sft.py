@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import train_common as tc
-from data import IGNORE_INDEX, Loader, block_causal_mask
+from data import IGNORE_INDEX
 
 
 @dataclass
@@ -53,19 +53,13 @@ def loss_units(batch, reduction: str) -> int:
     return int(seq.unique().numel())
 
 
-def forward_logprobs(model, batch, device, packed: bool):
-    mask = block_causal_mask(batch["document_ids"]).to(device) if packed else None
-    return model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), mask=mask,
-                 labels=batch["labels"].to(device))
-
-
 @torch.no_grad()
-def validate(model, loader, d, packed: bool) -> float:
+def validate(model, loader, d) -> float:
     """Token-mean loss over the whole validation set."""
     model.eval()
     total = torch.zeros(2, device=d.device)
     for batch in loader:
-        lp = forward_logprobs(model, batch, d.device, packed)
+        lp = tc.forward_logprobs(model, batch, d.device)
         labels = batch["labels"].to(d.device)
         total += torch.stack([-lp[labels != IGNORE_INDEX].sum(), (labels != IGNORE_INDEX).sum()])
     model.train()
@@ -81,9 +75,8 @@ def train(args: SFTArgs, d: tc.Dist):
     tokenizer, template = tc.load_tokenizer_and_template(args)
     train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="sft")
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = Loader(train_set, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, pad_id=pad_id)
-    val_loader = val_set and Loader(val_set, args.micro_batch_size_per_gpu, pack=args.pack_samples, shuffle=False,
-                                    pad_id=pad_id)
+    loader = tc.make_loader(args, train_set, pad_id)
+    val_loader = val_set and tc.make_loader(args, val_set, pad_id, shuffle=False)
     model, base_model, lora_config, input_dtype = tc.load_model(args, d)
     optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     steps = tc.total_steps(args, loader)
@@ -107,13 +100,13 @@ def train(args: SFTArgs, d: tc.Dist):
         micro_batches = tc.step_batches(batches, loader, args.gradient_accum_steps)
         # The global denominator first, so every micro-batch's gradient is already correctly scaled.
         counts = torch.tensor([sum(loss_units(b, args.loss_reduction) for b in micro_batches),
-                               sum(int((b["document_ids"] >= 0).sum()) for b in micro_batches)],
+                               sum(int(b["tokens"]) for b in micro_batches)],
                               dtype=torch.float64, device=d.device)
         units, tokens = tc.all_reduce_sum(counts).tolist()
         loss_total = torch.zeros((), device=d.device)
         for i, batch in enumerate(micro_batches):
             with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
-                lp = forward_logprobs(model, batch, d.device, args.pack_samples)
+                lp = tc.forward_logprobs(model, batch, d.device)
                 loss = sft_loss_sum(lp, batch["labels"].to(d.device), batch["document_ids"].to(d.device),
                                     args.loss_reduction) / max(units, 1)
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
@@ -129,7 +122,7 @@ def train(args: SFTArgs, d: tc.Dist):
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                    "tokens_per_s": tokens / seconds, "epoch": loader.epoch}
         if val_loader is not None and (step == steps or args.val_freq and step % args.val_freq == 0):
-            metrics["val/loss"] = validate(model, val_loader, d, args.pack_samples)
+            metrics["val/loss"] = validate(model, val_loader, d)
         log.log(step, metrics)
         if args.save_freq and step % args.save_freq == 0 and step < steps:
             checkpoint()

@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import train_common as tc
-from data import Loader
 
 
 @dataclass
-class SimPOArgs(tc.CommonArgs):
+class SimPOArgs(tc.PreferenceArgs):
     simpo_beta: float = tc.arg(2.0, help="b: scale of the length-normalised reward b * a")
     simpo_gamma: float = tc.arg(1.0, help="g: the paper's target reward margin, subtracted from b (a_w - a_l); "
                                 "official code and TRL take gamma_beta_ratio = g / b instead")
@@ -55,12 +54,12 @@ def validate(model, loader, args, d: tc.Dist, param_dtype) -> dict:
     model.eval()
     totals = torch.zeros(4 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, NLL, tokens, the metrics
     for batch in loader:
-        keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)
         with tc.autocast(d, args.dp, param_dtype):
             s, n = tc.response_logps(model, batch, d.device)
-        losses, *logged = simpo_loss(s[keep], n[keep], args.simpo_beta, args.simpo_gamma)
-        nll, tokens = -s[keep].chunk(2)[0].sum(), n[keep].chunk(2)[0].sum()
-        totals += torch.cat([torch.stack([keep.sum() / 2, losses.sum(), nll, tokens]), tc.pair_metric_sums(*logged)])
+        losses, *logged = simpo_loss(s, n, args.simpo_beta, args.simpo_gamma)
+        nll, tokens = -s.chunk(2)[0].sum(), n.chunk(2)[0].sum()
+        counts = torch.stack([s.new_tensor(len(losses)), losses.sum(), nll, tokens])
+        totals += torch.cat([counts, tc.pair_metric_sums(*logged)])
     model.train()
     tc.reshard(model)
     pairs, loss, nll, tokens, *sums = tc.all_reduce_sum(totals).tolist()
@@ -74,8 +73,8 @@ def train(args: SimPOArgs, d: tc.Dist):
     tokenizer, template = tc.load_tokenizer_and_template(args)
     train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="preference")
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = Loader(train_set, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, pad_id=pad_id)
-    val_loader = val_set and Loader(val_set, args.micro_batch_size_per_gpu, shuffle=False, pad_id=pad_id)
+    loader = tc.make_loader(args, train_set, pad_id)
+    val_loader = val_set and tc.make_loader(args, val_set, pad_id, shuffle=False)
     model, base_model, lora_config, input_dtype = tc.load_model(args, d)
     param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
     optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
@@ -101,13 +100,12 @@ def train(args: SimPOArgs, d: tc.Dist):
         pairs, chosen_tokens, tokens = tc.preference_counts(micro_batches, d)
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
-            keep = torch.cat([tc.real_pairs(batch)] * 2).to(d.device)  # chosen rows, then rejected; no filler
             with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
                 s, n = tc.response_logps(model, batch, d.device)
-                losses, *logged = simpo_loss(s[keep], n[keep], args.simpo_beta, args.simpo_gamma)
+                losses, *logged = simpo_loss(s, n, args.simpo_beta, args.simpo_gamma)
                 loss = losses.sum() / max(pairs, 1)
                 if args.sft_weight:  # the chosen responses' NLL, a mean over the global batch's chosen tokens
-                    loss = loss + args.sft_weight * -s[keep].chunk(2)[0].sum() / max(chosen_tokens, 1)
+                    loss = loss + args.sft_weight * -s.chunk(2)[0].sum() / max(chosen_tokens, 1)
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
             (loss * d.world_size).backward()
             totals += torch.cat([loss.detach()[None], tc.pair_metric_sums(*logged)])

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import convert
-from data import block_causal_mask
 from model import Transformer, generate
 from tiny import hf_model, native_model, save_hf
 
@@ -274,9 +273,8 @@ def test_sliding_window(tmp_path, capsys, family, config, refused):
     with torch.no_grad():
         assert (model(tokens) - ref_model(tokens).logits).abs().max() <= 1e-4
         # two documents of 40 and 24 tokens packed in one row
-        doc = torch.tensor([0] * 40 + [1] * 24)
         positions = torch.cat([torch.arange(40), torch.arange(24)])[None]
-        packed = model(tokens[:1], positions, block_causal_mask(doc[None]))
+        packed = model(tokens[:1], positions, segments=torch.tensor([[0, 0, 40, 0, 0], [0, 40, 64, 40, 40]]))
         alone = torch.cat([ref_model(tokens[:1, :40]).logits, ref_model(tokens[:1, 40:]).logits], 1)
         assert (packed - alone).abs().max() <= 1e-4
         new = list(generate(model, tokens[0, :5].tolist(), max_new_tokens=20))

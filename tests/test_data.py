@@ -19,7 +19,8 @@ import torch
 
 import data
 from assets import LLAMA3_TOKENIZER, asset
-from data import DataError, Loader, block_causal_mask, prepare_dataset
+from data import DataError, Loader, prepare_dataset
+from tiny import dense_mask
 from tokenize_chat import load_template, load_tokenizer, tokenize_conversation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -430,7 +431,7 @@ def test_packing_isolates_documents_and_matches_padded_loss(sft):
     docs = batch["document_ids"]
     assert batch["input_ids"].shape == (2, 128) and (docs.max(-1).values >= 1).all()  # >= 2 docs per row
     with torch.no_grad():
-        logits = model(batch["input_ids"], attention_mask=block_causal_mask(docs),
+        logits = model(batch["input_ids"], attention_mask=dense_mask(batch["segments"], *docs.shape),
                        position_ids=batch["position_ids"]).logits
         leaky = model(batch["input_ids"]).logits  # plain causal attention: documents see their neighbours
         worst = leak = 0.0
@@ -482,8 +483,8 @@ def test_preference_batch_is_chosen_then_rejected(tok, tmp_path):
     text = [tok[0].decode([t for t in row.tolist() if t != -100]) for row in b["labels"]]
     assert text == ["good 1<|eot_id|>", "good 3<|eot_id|>", "bad 1 y<|eot_id|>", "bad 3 y y y<|eot_id|>"]
     assert ((batches[1]["labels"] != -100).sum(-1) == 0).all()  # filler rows: nothing trained
-    with pytest.raises(DataError, match="packing is for SFT"):
-        Loader(ds, 2, pack=True)
+    with pytest.raises(DataError, match="share_prompt .* needs packing"):
+        Loader(ds, 2, share_prompt=True)
 
 
 # ---------------------------------------------------------------------------------------------------

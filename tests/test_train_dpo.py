@@ -166,11 +166,12 @@ def test_empty_side_in_a_batch_is_an_error_not_nan():
 
     labels = torch.full((4, 5), -100)
     labels[0, 2:] = 7  # pair 0: chosen has tokens, rejected (row 2) none; pair 1: filler (no tokens at all)
-    batch = {"labels": labels, "sample_ids": torch.tensor([11])}
+    response_ids = torch.tensor([0, -1, 1, -1])[:, None].expand(4, 5)
+    batch = {"labels": labels, "response_ids": response_ids, "sample_ids": torch.tensor([11])}
     with pytest.raises(ValueError, match="pair 11 .* empty rejected response"):
-        tc.real_pairs(batch)
+        tc.response_lengths(batch)
     labels[2, 3:] = 5
-    assert tc.real_pairs(batch).tolist() == [True, False]
+    assert tc.response_lengths(batch).tolist() == [3, 2]
     with pytest.raises(ValueError, match="at least one token"):
         simpo_loss(torch.tensor([-1.0, 0.0]), torch.tensor([3, 0]), 2.0, 1.0)
 
@@ -193,7 +194,7 @@ def test_stale_reference_cache_is_rebuilt(setup, tmp_path, capsys):
     assert abs(m[0]["loss"] - math.log(2)) <= 1e-6 and abs(m[0]["rewards/margins"]) <= 1e-5
 
 
-def test_packing_is_refused(setup, tmp_path, capsys):
+def test_share_prompt_without_packing_is_refused(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        run(setup, tmp_path / "o", pack_samples=True, train_steps=1)
-    assert exc.value.code == 1 and "packing is for SFT" in capsys.readouterr().err
+        run(setup, tmp_path / "o", share_prompt=True, train_steps=1)
+    assert exc.value.code == 2 and "--share_prompt" in capsys.readouterr().err and not (tmp_path / "o").exists()

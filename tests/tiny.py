@@ -64,3 +64,22 @@ def native_model(tmp_path: Path, family: str, seed: int = 0, **overrides):
     native_dir = tmp_path / f"{family}-native"
     convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native_dir), "--precision", "fp32"])
     return hf, native_dir
+
+
+def dense_mask(segments: torch.Tensor, rows: int, width: int, window: int | None = None) -> torch.Tensor:
+    """The dense reference for model.segment_attention: bool [rows, 1, T, T], True where query i may see key j.
+    A query of segment (row, start, end, prefix_start, prefix_end) sees its segment's keys up to itself and
+    every key of the prefix; with a window, only keys fewer than `window` positions back (the prefix's
+    positions run just before the segment's). Positions in no segment see themselves only (no NaN row)."""
+    mask = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)
+    for r, a, b, pa, pb in segments.tolist():
+        i = torch.arange(a, b)[:, None]
+        own = torch.arange(width)[None, :]
+        see = (own >= a) & (own <= i)
+        see |= (own >= pa) & (own < pb)
+        if window:
+            # the distance in positions: within the segment i - j; to the prefix (i - a) + (pb - j)
+            dist = torch.where(own >= a, i - own, (i - a) + (pb - own))
+            see &= dist < window
+        mask[r, a:b] = see
+    return mask[:, None]

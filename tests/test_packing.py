@@ -1,0 +1,226 @@
+"""Packing with per-document attention (model.segment_attention), packed preference pairs and prompt sharing.
+
+References: the dense [T, T] mask through SDPA (tests/tiny.dense_mask), transformers' forward of each document
+alone, transformers' log-probs of the unshared chosen and rejected sequences, and the padded runs of the same
+trainers (a packed or shared run must reproduce their per-step losses and metrics)."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import train_dpo
+import train_sft
+import train_simpo
+from data import Loader, prepare_dataset, shared_prefix_length
+from model import Transformer
+from pref_fixtures import PAIR_KEYS, hf_response_logps, make_setup, pref_args
+from sft_fixtures import free_port, metrics, to_argv, torchrun, write_chat_data
+from tiny import dense_mask, native_model
+from tokenize_chat import load_template, load_tokenizer
+
+TOL = 1e-5
+
+
+def rel_close(a, b, tol=TOL):
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+# -- attention -----------------------------------------------------------------------------------------------
+def layout(lengths_per_row, width, shared_rows=()):
+    """segments [S, 5] and position_ids [R, T] for rows of documents of the given lengths, right padded to
+    `width`. A row in `shared_rows` holds (prompt + chosen, rejected) pairs: lengths (L_c, L_r, S), the
+    rejected piece being L_r - S tokens that continue after the first S tokens of the piece before it."""
+    segments, positions = [], torch.zeros(len(lengths_per_row), width, dtype=torch.long)
+    for r, docs in enumerate(lengths_per_row):
+        p = 0
+        for doc in docs:
+            if r in shared_rows:
+                lc, lr, s = doc
+                segments += [(r, p, p + lc, p, p), (r, p + lc, p + lc + lr - s, p, p + s)]
+                positions[r, p:p + lc] = torch.arange(lc)
+                positions[r, p + lc:p + lc + lr - s] = torch.arange(s, lr)
+                p += lc + lr - s
+            else:
+                segments.append((r, p, p + doc, p, p))
+                positions[r, p:p + doc] = torch.arange(doc)
+                p += doc
+        assert p <= width
+    return torch.tensor(segments), positions
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2-untied", "mistral-window"])
+def test_segment_attention_equals_dense_mask_and_each_document_alone(tmp_path, family):
+    """Rows with one document, several, many (with documents of length 1), shared-prompt pairs, and rows that end
+    in padding: logits and every parameter's gradient equal the dense-mask reference; each document's logits
+    equal transformers' forward of that document alone (a shared pair's rejected response: of prompt + rejected)."""
+    overrides = {"sliding_window": 6} if family == "mistral-window" else {}
+    hf, native = native_model(tmp_path, family.replace("-window", ""), **overrides)
+    model = Transformer.from_pretrained(native)
+    window = model.args.sliding_window
+    rows = [[40], [7, 1, 12, 1, 3, 9], [1] * 10 + [5, 2, 8], [(9, 11, 6), (5, 4, 3)], [20, 13]]
+    T = 40
+    segments, positions = layout(rows, T, shared_rows={3})
+    tokens = torch.randint(0, 512, (len(rows), T), generator=torch.Generator().manual_seed(1))
+    real = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, a, b, _, _ in segments.tolist():
+        real[r, a:b] = True
+    assert not real[4].all() and not real[2].all()  # rows ending in padding
+
+    def run(**kw):
+        model.zero_grad()
+        logits = model(tokens, positions, **kw)
+        (logits[real] * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed, grads = run(segments=segments)
+    dense, dense_grads = run(mask=dense_mask(segments, len(rows), T, window))
+    assert (packed[real] - dense[real]).abs().max() <= TOL
+    for n in grads:
+        assert (grads[n] - dense_grads[n]).abs().max() <= TOL * max(1.0, dense_grads[n].abs().max()), n
+    with torch.no_grad():
+        worst = 0.0
+        for r, a, b, pa, pb in segments.tolist():
+            ids = torch.cat([tokens[r, pa:pb], tokens[r, a:b]])[None]
+            alone = hf(ids).logits[0, pb - pa:]
+            worst = max(worst, (packed[r, a:b] - alone).abs().max().item())
+    assert worst <= 1e-4, worst  # fp32 through two implementations
+    # causal attention over the whole row lets documents see their neighbours: the test can tell
+    leaky = model(tokens, positions).detach()
+    assert (leaky[real] - packed[real]).abs().max() > 1e-2
+
+
+# -- prompt sharing ------------------------------------------------------------------------------------------
+def pref_records():
+    """Multi-turn prompts, responses that share their first words (the common prefix runs past the prompt into
+    the response, which must not be shared), a prompt-completion record, and lengths that vary."""
+    recs = []
+    for i in range(9):
+        prompt = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
+        if i % 3 == 1:
+            prompt = [{"role": "system", "content": "You add numbers."}, *prompt,
+                      {"role": "assistant", "content": f"{2 * i + 3}."}, {"role": "user", "content": "And doubled?"}]
+        same_start = "The answer is" if i % 2 else ""
+        recs.append({"chosen": prompt + [{"role": "assistant", "content": f"{same_start} {2 * i + 3}. Indeed." * (1 + i % 3)}],
+                     "rejected": prompt + [{"role": "assistant", "content": f"{same_start} {2 * i + 4}."}]})
+    recs.append({"prompt": "What is 2 plus 2?", "chosen": "4.", "rejected": "5. You add numbers."})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def pref(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pack")
+    setup = make_setup(root)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pref_records()))
+    tok = load_tokenizer(setup["native"])
+    ds = prepare_dataset([f"jsonl:{data}"], tok, load_template("chatml.yaml", tok), 96, kind="preference",
+                         cache_dir=root / "cache", progress=False)
+    return {**setup, "pairs": data, "ds": ds, "tok": tok}
+
+
+def test_shared_prompt_logps_equal_transformers_unshared(pref):
+    """Every pair's s and n from one packed, shared-prompt forward equal transformers' log-probs of the full
+    chosen and rejected sequences, each alone."""
+    import train_common as tc
+
+    ds, tok = pref["ds"], pref["tok"]
+    shared = [shared_prefix_length(ds, i) for i in range(len(ds))]
+    assert all(s > 0 for s in shared)
+    for i, s in enumerate(shared):  # the shared part is identical and untrained, and predicts no trained token
+        (c, cm), (r, rm) = ds[i]
+        assert (c[:s] == r[:s]).all() and not cm[:s + 1].any() and not rm[:s + 1].any()
+    starts_alike = [i for i in range(len(ds)) if ds[i][0][0][shared[i] + 1] == ds[i][1][0][shared[i] + 1]]
+    assert starts_alike  # responses sharing their first tokens: the common prefix is longer than what is shared
+    model = Transformer.from_pretrained(pref["native"])
+    loader = Loader(ds, 2, pack=True, share_prompt=True, shuffle=False, pad_id=tok.eos_id)
+    seen = []
+    for batch in loader:
+        with torch.no_grad():
+            s, n = tc.response_logps(model, batch, "cpu")
+        ids = batch["sample_ids"].tolist()
+        want_s, want_n = hf_response_logps(pref["hf"], ds, ids)
+        assert n.tolist() == want_n.tolist()
+        assert (s.double() - want_s).abs().max() <= TOL * max(1.0, want_s.abs().max()), (s, want_s)
+        lengths = ds.doc_lengths
+        assert int(batch["tokens"]) == sum(int(lengths[2 * i] + lengths[2 * i + 1]) for i in ids)  # unshared count
+        assert int((batch["document_ids"] >= 0).sum()) == int(batch["tokens"]) - sum(shared[i] for i in ids)
+        seen += ids
+    assert sorted(seen) == list(range(len(ds)))
+
+
+# -- trainers: packed and shared runs reproduce the padded ones ----------------------------------------------
+PREF_STEPS = dict(micro_batch_size_per_gpu=2, gradient_accum_steps=8, train_epochs=3, lr=5e-3, warmup_steps=0)
+
+
+def pref_run(module, pref, out, **kw):
+    module.main(pref_args(pref, out, train_data_paths=f"jsonl:{pref['pairs']}", train_steps=None,
+                          **{**PREF_STEPS, **kw}))
+    return metrics(out)
+
+
+def assert_same_steps(a, b, keys):
+    assert len(a) == len(b) >= 3
+    for x, y in zip(a, b):
+        for k in keys:
+            if k == "rewards/accuracies" and max(abs(x["rewards/margins"]), abs(y["rewards/margins"])) < 1e-5:
+                continue  # reference = policy: 1[r_w > r_l] compares two rounding errors of 0 (margins are checked)
+            assert rel_close(x[k], y[k]), (x["step"], k, x[k], y[k])
+        assert x["tokens"] == y["tokens"]
+
+
+@pytest.mark.parametrize("module", [train_dpo, train_simpo])
+def test_packed_and_shared_preference_runs_equal_the_padded_run(pref, tmp_path, module):
+    """Each optimizer step sees every pair (one epoch, accumulated), three epochs: padded, packed without and
+    with a shared prompt give the same losses and metrics at every step, and DPO's first loss is ln 2."""
+    padded = pref_run(module, pref, tmp_path / "padded")
+    packed = pref_run(module, pref, tmp_path / "packed", pack_samples=True, **{"no-share_prompt": True})
+    shared = pref_run(module, pref, tmp_path / "shared", pack_samples=True)  # sharing is on with packing
+    assert json.loads((tmp_path / "shared" / "train_args.json").read_text())["share_prompt"] is True
+    keys = ("loss", "grad_norm", *PAIR_KEYS)
+    assert_same_steps(packed, padded, keys)
+    assert_same_steps(shared, padded, keys)
+    if module is train_dpo:
+        assert abs(padded[0]["loss"] - math.log(2)) <= 1e-6 and abs(shared[0]["loss"] - math.log(2)) <= 1e-6
+    assert padded[-1]["loss"] < padded[0]["loss"] - 1e-3  # it trained
+
+
+def test_packed_preference_runs_with_lora_compile_checkpointing_and_resume(pref, tmp_path):
+    """Shared-prompt DPO with LoRA, --reference model (the adapters-off policy), activation checkpointing and
+    torch.compile equals the padded run; a run resumed from its step-1 checkpoint continues it exactly."""
+    lora = dict(lora=True, lora_rank=4, lora_alpha=8, lr=2e-2, reference="model")
+    padded = pref_run(train_dpo, pref, tmp_path / "padded", **lora)
+    shared = pref_run(train_dpo, pref, tmp_path / "shared", pack_samples=True, activation_checkpointing=True,
+                      compile=True, save_freq=1, **lora)
+    assert_same_steps(shared, padded, ("loss", "grad_norm", *PAIR_KEYS))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "shared", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000002")
+    again = pref_run(train_dpo, pref, resumed, pack_samples=True, save_freq=1, resume=True, **lora)
+    assert [m["step"] for m in again] == [1, 2, 3]  # step 1 kept from the checkpointed run, 2 and 3 trained again
+    assert_same_steps(again, shared, ("loss", "grad_norm", *PAIR_KEYS))
+
+
+@pytest.mark.parametrize("script,dp", [("train_dpo.py", "fsdp"), ("train_simpo.py", "ddp")])
+def test_two_process_shared_runs_equal_one_process_padded(pref, tmp_path, script, dp):
+    module = {"train_dpo.py": train_dpo, "train_simpo.py": train_simpo}[script]
+    padded = pref_run(module, pref, tmp_path / "padded")
+    out = tmp_path / "two"
+    torchrun(script, pref_args(pref, out, train_data_paths=f"jsonl:{pref['pairs']}", train_steps=None,
+                               pack_samples=True, dp=dp, **{**PREF_STEPS, "micro_batch_size_per_gpu": 1}),
+             nproc=2, port=free_port())
+    assert_same_steps(metrics(out), padded, ("loss", "grad_norm", *PAIR_KEYS))
+
+
+def test_packed_sft_equals_padded_over_steps_with_two_processes(pref, tmp_path):
+    """SFT: each step one epoch of chat data, accumulated; packed on 2 processes (FSDP) = padded on 1."""
+    data = write_chat_data(tmp_path / "chat.jsonl", n=12)
+    flags = {"ckpt_paths": pref["native"], "template_config": "chatml.yaml", "train_data_paths": f"jsonl:{data}",
+             "max_seq_len": 96, "lr": 2e-3, "micro_batch_size_per_gpu": 2, "gradient_accum_steps": 8,
+             "train_epochs": 3, "data_cache_dir": tmp_path / "cache", "seed": 42}
+    train_sft.main(to_argv({**flags, "output_dir": tmp_path / "padded"}))
+    torchrun("train_sft.py", to_argv({**flags, "output_dir": tmp_path / "packed", "pack_samples": True,
+                                      "micro_batch_size_per_gpu": 1}), nproc=2, port=free_port())
+    assert_same_steps(metrics(tmp_path / "packed"), metrics(tmp_path / "padded"), ("loss", "grad_norm"))
