@@ -224,3 +224,22 @@ def test_packed_sft_equals_padded_over_steps_with_two_processes(pref, tmp_path):
     torchrun("train_sft.py", to_argv({**flags, "output_dir": tmp_path / "packed", "pack_samples": True,
                                       "micro_batch_size_per_gpu": 1}), nproc=2, port=free_port())
     assert_same_steps(metrics(tmp_path / "packed"), metrics(tmp_path / "padded"), ("loss", "grad_norm"))
+
+
+def test_long_pairs_follow_the_length_policy_and_always_fit_a_row(pref, tmp_path):
+    """Sides longer than --max_seq_len are cut by the length policy (and counted as truncated), so a pair is at
+    most 2 x max_seq_len unshared: every pair fits a packed row whole, shared or not, and none is lost."""
+    recs = [{"prompt": "What is 2 plus 2?", "chosen": "4. Indeed." * (3 + i), "rejected": "5." * (2 + 4 * i)}
+            for i in range(6)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = pref["tok"]
+    ds = prepare_dataset([f"jsonl:{data}"], tok, load_template("chatml.yaml", tok), 40, kind="preference",
+                         cache_dir=tmp_path / "cache", progress=False)
+    stats = ds.stats  # what the policy did is counted: truncated sides, dropped pairs (no trained token left)
+    assert stats["truncated"] > 0 and len(ds) + sum(stats["dropped"].values()) == len(recs) and len(ds) >= 3
+    for share in (False, True):
+        loader = Loader(ds, 1, pack=True, share_prompt=share, shuffle=False)
+        seen = [i for b in loader for i in b["sample_ids"].tolist()]
+        assert sorted(seen) == list(range(len(ds)))
+        assert all(len(row) >= 1 for row in loader.rows(0)) and loader.lengths.max() <= loader.capacity == 80
