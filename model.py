@@ -408,7 +408,7 @@ def check_state_dict(model: nn.Module, state: dict, source: str):
             msg.append(f"unexpected tensors: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         if "output.weight" in missing:
             msg.append("(a model with tied embeddings needs tie_word_embeddings: true in params.json)")
-        raise ValueError("\n  ".join(msg))
+        raise ValueError(" ".join(msg))  # one line: it ends a trainer's or converter's run
     for k, shape in expected.items():
         if state[k].shape != shape:
             raise ValueError(f"checkpoint {source}: tensor {k} has shape {tuple(state[k].shape)}, "
