@@ -513,7 +513,14 @@ class TokenizedDataset:
         return self.meta["stats"]
 
 
-def cache_problem(path: Path, key_info: dict | None = None) -> str | None:
+KEY_FIELDS = ("format_version", "kind", "max_seq_len", "tokenizer", "template", "sources", "seed")  # key_info's
+
+
+def cache_key(key_info: dict) -> str:
+    return f"{key_info['kind']}-{hashlib.sha256(json.dumps(key_info, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def cache_problem(path: Path) -> str | None:
     """What is wrong with the cache dir at `path`, or None. A build only ever renames a complete dir into
     place, so this catches damage from outside (a disk, a copy, an edit): meta.json must parse, carry this
     format and the key the dir is named for, and the three files must have the sizes meta.json records."""
@@ -527,11 +534,9 @@ def cache_problem(path: Path, key_info: dict | None = None) -> str | None:
         return f"meta.json is not what a build writes ({type(e).__name__}: {str(e)[:100]})"
     if meta.get("format_version") != FORMAT_VERSION:
         return f"cache format {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
-    if key_info is not None:
-        expected = json.loads(json.dumps(key_info))
-        changed = [k for k in expected if meta.get(k) != expected[k]]
-        if changed:
-            return f"meta.json's {changed[0]!r} is not the one the dir name hashes (edited?)"
+    if path.name.startswith(("sft-", "preference-")) and \
+            cache_key({k: meta.get(k) for k in KEY_FIELDS}) != path.name:
+        return "meta.json's key fields do not hash to the dir's name (edited?)"
     for name, size in (("ids.bin", 4 * tokens), ("mask.bin", tokens), ("offsets.bin", 8 * (docs + 1))):
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -685,10 +690,9 @@ def _resolve_and_build(paths, tokenizer, template, max_seq_len, kind, splits, nu
                     for s in sources],
         "seed": seed if any(s.selected is not None for s in sources) else None,
     }
-    key = hashlib.sha256(json.dumps(key_info, sort_keys=True).encode()).hexdigest()[:16]
-    final = Path(cache_dir) / f"{kind}-{key}"
+    final = Path(cache_dir) / cache_key(key_info)
     if final.exists():
-        problem = cache_problem(final, key_info)
+        problem = cache_problem(final)
         if problem is None:
             return final, False
         # Derived data: rebuild it. Renamed aside first, so a reader never sees it half deleted; a process

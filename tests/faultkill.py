@@ -39,7 +39,10 @@ def event() -> bool:
     return events == AT
 
 
-def die():
+def die(what: str, path):
+    if os.environ.get("FAULT_LOG"):  # where it died, for the test's table
+        with open(os.environ["FAULT_LOG"], "w") as f:
+            f.write(f"{what} {os.fsdecode(path)}")
     sys.stdout.flush()
     os.kill(MAIN, signal.SIGKILL)
 
@@ -52,9 +55,9 @@ def hook(name, args):
         else:
             writing = any(c in str(mode) for c in "wax+")
         if writing and ours(path) and event():
-            die()
+            die("open", path)
     elif name in WATCHED and args and ours(args[0]) and event():
-        die()
+        die(name, args[0])
 
 
 def patch_torch_save():
@@ -76,7 +79,7 @@ def patch_torch_save():
             else:
                 f.write(data[:len(data) // 2])
                 f.flush()
-            die()
+            die("torch.save (torn)", target)
         return real(obj, f, *args, **kwargs)
 
     torch.save = save
