@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo install clean
+.PHONY: test test-faults demo install clean
 
 install: $(STAMP)
 
@@ -64,3 +64,8 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache
+
+# The whole fault-injection sweep (kills, full disks, damaged files, fuzzed data); `make test` runs its
+# short form. Prints the table of fault classes x trials x outcome at the end.
+test-faults: $(STAMP)
+	FAULTS_FULL=1 $(PY) -m pytest -q tests/test_faults.py

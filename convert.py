@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -355,7 +356,11 @@ class StagingDir:
                                                 (self.output_dir, *self.output_dir.parents)))
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=self.output_dir))
+            host = socket.gethostname()
+            for stale in self.output_dir.glob(f".convert-{host}-*"):  # left by a conversion killed with SIGKILL
+                if not pid_alive(stale.name[len(f".convert-{host}-"):].split("-")[0]):
+                    shutil.rmtree(stale, ignore_errors=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".convert-{host}-{os.getpid()}-", dir=self.output_dir))
         except OSError as e:
             self.remove_created()
             raise ConvertError(f"cannot create {self.output_dir}: {e}") from e
@@ -364,13 +369,18 @@ class StagingDir:
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
             try:
+                # The file that makes a dir a checkpoint to its loader (params.json, config.json) moves last,
+                # after the previous output's leftovers are gone: a kill midway leaves no dir that looks whole.
                 written = {f.name for f in self.tmp.iterdir()}
-                for name in sorted(written):
+                last = [n for n in ("config.json", "params.json") if n in written]
+                for name in sorted(written - set(last)):
                     os.replace(self.tmp / name, self.output_dir / name)
                 for pattern in self.replaces:
                     for f in self.output_dir.glob(pattern):
                         if f.name not in written and not f.is_dir():
                             f.unlink()
+                for name in last:
+                    os.replace(self.tmp / name, self.output_dir / name)
             except OSError as e:
                 exc = e
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -388,6 +398,16 @@ class StagingDir:
                 d.rmdir()
             except OSError:
                 break
+
+
+def pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):
+        return True  # not ours to judge: leave it
+    return True
 
 
 # -- the two directions --------------------------------------------------------------------------------------

@@ -304,11 +304,17 @@ def _records(src: Source, payload):
                     raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
                 continue
             try:
-                yield loc, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno}); fix or delete the line") from None
+                hint = ("; a JSON array or a pretty-printed file? jsonl holds one object per line"
+                        if lineno == 1 and line.strip() in (b"[", b"{") else "; fix or delete the line")
+                raise DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno}){hint}") from None
             except UnicodeDecodeError as e:
                 raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
+            except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting deeper than the stack
+                raise DataError(f"{loc}: JSON that Python cannot hold ({str(e).split(';')[0][:120]}); fix or "
+                                f"delete the line") from None
+            yield loc, record
         return
     start, stop = payload
     rows = src.dataset[start:stop] if src.selected is None else src.dataset[src.selected[start:stop]]
@@ -338,7 +344,8 @@ def _check_messages(messages, key: str, loc: str):
 def record_conversations(record, kind: str, loc: str) -> list[list[dict]]:
     """The conversations of one record: [messages] for SFT, [chosen, rejected] for preference."""
     if not isinstance(record, dict):
-        raise DataError(f"{loc}: expected a JSON object, got {type(record).__name__}")
+        hint = "; a JSON array? jsonl holds one object per line" if isinstance(record, list) else ""
+        raise DataError(f"{loc}: expected a JSON object, got {type(record).__name__}{hint}")
     if kind == "sft":
         if "messages" not in record:
             hint = "; this looks like preference data: use kind='preference'" if "chosen" in record else ""
@@ -475,14 +482,14 @@ class TokenizedDataset:
     @classmethod
     def open(cls, path, built: bool = False) -> "TokenizedDataset":
         path = Path(path)
+        problem = cache_problem(path)
+        if problem:
+            raise DataError(f"data cache {path} is damaged: {problem}; delete the dir and rerun (the cache is "
+                            f"rebuilt from the sources)")
         meta = json.loads((path / "meta.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{path}: cache format {meta.get('format_version')} != {FORMAT_VERSION}; delete it")
         ids = np.memmap(path / "ids.bin", dtype=np.uint32, mode="r")
         mask = np.memmap(path / "mask.bin", dtype=np.uint8, mode="r")
         offsets = np.fromfile(path / "offsets.bin", dtype=np.int64)
-        if len(ids) != offsets[-1] or len(mask) != offsets[-1]:
-            raise DataError(f"{path}: ids/mask/offsets sizes disagree; the cache is corrupt, delete it")
         return cls(path, meta, ids, mask, offsets, built)
 
     @property
@@ -513,6 +520,41 @@ class TokenizedDataset:
     @property
     def stats(self) -> dict:
         return self.meta["stats"]
+
+
+KEY_FIELDS = ("format_version", "kind", "max_seq_len", "tokenizer", "template", "sources", "seed")  # key_info's
+
+
+def cache_key(key_info: dict) -> str:
+    return f"{key_info['kind']}-{hashlib.sha256(json.dumps(key_info, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def cache_problem(path: Path) -> str | None:
+    """What is wrong with the cache dir at `path`, or None. A build only ever renames a complete dir into
+    place, so this catches damage from outside (a disk, a copy, an edit): meta.json must parse, carry this
+    format and the key the dir is named for, and the three files must have the sizes meta.json records."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        stats = meta["stats"]
+        tokens, docs = int(stats["tokens"]), int(stats["docs"])
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"meta.json is not what a build writes ({type(e).__name__}: {str(e)[:100]})"
+    if meta.get("format_version") != FORMAT_VERSION:
+        return f"cache format {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+    if path.name.startswith(("sft-", "preference-")) and \
+            cache_key({k: meta.get(k) for k in KEY_FIELDS}) != path.name:
+        return "meta.json's key fields do not hash to the dir's name (edited?)"
+    for name, size in (("ids.bin", 4 * tokens), ("mask.bin", tokens), ("offsets.bin", 8 * (docs + 1))):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size != size:
+            return f"{name} holds {(path / name).stat().st_size} bytes, meta.json implies {size} (truncated?)"
+    offsets = np.fromfile(path / "offsets.bin", dtype=np.int64)
+    if offsets[0] != 0 or offsets[-1] != tokens or (np.diff(offsets) < 0).any():
+        return "offsets.bin does not describe the token files"
+    return None
 
 
 def _dist():
@@ -657,10 +699,20 @@ def _resolve_and_build(paths, tokenizer, template, max_seq_len, kind, splits, nu
                     for s in sources],
         "seed": seed if any(s.selected is not None for s in sources) else None,
     }
-    key = hashlib.sha256(json.dumps(key_info, sort_keys=True).encode()).hexdigest()[:16]
-    final = Path(cache_dir) / f"{kind}-{key}"
-    if (final / "meta.json").exists():
-        return final, False
+    final = Path(cache_dir) / cache_key(key_info)
+    if final.exists():
+        problem = cache_problem(final)
+        if problem is None:
+            return final, False
+        # Derived data: rebuild it. Renamed aside first, so a reader never sees it half deleted; a process
+        # doing the same at the same moment loses the rename race and just builds.
+        print(f"data: cache {final} is damaged ({problem}); rebuilding it", file=sys.stderr)
+        trash = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
     _build(final, sources, kind, max_seq_len, tokenizer, template, key_info, num_proc, progress)
     return final, True
 

@@ -62,7 +62,12 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
-        params = json.loads(Path(path).read_text())
+        try:
+            params = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: expected a JSON object, found a {type(params).__name__}")
         if "rope_scaling_factor" in params and params.get("use_scaled_rope"):  # newer Meta files
             params.setdefault("rope_scaling", {"factor": params["rope_scaling_factor"]})
         known = {f.name for f in fields(cls)}
@@ -403,9 +408,16 @@ def load_state_dict(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
     except Exception as e:
-        # torch's weights_only message is a page long; its last line names the offending object.
-        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line),
-                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+        # torch's messages run to a page: keep what names the problem. weights_only's is the text after
+        # "WeightsUnpickler error:" (the offending global, or the opcode random bytes decode to); miniz's is
+        # its first sentence.
+        text = str(e)
+        if "WeightsUnpickler error:" in text:
+            detail = text.split("WeightsUnpickler error:", 1)[1].strip()
+            reason = "WeightsUnpickler error: " + detail.splitlines()[0].split(". ")[0]
+        else:
+            reason = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+            reason = reason.split(". ")[0]
         raise ValueError(f"cannot load {path} as a tensor-only checkpoint (torch.load weights_only=True; "
                          f"a pickled object or a truncated file?): {reason}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -454,7 +466,7 @@ def check_state_dict(model: nn.Module, state: dict, source: str):
             msg.append(f"unexpected tensors: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         if "output.weight" in missing:
             msg.append("(a model with tied embeddings needs tie_word_embeddings: true in params.json)")
-        raise ValueError("\n  ".join(msg))
+        raise ValueError(" ".join(msg))  # one line: it ends a trainer's or converter's run
     for k, shape in expected.items():
         if state[k].shape != shape:
             raise ValueError(f"checkpoint {source}: tensor {k} has shape {tuple(state[k].shape)}, "

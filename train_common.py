@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -150,10 +151,12 @@ VALUE_RULES = [
 
 
 def prepare_output_dir(args, d: "Dist"):
-    """Refuse to mix two runs in one dir: an --output_dir holding anything but the start record
-    (train_args.json) of a run that failed before training needs --resume or --overwrite."""
+    """Refuse to mix two runs in one dir: a dir a live run holds (see lock_output_dir) is refused outright,
+    and an --output_dir holding anything but the start record (train_args.json) of a run that failed before
+    training needs --resume or --overwrite."""
     out = Path(args.output_dir)
-    has_run = out.exists() and any(p.name != "train_args.json" for p in out.iterdir())
+    lock_output_dir(out, d)
+    has_run = out.exists() and any(p.name not in ("train_args.json", LOCK_FILE) for p in out.iterdir())
     if has_run and not (args.resume or args.overwrite):
         raise ValueError(f"--output_dir {out} already holds files (another run?); pass --resume to continue it "
                          f"or --overwrite to replace it")
@@ -184,6 +187,53 @@ def prepare_output_dir(args, d: "Dist"):
         if not args.resume:  # the record of how the run started; a resumed run is checked against it
             record.write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
     barrier()
+
+
+LOCK_FILE = ".lock"
+_lock = None  # the open lock file of this process's run (rank 0), closed by release_output_dir
+
+
+def lock_output_dir(out: Path, d: "Dist"):
+    """An exclusive flock on OUT/.lock for the run's life (rank 0): a second run on the dir (a requeued job
+    while the old one lingers) is refused, naming the holder. The OS drops the lock when the process dies,
+    however it dies, so a crash never leaves a stale lock; the file itself stays and only says who held it."""
+    import fcntl
+    import socket
+
+    global _lock
+    refusal = None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            _lock = f
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            refusal = (f"--output_dir {out} is in use by a live run ({holder}); wait for it to end or stop it, "
+                       f"then rerun (with --resume to continue it)")
+        except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
+            f.close()
+            print(f"warning: cannot lock {out / LOCK_FILE} ({e}); nothing stops a second run on this dir",
+                  flush=True)
+    if dist.is_initialized():  # every rank leaves with the same answer
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise ValueError(refusal)
+
+
+def release_output_dir():
+    global _lock
+    if _lock is not None:
+        _lock.close()  # closing drops the flock
+        _lock = None
 
 
 RUN_FILES = ("consolidated.00.pth", "params.json", "train_args.json", "metrics.jsonl", "metrics.png")
@@ -236,9 +286,23 @@ def setup_distributed() -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_launcher()
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, local_rank, world, device)
+
+
+def exit_with_launcher():
+    """torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL (a job system
+    reaping it, a lost ssh session) leaves the workers training on, holding the output dir. Linux can signal
+    a process when its parent dies: ask for SIGTERM, which the loop turns into a checkpoint and a clean exit
+    (see StopSignal). Elsewhere this is a no-op; the workers then stop at their next collective instead."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def teardown_distributed():
@@ -529,13 +593,24 @@ def run(train, args_class, argv=None):
     message (no traceback), and the process group always closes."""
     args = parse_args(args_class, argv)
     d = setup_distributed()
+    name = Path(sys.modules[train.__module__].__file__).name
     try:
         train(args, d)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        name = Path(sys.modules[train.__module__].__file__).name
+    except (ValueError, OSError, FloatingPointError, WriteError) as e:
         print(f"{name}: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+            raise
+        # A collective failed: another process of the run died (killed, out of memory, a lost node). torchrun
+        # stops the rest; what this rank can add is one line and the way back, not gloo's traceback.
+        last = checkpoint_dirs(args.output_dir)
+        print(f"{name}: error (rank {d.rank}): lost another process of this run ({first_line(e)[:160]}); see "
+              f"its log for why. Rerun with --resume: the last complete checkpoint is "
+              f"{last[-1] if last else 'none (no --save_freq): rerun from the start'}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
+        release_output_dir()
         teardown_distributed()
 
 
@@ -640,10 +715,18 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(root.glob("step_*")) if root.exists() else []
 
 
+class WriteError(Exception):
+    """A checkpoint or the final model could not be written (a full disk, mostly): the message says what,
+    where, how much space it needed and what is still intact."""
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, d: Dist, max_checkpoints: int):
     """A resumable checkpoint: sharded model and optimizer state (torch.distributed.checkpoint, each rank
     writes its own shards), plus each rank's small state (loader position, RNG, step). Written under a temp
-    name and renamed, so `checkpoints/step_*` is always complete; the oldest beyond max_checkpoints go."""
+    name and renamed, so a `checkpoints/step_*` dir is always complete, whenever the process dies; the
+    oldest beyond max_checkpoints are renamed to a temp name before they are deleted, for the same reason,
+    and a step saved twice keeps its first copy. Temp dirs left by a kill go at the next start. A failed
+    write (a full disk) is a WriteError on every rank, its temp dir removed."""
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if d.main:
@@ -653,46 +736,146 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     # Without a process group DCP warns that it assumes one process: that is the case here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(extra, tmp / f"extra_rank{d.rank}.pt")
+    error = None
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        with open(tmp / f"extra_rank{d.rank}.pt", "wb") as f:  # a file object: a failed write is an OSError
+            torch.save(extra, f)
+    except (OSError, RuntimeError, CheckpointException) as e:  # DCP reports a failed write as either
+        error = e
+    if failed_anywhere(error, d):  # every rank leaves together, none waits at a barrier for the others
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space; it was never taken for complete
+        previous = checkpoint_dirs(output_dir)
+        raise WriteError(write_failure(f"the step {step} checkpoint", tmp, error, d,
+                                       (state_bytes(model_sd) + state_bytes(optim_sd)) * d.world_size,
+                                       f"the previous checkpoint {previous[-1]} is intact: free space and rerun "
+                                       f"with --resume" if previous else "no earlier checkpoint exists"))
     barrier()
     if d.main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-max_checkpoints] if max_checkpoints > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        if final.exists():  # saved before (SIGTERM right after a --save_freq save): the same state, keep it
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        old = checkpoint_dirs(output_dir)[:-max_checkpoints] if max_checkpoints > 0 else []
+        for i, path in enumerate(p for p in old if p != final):
+            trash = root / f".tmp_step_{step:08d}_old{i}"
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     barrier()
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+def failed_anywhere(error, d: Dist) -> bool:
+    flag = torch.tensor([float(error is not None)], device=d.device)
+    return bool(all_reduce_sum(flag).item() > 0)
+
+
+def write_failure(what: str, where: Path, error, d: Dist, needed: int, intact: str) -> str:
+    """One line: what could not be written, where, the space it needs against the space free, and what is
+    intact. torch reports a short write as `unexpected pos` (its own stream) or a CheckpointException."""
+    if error is None:
+        return f"{what}: another process failed to write its part under {where} (see its error); {intact}"
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if getattr(error, "errno", None) == 28 or "unexpected pos" in reason or free < needed:
+        reason = "no space left on device"
+    return (f"could not write {what} to {where} (rank {d.rank}): {reason[:300]}; it needs about "
+            f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there; {intact}")
+
+
+def state_bytes(obj) -> int:
+    """Bytes of the tensors in a nested state dict, this rank's shards only."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.to_local() if hasattr(obj, "to_local") else obj
+        return t.numel() * t.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def first_line(e: BaseException) -> str:
+    """The gist of an exception: torch's run to pages (and miniz apologises at length after the first '. ')."""
+    line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {line.split('. ')[0][:200]}" if line else type(e).__name__
+
+
+def check_checkpoint_files(path: Path):
+    """A step dir is complete when written (see save_checkpoint); one copied half-way or damaged on disk is
+    caught here, before DCP's page-long errors: every storage file its .metadata names, long enough."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    damaged = f"resume: checkpoint {path} is damaged (copied half-way?)"
     try:
-        dcp.load(state, checkpoint_id=path)
-    except (RuntimeError, ValueError, KeyError) as e:  # DCP's messages run to pages: keep the first line
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"cannot resume from {path}: it does not fit this model and optimizer ({first[:300]}); "
-                         f"resume with the --ckpt_paths and LoRA flags the run started with") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise ValueError(f"{damaged}: cannot read {path / '.metadata'} ({first_line(e)}); delete the dir to "
+                         f"resume from the one before it") from None
+    ends = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None or size < end:
+            raise ValueError(f"{damaged}: {path / name} is " + ("missing" if size is None else
+                             f"{size} bytes, .metadata says at least {end}") + "; delete the dir to resume "
+                             f"from the one before it")
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+    check_checkpoint_files(path)
     extra_path = Path(path) / f"extra_rank{d.rank}.pt"
     if not extra_path.exists():
         raise ValueError(f"{path} was written by a run with fewer processes (no {extra_path.name}); resume "
                          f"with the same number of processes")
-    return torch.load(extra_path, weights_only=False)
+    try:  # our own file (loader position, RNG state: numpy's is not a tensor), written by this code
+        extra = torch.load(extra_path, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"resume: checkpoint {path} is damaged: cannot load {extra_path} ({first_line(e)}); "
+                         f"delete the dir to resume from the one before it") from None
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:  # DCP's messages run to pages
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"cannot resume from {path}: it does not fit this model and optimizer ({first[:300]}); "
+                         f"resume with the --ckpt_paths and LoRA flags the run started with") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return extra
 
 
 def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_paths: list, template_path: Path,
                train_args: dict, save_dtype: torch.dtype, lora_config: dict | None = None):
     """The output dir as a complete native dir: consolidated.00.pth (LoRA merged in), params.json, tokenizer
     files, the template, train_args.json; LoRA runs also keep the adapter alone under adapter/ (with any
-    --lora_unfrozen_params), so base + adapter loads as the trained model."""
+    --lora_unfrozen_params), so base + adapter loads as the trained model. Each file is written under a temp
+    name and renamed, the weights last: a dir whose consolidated.00.pth exists is complete, wherever a kill
+    or a full disk stopped the save."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not d.main:
-        barrier()
-        return
     output_dir = Path(output_dir)
+    error, needed = None, 0
+    if d.main:
+        try:
+            needed = write_model_dir(output_dir, state, model_args, ckpt_paths, template_path, train_args,
+                                     save_dtype, lora_config)
+        except (OSError, RuntimeError) as e:  # lora.save_adapter writes through torch's own stream
+            error = e
+    if failed_anywhere(error, d):
+        last = checkpoint_dirs(output_dir)
+        raise WriteError(write_failure("the final model", output_dir / "consolidated.00.pth", error, d, needed,
+                                       f"the step checkpoint {last[-1]} is intact: free space and rerun with "
+                                       f"--resume" if last else "no step checkpoint exists (--save_freq 0)"))
+
+
+def write_model_dir(output_dir: Path, state: dict, model_args: ModelArgs, ckpt_paths: list, template_path: Path,
+                    train_args: dict, save_dtype: torch.dtype, lora_config: dict | None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
+    weights = output_dir / "consolidated.00.pth"
+    weights.unlink(missing_ok=True)  # from here until the end, the dir is visibly incomplete
     if lora_config:
         adapter = {k: v.float() for k, v in state.items() if ".lora_" in k or k in lora_config["unfrozen"]}
         lora.save_adapter(output_dir / "adapter", adapter, lora_config["rank"], lora_config["alpha"],
@@ -704,22 +887,41 @@ def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_pat
     if model_args.tie_word_embeddings:
         state.pop("output.weight", None)
     state = {k: v.to(save_dtype) for k, v in state.items()}
-    atomic_torch_save(state, output_dir / "consolidated.00.pth")
-    (output_dir / "params.json").write_text(json.dumps(model_args.to_json(), indent=2) + "\n")
+    atomic_write_text(output_dir / "params.json", json.dumps(model_args.to_json(), indent=2) + "\n")
     ckpt_dir = native_dir(ckpt_paths[0])
-    for name in TOKENIZER_FILES:
-        if (ckpt_dir / name).is_file() and ckpt_dir.resolve() != output_dir.resolve():
-            shutil.copy2(ckpt_dir / name, output_dir / name)
-    if template_path is not None:
-        shutil.copy2(template_path, output_dir / Path(template_path).name)
-    (output_dir / "train_args.json").write_text(json.dumps(train_args, indent=2, default=str) + "\n")
-    barrier()
+    copies = [ckpt_dir / name for name in TOKENIZER_FILES if (ckpt_dir / name).is_file()]
+    if ckpt_dir.resolve() == output_dir.resolve():
+        copies = []
+    for src in copies + ([Path(template_path)] if template_path is not None else []):
+        tmp = output_dir / f".{src.name}.tmp"
+        shutil.copy2(src, tmp)
+        os.replace(tmp, output_dir / src.name)
+    atomic_write_text(output_dir / "train_args.json", json.dumps(train_args, indent=2, default=str) + "\n")
+    atomic_torch_save(state, weights)
+    return state_bytes(state)
 
 
 def atomic_torch_save(obj, path: Path):
+    """torch.save under a temp name, then a rename; a failed write removes the temp file (on a full disk its
+    space is what the user needs back)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a failed write is an OSError, not `unexpected pos`
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # -- logging ---------------------------------------------------------------------------------------------------
