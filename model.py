@@ -330,8 +330,10 @@ class Transformer(nn.Module):
         return self.output(h)
 
     def hidden_states(self, tokens, position_ids=None, mask=None, start_pos: int = 0,
-                      segments=None) -> torch.Tensor:
-        """The final normalised hidden states [B, T, dim], before the output projection."""
+                      segments=None, mask_local=None) -> torch.Tensor:
+        """The final normalised hidden states [B, T, dim], before the output projection. A caller's `mask` is
+        complete as given; `mask_local`, when given, replaces it on the sliding-window layers (batched
+        generation passes the window there)."""
         B, T = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
@@ -345,7 +347,7 @@ class Transformer(nn.Module):
             angles = position_ids[:, None, :, None].float() * self.inv_freq_local
             cos_local, sin_local = angles.cos(), angles.sin()
         window = self.args.sliding_window
-        mask_local = mask
+        mask_local = mask if mask_local is None else mask_local
         if segments is not None:  # read once per batch, not once per layer; the window applies per segment
             segments = tuple(map(tuple, segments.tolist()))
         elif mask is None:  # a caller's mask is complete as given (window included)

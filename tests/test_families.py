@@ -192,3 +192,13 @@ def test_gemma3_multimodal_dir_language_model_only(tmp_path, capsys):
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text", dtype=torch.float32).eval()
     assert type(text) is Gemma3ForCausalLM
     assert (logits(text, tokens) - ref).abs().max() <= 1e-5
+
+
+def test_batched_generation_past_the_window_equals_one_at_a_time(tmp_path):
+    """generate.py's batched path (left padding, a caller's mask) keeps Gemma 3's local layers in their window."""
+    from generate import generate_batch
+
+    _, native_dir = native_model(tmp_path, "gemma3")
+    ours = Transformer.from_pretrained(native_dir)
+    prompts = [[5, 17, 99], list(range(1, 14)), [7, 7, 300, 8, 9, 10]]
+    assert generate_batch(ours, prompts, 20) == [list(generate(ours, p, 20)) for p in prompts]
