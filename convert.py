@@ -179,7 +179,8 @@ def gemma3_rope(config: dict, path: Path) -> tuple[float, float, dict | None]:
 def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
     model_type = config.get("model_type")
     if model_type in REFUSED_MODEL_TYPES:
-        raise ConvertError(f"{path}: model_type {model_type!r}: {REFUSED_MODEL_TYPES[model_type]}")
+        raise ConvertError(f"{path}: model_type {model_type!r}: {REFUSED_MODEL_TYPES[model_type]} (supported "
+                           f"model types: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConvertError(f"{path}: model_type {model_type!r} is not supported; supported: "
                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5, "
