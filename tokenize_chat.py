@@ -182,9 +182,14 @@ class SentencePieceTokenizer:
         return self._sp.is_control(i) or self._sp.is_unknown(i)
 
     def token_id(self, name: str) -> int:
-        if name not in self.specials:
-            raise TokenizerError(f"tokenizer {self.path} has no control token {name!r}")
-        return self.specials[name]
+        if name in self.specials:
+            return self.specials[name]
+        # A user-defined piece (Gemma's <start_of_turn>, <end_of_turn>): sentencepiece matches it whole, in
+        # any text too (as transformers does for Gemma), so it is one id wherever it appears.
+        i = self._sp.piece_to_id(name)
+        if self._sp.id_to_piece(i) == name and not self._sp.is_unknown(i) and self._sp.encode(name) == [i]:
+            return i
+        raise TokenizerError(f"tokenizer {self.path} has no control token {name!r}")
 
 
 Tokenizer = TiktokenTokenizer | SentencePieceTokenizer

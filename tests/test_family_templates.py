@@ -226,3 +226,43 @@ def test_generate_stops_on_their_end_of_turn_tokens(qwen3, gemma3, olmo2):
                                  ("olmo2", olmo2, "<|endoftext|>")):
         template = tc.load_template(name, tok)
         assert tok.token_id(stop) in tc.stop_token_ids(tok, template)
+
+
+def test_gemma3_on_a_sentencepiece_tokenizer(tmp_path):
+    """Gemma 3 ships a sentencepiece tokenizer.model (byte fallback, no dummy prefix) whose <start_of_turn> and
+    <end_of_turn> are user-defined pieces, <bos>/<eos> control ones. A tiny model of that kind, trained here:
+    the gemma3 template's ids equal the official template's rendering (TRL's copy, rendered by jinja2 as
+    transformers does) encoded by sentencepiece after <bos>."""
+    import jinja2
+    import sentencepiece as spm
+
+    from chat_samples import mixed_text
+
+    (tmp_path / "corpus.txt").write_text(mixed_text(20_000))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True, minloglevel=2,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+    tok = tc.load_tokenizer(tmp_path)
+    assert tok.kind == "sentencepiece"
+    template = tc.load_template("gemma3", tok)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    official = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(trl_template("gemma3"))
+    compared = 0
+    for name, msgs in cases():
+        loop = msgs[1:] if msgs[0]["role"] == "system" else msgs
+        if any((m["role"] == "user") != (i % 2 == 0) for i, m in enumerate(loop)) \
+                or any("<start_of_turn>" in m["content"] or "<end_of_turn>" in m["content"] for m in msgs):
+            continue
+        for gen in (False, True):
+            if not gen and not any(m["role"] == "assistant" for m in msgs):
+                continue
+            text = official.render(messages=msgs, bos_token="<bos>", add_generation_prompt=gen)
+            assert text.startswith("<bos>")
+            ref = [sp.bos_id()] + sp.encode(text[len("<bos>"):])
+            ids, _ = tc.tokenize_conversation(msgs, tok, template, add_generation_prompt=gen)
+            assert ids == ref, (name, gen)
+            compared += 1
+    assert compared >= 30
