@@ -18,11 +18,8 @@ import pytest
 import tokenize_chat as tc
 from chat_samples import conversations
 
-TRL_TEMPLATES = None
-
-
 def trl_template(name: str) -> str:
-    import trl
+    trl = pytest.importorskip("trl")  # requirements-dev.txt installs it
     return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
 
 
