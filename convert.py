@@ -227,6 +227,10 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
                            f"{config.get('sliding_window')} tokens")
 
     layer_types, rope_local_theta = None, None
+    if model_type in ("qwen3", "olmo2") and "sliding_attention" in (config.get("layer_types") or []) \
+            and (config.get("sliding_window") or 0) < max_seq_len:
+        raise ConvertError(f"{path}: layer_types has sliding_attention layers: a sliding window on some "
+                           f"{model_type} layers is not supported (only full attention)")
     if gemma:
         window = config.get("sliding_window", 4096)
         if type(window) is not int or window <= 0:

@@ -137,6 +137,7 @@ def write_config(tmp_path, family, **changes):
     ("olmo2", {"model_type": "olmo3"}, "model_type 'olmo3': OLMo 3 (sliding-window layers"),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
     ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("olmo2", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16}, "layer_types"),
     ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
     ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ("gemma3", {"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
