@@ -1,7 +1,7 @@
-"""A short SFT then DPO run on tiny Qwen3, OLMo 2 and Gemma 3 models with their own chat templates: each trains
+"""A short SFT, then DPO and SimPO run on tiny Qwen3, OLMo 2 and Gemma 3 models with their own chat templates: each trains
 (finite loss, DPO at ln 2 on step 0), saves a native dir that reloads, and exports to HF safetensors that
 transformers loads as the same family with the trained model's logits. SFT packs rows (per-document attention,
-through Gemma 3's local windows); DPO trains LoRA adapters."""
+through Gemma 3's local windows); DPO trains LoRA adapters; SimPO packs pairs with a shared prompt."""
 
 import json
 import math
@@ -13,6 +13,7 @@ import torch
 import convert
 import train_dpo
 import train_sft
+import train_simpo
 from model import Transformer
 from pref_fixtures import write_preference_data
 from sft_fixtures import metrics, to_argv, train_bpe_tokenizer, write_chat_data
@@ -27,7 +28,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_sft_then_dpo_train_save_reload_export(tmp_path, family):
+def test_sft_dpo_simpo_train_save_reload_export(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     template, specials, eos, bos = FAMILIES[family]
@@ -56,8 +57,14 @@ def test_sft_then_dpo_train_save_reload_export(tmp_path, family):
     steps = metrics(dpo)
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-4 and all(math.isfinite(m["loss"]) for m in steps)
 
+    simpo = tmp_path / "simpo"
+    train_simpo.main(to_argv({**common, "ckpt_paths": sft, "output_dir": simpo, "lr": 1e-3, "pack_samples": True,
+                              "micro_batch_size_per_gpu": 2, "train_steps": 2,
+                              "train_data_paths": f"jsonl:{tmp_path / 'pref.jsonl'}"}))
+    assert all(math.isfinite(m["loss"]) for m in metrics(simpo))
+
     tokens = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
-    for out in (sft, dpo):
+    for out in (sft, dpo, simpo):
         assert (out / f"{template}.yaml").exists()
         trained = Transformer.from_pretrained(out)
         convert.main(["--to_hf", "--ckpt_paths", str(out), "--output_dir", str(tmp_path / f"{out.name}-hf"),
