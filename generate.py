@@ -146,7 +146,8 @@ def find_template(weights: list[Path]) -> Path:
                         f"--template_config, a name from templates/ (e.g. chatml, llama3_instruct) or a path")
 
 
-def read_prompts_file(path: Path, system: str | None, tokenizer, template, enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
+def read_prompts_file(path: Path, system: str | None, tokenizer, template,
+                      enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
     """Each non-empty line: {"prompt": str} or {"messages": [...]} ending with a user turn. Every line is
     checked before anything is generated; an error names the file and line."""
     records, prompt_ids = [], []
