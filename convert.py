@@ -277,7 +277,7 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
         qkv_bias=model_type == "qwen2", max_seq_len=max_seq_len, sliding_window=window,
         qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}.get(model_type),
         pre_norm=model_type != "olmo2", post_norm=model_type in ("olmo2", "gemma3_text"),
-        norm_unit_offset=gemma, scale_embeddings=gemma, activation="gelu_tanh" if gemma else "silu",
+        norm_unit_offset=gemma, norm_fp32_weight=model_type == "olmo2", scale_embeddings=gemma, activation="gelu_tanh" if gemma else "silu",
         query_pre_attn_scalar=scalar, layer_types=layer_types, rope_local_theta=rope_local_theta)
 
 

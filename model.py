@@ -51,6 +51,7 @@ class ModelArgs:
     pre_norm: bool = True  # norm each sublayer's input (Llama); OLMo 2 has only post_norm
     post_norm: bool = False  # norm each sublayer's output before the residual add (OLMo 2, Gemma 3)
     norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), weights stored centred on 0
+    norm_fp32_weight: bool = False  # OLMo 2 (and Gemma): the weight multiplies in fp32, one rounding after it
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(dim)
     activation: str = "silu"  # gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
@@ -110,7 +111,8 @@ class ModelArgs:
                 del out[key]
         # The newer families' keys only where they differ from Llama: a Llama params.json stays Meta's schema.
         defaults = ModelArgs(vocab_size=1)
-        for key in ("qk_norm", "pre_norm", "post_norm", "norm_unit_offset", "scale_embeddings", "activation",
+        for key in ("qk_norm", "pre_norm", "post_norm", "norm_unit_offset", "norm_fp32_weight", "scale_embeddings",
+                    "activation",
                     "query_pre_attn_scalar", "layer_types", "rope_local_theta"):
             if out[key] == getattr(defaults, key):
                 del out[key]
@@ -118,18 +120,18 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, fp32_weight: bool = False):
         super().__init__()
-        self.eps, self.unit_offset = eps, unit_offset
+        self.eps, self.unit_offset, self.fp32_weight = eps, unit_offset, fp32_weight or unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses precision otherwise.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:  # Gemma scales by (1 + w) in fp32 and rounds once, as transformers does
-            return (xf * (1.0 + self.weight.float())).type_as(x)
-        return xf.type_as(x) * self.weight
+        if self.fp32_weight:  # OLMo 2 scales by w, Gemma by (1 + w), in fp32 and round once, as transformers does
+            return (xf * ((1.0 if self.unit_offset else 0.0) + self.weight.float())).type_as(x)
+        return xf.type_as(x) * self.weight  # Llama: round, then scale
 
 
 def rope_frequencies(args: ModelArgs, local: bool = False) -> torch.Tensor:
@@ -231,8 +233,8 @@ class Attention(nn.Module):
             # Per head: one weight of head_dim shared by all heads; full: one over all heads' concatenated rows.
             q_dim, k_dim = (args.head_dim, args.head_dim) if args.qk_norm == "head" else \
                 (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim)
-            self.q_norm = RMSNorm(q_dim, args.norm_eps, args.norm_unit_offset)
-            self.k_norm = RMSNorm(k_dim, args.norm_eps, args.norm_unit_offset)
+            self.q_norm = RMSNorm(q_dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)
+            self.k_norm = RMSNorm(k_dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)
         self.window = args.sliding_window if args.is_local(layer) else None
         self.scale = None if args.query_pre_attn_scalar is None else args.query_pre_attn_scalar ** -0.5
         self.cache: KVCache | None = None
@@ -280,7 +282,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(args, layer)
         self.feed_forward = FeedForward(args)
-        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset)  # noqa: E731
+        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)  # noqa: E731
         if args.pre_norm:
             self.attention_norm, self.ffn_norm = norm(), norm()
         if args.post_norm:  # on each sublayer's output, before it joins the residual stream
@@ -303,7 +305,7 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight

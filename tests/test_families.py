@@ -203,3 +203,24 @@ def test_batched_generation_past_the_window_equals_one_at_a_time(tmp_path):
     ours = Transformer.from_pretrained(native_dir)
     prompts = [[5, 17, 99], list(range(1, 14)), [7, 7, 300, 8, 9, 10]]
     assert generate_batch(ours, prompts, 20) == [list(generate(ours, p, 20)) for p in prompts]
+
+
+def test_rmsnorm_rounds_as_each_family_in_bf16():
+    """In bf16 the order of rounding is the family's: Llama/Qwen3 round then scale; OLMo 2 scales in fp32 then
+    rounds; Gemma scales by (1 + w) in fp32 then rounds. Bit-exact against transformers' own norms."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 96, generator=g).to(torch.bfloat16)
+    w = (torch.randn(96, generator=g) * 0.5).to(torch.bfloat16)
+    for ref, ours in ((Qwen3RMSNorm(96, 1e-6), RMSNorm(96, 1e-6)),
+                      (Olmo2RMSNorm(96, 1e-6), RMSNorm(96, 1e-6, fp32_weight=True)),
+                      (Gemma3RMSNorm(96, 1e-6), RMSNorm(96, 1e-6, unit_offset=True))):
+        ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+        with torch.no_grad():
+            ref.weight.copy_(w)
+            ours.weight.copy_(w)
+            assert torch.equal(ours(x), ref(x)), type(ref).__name__
