@@ -194,6 +194,19 @@ def test_gemma3_multimodal_dir_language_model_only(tmp_path, capsys):
     assert type(text) is Gemma3ForCausalLM
     assert (logits(text, tokens) - ref).abs().max() <= 1e-5
 
+    # The key names transformers 4 wrote (and the google/gemma-3-* repos still ship): language_model.model.*,
+    # vision_tower.*, multi_modal_projector.*.
+    from safetensors.torch import save_file
+    v4 = {}
+    for k, t in load_file(tmp_path / "mm" / "model.safetensors").items():
+        k = k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.", "vision_tower.")
+        v4[k.replace("model.multi_modal_projector.", "multi_modal_projector.")] = t
+    assert any(k.startswith("language_model.model.layers.") for k in v4)
+    save_file(v4, tmp_path / "mm" / "model.safetensors")
+    run("--ckpt_paths", tmp_path / "mm", "--output_dir", tmp_path / "native4", "--precision", "fp32",
+        "--language_model_only")
+    assert torch.equal(logits(Transformer.from_pretrained(tmp_path / "native4"), tokens), logits(ours, tokens))
+
 
 def test_batched_generation_past_the_window_equals_one_at_a_time(tmp_path):
     """generate.py's batched path (left padding, a caller's mask) keeps Gemma 3's local layers in their window."""
