@@ -44,9 +44,36 @@ NAME_MAP = {
     "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
     "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.attention.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",  # Qwen3, OLMo 2, Gemma 3
+    "layers.{}.attention.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
 }
-HF_TO_NATIVE = {hf: native for native, hf in NAME_MAP.items()}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Where a block also norms its sublayers' outputs (OLMo 2, Gemma 3), HF's post_attention_layernorm is that
+# output norm, not Llama's pre-MLP norm (which Gemma calls pre_feedforward_layernorm): these entries override.
+POST_NORM_NAMES = {
+    "layers.{}.ffn_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "layers.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.post_ffn_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+HF_TO_NATIVE = {hf: native for native, hf in NAME_MAP.items()}  # Llama's names (bench.py); see name_map
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3_text", "gemma3")
+# What the other model types of these families are, and why they are refused.
+REFUSED_MODEL_TYPES = {
+    "qwen3_moe": "Qwen3-MoE (mixture-of-experts MLP layers) is not supported; only dense Qwen3 is",
+    "qwen2_moe": "Qwen2-MoE (mixture-of-experts MLP layers) is not supported; only dense Qwen2 is",
+    "olmo3": "OLMo 3 (sliding-window layers from layer_types/sliding_window) is not supported; only OLMo 2 is",
+    "olmoe": "OLMoE (mixture-of-experts MLP layers) is not supported; only OLMo 2 is",
+    "gemma2": "Gemma 2 (logit soft-capping) is not supported; only Gemma 3 is",
+    "gemma3n": "Gemma 3n (per-layer embeddings, AltUp) is not supported; only Gemma 3 is",
+}
+# Gemma3TextConfig's defaults: a multimodal Gemma 3 config.json lists only the text_config keys that differ.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+                            tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+                            rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window_pattern=6)
+# A multimodal Gemma 3 checkpoint keeps the language model under one of these prefixes (transformers 5 / 4).
+LANGUAGE_MODEL_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                           "language_model.lm_head.": "lm_head."}
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
 # Files that travel with the weights (transformers 5 keeps the chat template in chat_template.jinja).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "config.json")
@@ -85,6 +112,21 @@ def rename(key: str, mapping: dict) -> str | None:
     return mapping.get(key)
 
 
+def name_map(args: ModelArgs) -> dict:
+    return {**NAME_MAP, **POST_NORM_NAMES} if args.post_norm else NAME_MAP
+
+
+def rotary_heads(native: str, args: ModelArgs) -> int | None:
+    """How many heads' rotary halves a tensor's rows hold (it is permuted between the layouts), else None.
+    A QK-norm weight scales q or k element-wise, so it follows q's and k's rows: per head ([head_dim], one
+    head) or over the whole projection (OLMo 2, every head). The norm itself, a mean over the head or the
+    projection, does not see the order."""
+    full = args.qk_norm == "full"
+    return {".wq.": args.n_heads, ".wk.": args.n_kv_heads, ".q_norm.": args.n_heads if full else 1,
+            ".k_norm.": args.n_kv_heads if full else 1}.get(next((p for p in (".wq.", ".wk.", ".q_norm.", ".k_norm.")
+                                                                  if p in native), None))
+
+
 def permute_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF's half-split rotary layout -> Meta's interleaved pairs, per head (rows of a weight or a bias)."""
     rows = w.shape[0]
@@ -97,11 +139,53 @@ def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # -- HF config -> ModelArgs --------------------------------------------------------------------------------
+def text_config(config: dict, path: Path, language_model_only: bool = False) -> dict:
+    """The language model's config: config.json itself, or a multimodal Gemma 3's text_config (with its
+    defaults filled in) when only the language model is wanted."""
+    if config.get("model_type") != "gemma3":
+        return config
+    if not language_model_only:
+        raise ConvertError(f"{path}: model_type 'gemma3' is Gemma 3 with its vision tower (vision_config; tensors "
+                           f"model.vision_tower.*, model.multi_modal_projector.*); this repo trains the language "
+                           f"model only: pass --language_model_only to convert it alone (the vision weights are "
+                           f"left out)")
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise ConvertError(f"{path}: model_type 'gemma3' without a text_config object")
+    return {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+            **{k: config[k] for k in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id")
+               if k in config and k not in text}}
+
+
+def gemma3_rope(config: dict, path: Path) -> tuple[float, float, dict | None]:
+    """(global rope_theta, local rope_theta, global rope scaling) from transformers 5's rope_parameters
+    {"full_attention": ..., "sliding_attention": ...} or 4's rope_theta / rope_local_base_freq / rope_scaling."""
+    nested = config.get("rope_parameters")
+    if isinstance(nested, dict) and "full_attention" in nested:
+        full, local = dict(nested.get("full_attention") or {}), dict(nested.get("sliding_attention") or {})
+    else:
+        full = {"rope_theta": config.get("rope_theta", 1000000.0), **(config.get("rope_scaling") or {})}
+        local = {"rope_theta": config.get("rope_local_base_freq", 10000.0)}
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ConvertError(f"{path}: rope scaling on the sliding_attention layers is not supported "
+                           f"(got {local.get('rope_type', local.get('type'))!r})")
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ConvertError(f"{path}: Gemma 3 rope type {kind!r} on the full_attention layers is not supported "
+                           f"(default and linear are)")
+    scaling = {"rope_type": "linear", "factor": float(full["factor"])} if kind == "linear" else None
+    return full.get("rope_theta", 1000000.0), local.get("rope_theta", 10000.0), scaling
+
+
 def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
     model_type = config.get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ConvertError(f"{path}: model_type {model_type!r}: {REFUSED_MODEL_TYPES[model_type]} (supported "
+                           f"model types: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConvertError(f"{path}: model_type {model_type!r} is not supported; supported: "
-                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5)")
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5, "
+                           f"Qwen3, OLMo 2, Gemma 3)")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
     for key in required:
         if key not in config:
@@ -115,9 +199,18 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
     if n_heads % n_kv_heads:
         raise ConvertError(f"{path}: num_attention_heads={n_heads} is not a multiple of "
                            f"num_key_value_heads={n_kv_heads}")
-    # model.py's MLP is SwiGLU with SiLU; any other activation would convert into a different function.
-    if config.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only silu)")
+    gemma = model_type == "gemma3_text"
+    # model.py's MLP is gated with SiLU (Gemma: GELU-tanh); any other activation would convert into a
+    # different function.
+    act_key = "hidden_activation" if gemma and "hidden_activation" in config else "hidden_act"
+    act = config.get(act_key, "gelu_pytorch_tanh" if gemma else "silu")
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+        raise ConvertError(f"{path}: {act_key} {act!r} is not supported for {model_type} "
+                           f"(only {'gelu_pytorch_tanh' if gemma else 'silu'})")
+    if gemma:
+        for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+            if config.get(key):
+                raise ConvertError(f"{path}: {key}={config[key]!r} is not supported (Gemma 3 has it null/false)")
     if config.get("mlp_bias") or (model_type != "qwen2" and config.get("attention_bias")):
         raise ConvertError(f"{path}: attention_bias/mlp_bias on a {model_type} model are not supported "
                            f"(only Qwen2's q/k/v biases are)")
@@ -128,18 +221,39 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
     window = config.get("sliding_window") if model_type == "mistral" else None
     if window is not None and (type(window) is not int or window <= 0):
         raise ConvertError(f"{path}: sliding_window must be a positive integer or null, got {window!r}")
-    if model_type == "qwen2" and config.get("use_sliding_window") and (config.get("sliding_window") or 0) < max_seq_len:
-        raise ConvertError(f"{path}: Qwen2's use_sliding_window (a window on layers from max_window_layers on) "
+    if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window") \
+            and (config.get("sliding_window") or 0) < max_seq_len:
+        raise ConvertError(f"{path}: {model_type}'s use_sliding_window (a window on layers from max_window_layers on) "
                            f"is not supported: only full attention, which differs past "
                            f"{config.get('sliding_window')} tokens")
 
+    layer_types, rope_local_theta = None, None
+    if model_type in ("qwen3", "olmo2") and "sliding_attention" in (config.get("layer_types") or []) \
+            and (config.get("sliding_window") or 0) < max_seq_len:
+        raise ConvertError(f"{path}: layer_types has sliding_attention layers: a sliding window on some "
+                           f"{model_type} layers is not supported (only full attention)")
+    if gemma:
+        window = config.get("sliding_window", 4096)
+        if type(window) is not int or window <= 0:
+            raise ConvertError(f"{path}: sliding_window must be a positive integer, got {window!r}")
+        layer_types = config.get("layer_types")
+        if layer_types is None:  # transformers 4: every sliding_window_pattern-th layer is global
+            pattern = config.get("sliding_window_pattern", 6)
+            layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                           for i in range(config["num_hidden_layers"])]
+        if len(layer_types) != config["num_hidden_layers"] or \
+                not set(layer_types) <= {"sliding_attention", "full_attention"}:
+            raise ConvertError(f"{path}: layer_types must list num_hidden_layers={config['num_hidden_layers']} "
+                               f"entries of 'sliding_attention' or 'full_attention', got {layer_types!r}")
+        rope_theta, rope_local_theta, rope_scaling = gemma3_rope(config, path)
     # transformers 5 nests rotary settings in rope_parameters; 4 has rope_theta + rope_scaling.
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope = {} if gemma else dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if not gemma:
+        rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        rope_scaling = None
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ConvertError(f"{path}: rope type {rope_type!r} is not supported (default and llama3 are)")
-    rope_scaling = None
     if rope_type == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         if missing := [k for k in keys if k not in rope]:
@@ -147,17 +261,25 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
         rope_scaling = {k: rope[k] for k in keys}
 
     dim = config["hidden_size"]
-    head_dim = config.get("head_dim") or dim // n_heads
+    # OLMo 2 has no head_dim key (transformers derives it); Qwen3 and Gemma 3 set it, often != dim / heads.
+    head_dim = (None if model_type == "olmo2" else config.get("head_dim")) or dim // n_heads
     multiple_of, ffn_dim_multiplier = ffn_params(dim, config["intermediate_size"])
+    scalar = config.get("query_pre_attn_scalar", 256) if gemma else None
+    if scalar is not None and (not isinstance(scalar, (int, float)) or scalar <= 0):
+        raise ConvertError(f"{path}: query_pre_attn_scalar must be a positive number, got {scalar!r}")
     return ModelArgs(
         dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=n_kv_heads, vocab_size=config["vocab_size"],
         multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
         norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-        use_scaled_rope=rope_scaling is not None, rope_scaling=rope_scaling,
+        use_scaled_rope=rope_type == "llama3", rope_scaling=rope_scaling,
         head_dim=head_dim if head_dim != dim // n_heads else None,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2", max_seq_len=max_seq_len, sliding_window=window)
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+        qkv_bias=model_type == "qwen2", max_seq_len=max_seq_len, sliding_window=window,
+        qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}.get(model_type),
+        pre_norm=model_type != "olmo2", post_norm=model_type in ("olmo2", "gemma3_text"),
+        norm_unit_offset=gemma, norm_fp32_weight=model_type == "olmo2", scale_embeddings=gemma, activation="gelu_tanh" if gemma else "silu",
+        query_pre_attn_scalar=scalar, layer_types=layer_types, rope_local_theta=rope_local_theta)
 
 
 def ffn_params(dim: int, intermediate_size: int) -> tuple[int, float | None]:
@@ -177,18 +299,37 @@ def hf_config_from_args(args: ModelArgs, base: dict | None, dtype: torch.dtype) 
     one (architecture, token ids, generation fields survive the round trip), else from scratch."""
     config = dict(base or {})
     if "model_type" not in config:  # the family that has what this model needs
-        config["model_type"] = "qwen2" if args.qkv_bias else "mistral" if args.sliding_window else "llama"
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        config["model_type"] = ("olmo2" if args.qk_norm == "full" else "gemma3_text" if args.scale_embeddings
+                                else "qwen3" if args.qk_norm == "head" else "qwen2" if args.qkv_bias
+                                else "mistral" if args.sliding_window else "llama")
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
     config.setdefault("architectures", [arch.get(config["model_type"], "LlamaForCausalLM")])
+    gemma = config["model_type"] == "gemma3_text"
     config.update(
         hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size, intermediate_size=args.hidden_dim,
         head_dim=args.head_dim, rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=config.get("max_position_embeddings", args.max_seq_len), hidden_act="silu")
+        max_position_embeddings=config.get("max_position_embeddings", args.max_seq_len),
+        **({"hidden_activation": "gelu_pytorch_tanh"} if gemma else {"hidden_act": "silu"}))
+    if config["model_type"] in ("llama", "qwen3", "olmo2", "gemma3_text"):
+        config.update(attention_bias=False)
     if config["model_type"] == "llama":
-        config.update(attention_bias=False, mlp_bias=False)
+        config.update(mlp_bias=False)
     if config["model_type"] == "mistral":
         config["sliding_window"] = args.sliding_window
+    if gemma:
+        config.update(layer_types=args.layer_types, sliding_window=args.sliding_window,
+                      query_pre_attn_scalar=args.query_pre_attn_scalar)
+        config.pop("sliding_window_pattern", None)  # layer_types says it
+        full = {"rope_type": "default", **(args.rope_scaling or {}), "rope_theta": args.rope_theta}
+        local = {"rope_type": "default", "rope_theta": args.rope_local_theta or args.rope_theta}
+        if "rope_parameters" in config or "rope_theta" not in config:  # transformers 5's style ...
+            config["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+        else:  # ... or 4's
+            config.update(rope_theta=args.rope_theta, rope_local_base_freq=local["rope_theta"],
+                          rope_scaling=args.rope_scaling)
+        return set_dtype(config, dtype)
     rope = {"rope_type": "default"}
     if args.use_scaled_rope or args.rope_scaling:
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -198,6 +339,10 @@ def hf_config_from_args(args: ModelArgs, base: dict | None, dtype: torch.dtype) 
     else:  # ... or 4, which 5 also reads
         config["rope_theta"] = args.rope_theta
         config["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+    return set_dtype(config, dtype)
+
+
+def set_dtype(config: dict, dtype: torch.dtype) -> dict:
     name = {v: k for k, v in PRECISIONS.items()}[dtype]
     config["dtype" if "dtype" in config else "torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16",
                                                                "fp32": "float32"}[name]
@@ -411,15 +556,31 @@ def pid_alive(pid: str) -> bool:
 
 
 # -- the two directions --------------------------------------------------------------------------------------
-def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bfloat16):
+def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bfloat16,
+                 language_model_only: bool = False):
     config_path = ckpt_dir / "config.json"
     if not ckpt_dir.is_dir():
         raise ConvertError(f"{ckpt_dir}: no such directory")
     if not config_path.is_file():
         raise ConvertError(f"{ckpt_dir}: no config.json (is this a Hugging Face checkpoint dir?)")
-    config = read_json(config_path)
+    source_config = read_json(config_path)
+    config = text_config(source_config, config_path, language_model_only)
+    multimodal = config is not source_config
     args = args_from_hf_config(config, config_path)
     weights = HFWeights(ckpt_dir)
+    to_native = {hf: native for native, hf in name_map(args).items()}
+
+    def native_name(hf_name: str) -> str | None:
+        if multimodal:  # the language model's tensors under their text-only names; the vision tower stays behind
+            if hf_name.startswith(VISION_PREFIXES):
+                return "skip"
+            prefix = next((p for p in LANGUAGE_MODEL_PREFIXES if hf_name.startswith(p)), None)
+            if prefix is None:
+                return None
+            hf_name = LANGUAGE_MODEL_PREFIXES[prefix] + hf_name[len(prefix):]
+        if hf_name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
+            return "skip"  # recomputed buffers; a tied lm_head duplicates the embedding
+        return rename(hf_name, to_native)
 
     # Check names and shapes against the model that params.json describes before writing anything.
     with torch.device("meta"):
@@ -428,32 +589,30 @@ def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bf
         expected.pop("output.weight")
     found = {}
     for hf_name, (shape, _, shard) in weights.specs.items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
-            continue  # recomputed buffers; a tied lm_head duplicates the embedding
-        native = rename(hf_name, HF_TO_NATIVE)
+        native = native_name(hf_name)
+        if native == "skip":
+            continue
         if native is None or native not in expected:
             raise ConvertError(f"{shard}: unexpected tensor {hf_name} for a {config['model_type']} model "
                                f"with this config.json")
         found[native] = shape
     missing = [k for k in expected if k not in found]
     if missing:
-        raise ConvertError(f"{ckpt_dir}: missing tensors {[rename(k, NAME_MAP) for k in missing][:8]}")
+        raise ConvertError(f"{ckpt_dir}: missing tensors {[rename(k, name_map(args)) for k in missing][:8]}")
     for native, shape in found.items():
         if shape != expected[native]:
-            raise ConvertError(f"{ckpt_dir}: tensor {rename(native, NAME_MAP)} has shape {shape}, config.json "
+            raise ConvertError(f"{ckpt_dir}: tensor {rename(native, name_map(args))} has shape {shape}, config.json "
                                f"implies {expected[native]}")
 
     def converted():
         for shard in weights.shards:
             for hf_name, tensor in weights.open(shard):
-                native = rename(hf_name, HF_TO_NATIVE)
+                native = native_name(hf_name)
                 if native not in found:
                     continue
                 t = _materialise(tensor)
-                if ".wq." in native:
-                    t = permute_to_native(t, args.n_heads)
-                elif ".wk." in native:
-                    t = permute_to_native(t, args.n_kv_heads)
+                if heads := rotary_heads(native, args):
+                    t = permute_to_native(t, heads)
                 yield native, t.to(dtype)
 
     specs = {k: (expected[k], dtype) for k in expected}
@@ -461,6 +620,8 @@ def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bf
         save_pth_streaming(tmp / "consolidated.00.pth", specs, converted())
         (tmp / "params.json").write_text(json.dumps(args.to_json(), indent=2) + "\n")
         copy_tokenizer_files(ckpt_dir, tmp)
+        if multimodal:  # the language model's own config: --to_hf then writes a Gemma3ForCausalLM
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return args
 
 
@@ -490,15 +651,13 @@ def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype = torch.b
         raise ConvertError(str(e)) from e
     if args.tie_word_embeddings:
         state.pop("output.weight")
-    names = {native: rename(native, NAME_MAP) for native in state}
+    names = {native: rename(native, name_map(args)) for native in state}
 
     def converted(keys):
         for native in keys:
             t = state[native]
-            if ".wq." in native:
-                t = permute_to_hf(t, args.n_heads)
-            elif ".wk." in native:
-                t = permute_to_hf(t, args.n_kv_heads)
+            if heads := rotary_heads(native, args):
+                t = permute_to_hf(t, heads)
             yield names[native], t.to(dtype)
 
     # Shards of at most 5 GB, as transformers' save_pretrained does.
@@ -539,12 +698,16 @@ def main(argv=None):
                         help="where to write; may be the input dir itself")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="dtype of the written weights")
     parser.add_argument("--to_hf", action="store_true", help="native -> HF safetensors + config.json")
+    parser.add_argument("--language_model_only", action="store_true",
+                        help="multimodal Gemma 3 dir (model_type gemma3): convert its language model alone, "
+                             "leaving the vision tower out")
     args = parser.parse_args(argv)
     try:
         if args.to_hf:
             model_args = native_to_hf(args.ckpt_paths, args.output_dir, PRECISIONS[args.precision])
         else:
-            model_args = hf_to_native(args.ckpt_paths, args.output_dir, PRECISIONS[args.precision])
+            model_args = hf_to_native(args.ckpt_paths, args.output_dir, PRECISIONS[args.precision],
+                                      args.language_model_only)
     except ConvertError as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         sys.exit(1)

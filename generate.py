@@ -61,7 +61,13 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
         for _ in range(max_new_tokens):
             n = tokens.shape[1]
             positions = (torch.arange(pos, pos + n, device=device)[None, :] - pads[:, None]).clamp(min=0)
-            h = model.hidden_states(tokens, positions, attention_mask(pos, n), pos)
+            mask = attention_mask(pos, n)
+            # Sliding-window layers (Mistral, Gemma 3's local ones) also hide keys a window or more back: with
+            # left padding, columns and positions differ by the row's padding alone, so column distance will do.
+            window = model.args.sliding_window
+            local = mask & (torch.arange(pos, pos + n, device=device)[:, None]
+                            - torch.arange(pos + n, device=device)[None, :] < window) if window else None
+            h = model.hidden_states(tokens, positions, mask, pos, mask_local=local)
             logits = model.output(h[:, -1]).float()  # only the last column: no [B, T, V] logits at prefill
             pos += n
             if temperature <= 0:
@@ -140,7 +146,8 @@ def find_template(weights: list[Path]) -> Path:
                         f"--template_config, a name from templates/ (e.g. chatml, llama3_instruct) or a path")
 
 
-def read_prompts_file(path: Path, system: str | None, tokenizer, template) -> tuple[list[dict], list[list[int]]]:
+def read_prompts_file(path: Path, system: str | None, tokenizer, template,
+                      enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
     """Each non-empty line: {"prompt": str} or {"messages": [...]} ending with a user turn. Every line is
     checked before anything is generated; an error names the file and line."""
     records, prompt_ids = [], []
@@ -177,7 +184,8 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template) -> tu
                     and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
                 messages = [{"role": "system", "content": system}] + messages
             try:
-                ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True)
+                ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True,
+                                               enable_thinking=enable_thinking)
             except ConversationError as e:
                 raise GenerateError(f"{where}: {e}") from None
             if messages[-1]["role"] != "user":
@@ -192,7 +200,8 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template) -> tu
 
 # -- the three modes ------------------------------------------------------------------------------------------
 def run_prompts_file(model, tokenizer, template, args, stops, generator):
-    records, prompts = read_prompts_file(args.prompts_file, args.system, tokenizer, template)
+    records, prompts = read_prompts_file(args.prompts_file, args.system, tokenizer, template,
+                                         not args.no_thinking)
     if args.output_file.is_dir():  # found now, not after generating
         raise GenerateError(f"--output_file {args.output_file} is a directory; give the jsonl file to write")
     args.output_file.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +234,8 @@ def run_prompts(model, tokenizer, template, args, stops, generator):
     for k, prompt in enumerate(args.prompt):
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
                    [{"role": "user", "content": prompt}]
-        ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True)
+        ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True,
+                                       enable_thinking=not args.no_thinking)
         if len(args.prompt) > 1:
             print(f"{'' if k == 0 else chr(10)}>>> {prompt}", flush=True)
         start = time.perf_counter()
@@ -253,11 +263,13 @@ def run_chat(model, tokenizer, template, args, stops, generator):
             print("(history cleared)", flush=True)
             continue
         history.append({"role": "user", "content": line})
-        ids, _ = tokenize_conversation(system + history, tokenizer, template, add_generation_prompt=True)
+        ids, _ = tokenize_conversation(system + history, tokenizer, template, add_generation_prompt=True,
+                                       enable_thinking=not args.no_thinking)
         # Too long for the model: forget the oldest exchanges, keep the system prompt and the last message.
         while len(ids) + args.max_new_tokens > model.args.max_seq_len and len(history) > 1:
             history = history[2:]
-            ids, _ = tokenize_conversation(system + history, tokenizer, template, add_generation_prompt=True)
+            ids, _ = tokenize_conversation(system + history, tokenizer, template, add_generation_prompt=True,
+                                           enable_thinking=not args.no_thinking)
             print("(dropped the oldest exchange: the conversation exceeds max_seq_len)", file=sys.stderr)
         try:
             reply, _ = stream_reply(model, tokenizer, ids, args, stops, generator)
@@ -290,6 +302,9 @@ def parse_args(argv):
     ap.add_argument("--batch_size", type=int, default=16, help="with --prompts_file: prompts per batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--no_thinking", action="store_true",
+                    help="templates with a thinking block (qwen3): answer at once, the prompt ending in an empty "
+                         "<think></think> (Qwen3's enable_thinking=False)")
     args = ap.parse_args(argv)
     if args.prompts_file and not args.output_file:
         ap.error("--prompts_file needs --output_file")

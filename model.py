@@ -1,9 +1,14 @@
-"""The Llama-family transformer: Llama 2, 3, 3.1, 3.2, Mistral, Qwen2/2.5 and SmolLM2 in one definition.
+"""The Llama-family transformer: Llama 2, 3, 3.1, 3.2, Mistral, Qwen2/2.5, SmolLM2, Qwen3, OLMo 2 and Gemma 3
+(text) in one definition.
 
 Weights use Meta's key names and Meta's interleaved rotary layout, so Meta's own `consolidated.00.pth`
 + `params.json` load as they ship. The families differ only in `ModelArgs`: grouped-query attention
 (`n_kv_heads`), q/k/v biases (Qwen2), tied input/output embeddings (Llama 3.2, SmolLM2, small Qwen2.5),
-an explicit `head_dim`, and `llama3` rotary scaling (Llama 3.1, 3.2).
+an explicit `head_dim`, and `llama3` rotary scaling (Llama 3.1, 3.2). The newer families add: QK-norm per
+head (Qwen3, Gemma 3) or over the whole projection (OLMo 2); norms after each sublayer instead of (OLMo 2)
+or as well as (Gemma 3) before it; and Gemma 3's scaled embeddings, (1 + w) norms, GELU-tanh MLP, attention
+scale from `query_pre_attn_scalar`, and local sliding-window layers with their own rotary base between
+global ones.
 """
 
 import json
@@ -41,6 +46,19 @@ class ModelArgs:
     rope_scaling: dict | None = None
     max_seq_len: int = 8192
     sliding_window: int | None = None  # Mistral 7B v0.1: a token sees itself and the previous window - 1
+    # Qwen3, OLMo 2, Gemma 3. Absent (the defaults) means Llama.
+    qk_norm: str | None = None  # "head": RMSNorm over each head (Qwen3, Gemma 3); "full": over all of q, k (OLMo 2)
+    pre_norm: bool = True  # norm each sublayer's input (Llama); OLMo 2 has only post_norm
+    post_norm: bool = False  # norm each sublayer's output before the residual add (OLMo 2, Gemma 3)
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), weights stored centred on 0
+    norm_fp32_weight: bool = False  # OLMo 2 (and Gemma): the weight multiplies in fp32, one rounding after it
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(dim)
+    activation: str = "silu"  # gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    # Gemma 3: per layer "sliding_attention" (local, sees sliding_window tokens, rope_local_theta, no scaling) or
+    # "full_attention" (global, rope_theta and rope_scaling). None: every layer alike (sliding iff sliding_window).
+    layer_types: list | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -51,6 +69,23 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.qk_norm not in (None, "head", "full"):
+            raise ValueError(f"qk_norm must be null, 'head' or 'full', got {self.qk_norm!r}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers or \
+                    not set(self.layer_types) <= {"sliding_attention", "full_attention"}:
+                raise ValueError(f"layer_types must list n_layers={self.n_layers} entries, each "
+                                 f"'sliding_attention' or 'full_attention', got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    def is_local(self, layer: int) -> bool:
+        """Whether this layer attends within the sliding window (and, for Gemma 3, rotates with the local base)."""
+        if self.layer_types is None:
+            return bool(self.sliding_window)
+        return self.layer_types[layer] == "sliding_attention"
 
     @property
     def hidden_dim(self) -> int:
@@ -79,29 +114,42 @@ class ModelArgs:
         for key in ("rope_scaling", "sliding_window"):  # Meta's schema has neither
             if out[key] is None:
                 del out[key]
+        # The newer families' keys only where they differ from Llama: a Llama params.json stays Meta's schema.
+        defaults = ModelArgs(vocab_size=1)
+        for key in ("qk_norm", "pre_norm", "post_norm", "norm_unit_offset", "norm_fp32_weight", "scale_embeddings",
+                    "activation",
+                    "query_pre_attn_scalar", "layer_types", "rope_local_theta"):
+            if out[key] == getattr(defaults, key):
+                del out[key]
         return out
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, fp32_weight: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset, self.fp32_weight = eps, unit_offset, fp32_weight or unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses precision otherwise.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        if self.fp32_weight:  # OLMo 2 scales by w, Gemma by (1 + w), in fp32 and round once, as transformers does
+            return (xf * ((1.0 if self.unit_offset else 0.0) + self.weight.float())).type_as(x)
+        return xf.type_as(x) * self.weight  # Llama: round, then scale
 
 
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), with Llama 3.1's `llama3` scaling when asked for."""
+def rope_frequencies(args: ModelArgs, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1's `llama3` scaling or `linear` scaling when asked for.
+    local: Gemma 3's sliding-window layers, which rotate with their own base and no scaling."""
     d = args.head_dim
+    theta = args.rope_local_theta if local and args.rope_local_theta else args.rope_theta
     # fp32 as Meta and transformers compute them: a float64 table would differ from both.
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
-    if not (args.use_scaled_rope or args.rope_scaling):
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
+    if not (args.use_scaled_rope or args.rope_scaling) or (local and args.layer_types is not None):
         return freqs
+    if (args.rope_scaling or {}).get("rope_type") == "linear":  # Gemma 3's global layers: positions / factor
+        return freqs / args.rope_scaling["factor"]
     s = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 8192, **(args.rope_scaling or {})}
     old_len = s["original_max_position_embeddings"]
@@ -137,7 +185,7 @@ class KVCache(nn.Module):
 
 # -- attention over packed rows ------------------------------------------------------------------------------
 @torch.compiler.disable  # a Python loop over this batch's documents: compiled blocks call it as it is
-def segment_attention(q, k, v, segments, window: int | None = None) -> torch.Tensor:
+def segment_attention(q, k, v, segments, window: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal attention within each segment of packed rows, never across: q [B, H, T, D], k and v [B, Hkv, T, D]
     -> [B, H, T, D]. `segments` holds (row, start, end, prefix_start, prefix_end) tuples: the queries of
     row[start:end] see, causally, its keys and, before them, the keys of row[prefix_start:prefix_end] (a prompt
@@ -146,9 +194,11 @@ def segment_attention(q, k, v, segments, window: int | None = None) -> torch.Ten
     Each segment is one SDPA call on its own slice, so attention costs O(length^2) within documents only and
     stays on SDPA's causal kernel: no [T, T] mask. Shared-prompt keys are concatenated in front of the
     segment's own, which moves the causal diagonal to the bottom right; that (and a sliding window) is the
-    only case that spells out a mask, of [end - start, keys] for that segment alone."""
+    only case that spells out a mask, of [end - start, keys] for that segment alone. `scale` is SDPA's (None:
+    1/sqrt(D))."""
     B, H, T, D = q.shape
     gqa = k.shape[1] != H
+    extra = {} if scale is None else {"scale": scale}
     rows = [[] for _ in range(B)]
     for r, a, b, pa, pb in segments:
         qs, ks, vs = q[r:r + 1, :, a:b], k[r:r + 1, :, a:b], v[r:r + 1, :, a:b]
@@ -156,12 +206,12 @@ def segment_attention(q, k, v, segments, window: int | None = None) -> torch.Ten
             ks, vs = torch.cat([k[r:r + 1, :, pa:pb], ks], 2), torch.cat([v[r:r + 1, :, pa:pb], vs], 2)
         n_q, n_k = b - a, ks.shape[2]
         if n_k == n_q and not (window and n_k > window):
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa, **extra)
         else:
             i = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)  # each query's index among the keys
             j = torch.arange(n_k, device=q.device)[None, :]
             mask = (j <= i) & ((i - j < window) if window else True)
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa, **extra)
         rows[r].append((a, b, out))
     out_rows = []
     for row in rows:
@@ -176,29 +226,45 @@ def segment_attention(q, k, v, segments, window: int | None = None) -> torch.Ten
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.window = args.sliding_window
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            # Per head: one weight of head_dim shared by all heads; full: one over all heads' concatenated rows.
+            q_dim, k_dim = (args.head_dim, args.head_dim) if args.qk_norm == "head" else \
+                (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim)
+            self.q_norm = RMSNorm(q_dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)
+            self.k_norm = RMSNorm(k_dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)
+        self.window = args.sliding_window if args.is_local(layer) else None
+        self.scale = None if args.query_pre_attn_scalar is None else args.query_pre_attn_scalar ** -0.5
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, start_pos, segments=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm == "full":  # OLMo 2: before splitting into heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head's vector, before the rotary embedding
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
         if segments is not None:
-            out = segment_attention(q, k, v, segments, self.window)
+            out = segment_attention(q, k, v, segments, self.window, self.scale)
         else:
             gqa = self.n_kv_heads != self.n_heads
             causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
+            if self.scale is not None:
+                causal["scale"] = self.scale
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **causal)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -209,22 +275,33 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.gelu = args.activation == "gelu_tanh"
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = F.gelu(self.w1(x), approximate="tanh") if self.gelu else F.silu(self.w1(x))
+        return self.w2(gate * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer)
         self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)  # noqa: E731
+        if args.pre_norm:
+            self.attention_norm, self.ffn_norm = norm(), norm()
+        if args.post_norm:  # on each sublayer's output, before it joins the residual stream
+            self.post_attention_norm, self.post_ffn_norm = norm(), norm()
+        self.pre_norm, self.post_norm = args.pre_norm, args.post_norm
 
     def forward(self, x, cos, sin, mask, start_pos, segments=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos, segments)
-        return h + self.feed_forward(self.ffn_norm(h))
+        if not self.post_norm:  # Llama: the pre-norm residual block, as it always was
+            h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos, segments)
+            return h + self.feed_forward(self.ffn_norm(h))
+        a = self.attention(self.attention_norm(x) if self.pre_norm else x, cos, sin, mask, start_pos, segments)
+        h = x + self.post_attention_norm(a)
+        f = self.feed_forward(self.ffn_norm(h) if self.pre_norm else h)
+        return h + self.post_ffn_norm(f)
 
 
 class Transformer(nn.Module):
@@ -232,13 +309,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset, args.norm_fp32_weight)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # A plain attribute, not a buffer: model.to(bf16) must not round the rotary frequencies.
         self.inv_freq = rope_frequencies(args)
+        self.inv_freq_local = rope_frequencies(args, local=True)  # Gemma 3's local layers; else the same values
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, start_pos: int = 0, labels: torch.Tensor | None = None,
@@ -259,16 +337,24 @@ class Transformer(nn.Module):
         return self.output(h)
 
     def hidden_states(self, tokens, position_ids=None, mask=None, start_pos: int = 0,
-                      segments=None) -> torch.Tensor:
-        """The final normalised hidden states [B, T, dim], before the output projection."""
+                      segments=None, mask_local=None) -> torch.Tensor:
+        """The final normalised hidden states [B, T, dim], before the output projection. A caller's `mask` is
+        complete as given; `mask_local`, when given, replaces it on the sliding-window layers (batched
+        generation passes the window there)."""
         B, T = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
         if self.inv_freq.device != tokens.device:
             self.inv_freq = self.inv_freq.to(tokens.device)
+            self.inv_freq_local = self.inv_freq_local.to(tokens.device)
         angles = position_ids[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
         cos, sin = angles.cos(), angles.sin()
+        cos_local, sin_local = cos, sin
+        if self.args.layer_types is not None:  # Gemma 3: the local layers' own rotary base
+            angles = position_ids[:, None, :, None].float() * self.inv_freq_local
+            cos_local, sin_local = angles.cos(), angles.sin()
         window = self.args.sliding_window
+        mask_local = mask if mask_local is None else mask_local
         if segments is not None:  # read once per batch, not once per layer; the window applies per segment
             segments = tuple(map(tuple, segments.tolist()))
         elif mask is None:  # a caller's mask is complete as given (window included)
@@ -278,11 +364,19 @@ class Transformer(nn.Module):
                 # Decoding after a prefill: SDPA's is_causal aligns queries to the first key, so spell out that
                 # query i (at position start_pos + i) sees every cached key and the new ones up to itself.
                 mask = keys <= queries
+            mask_local = mask
             if window and start_pos + T > window:  # only then does the window hide anything
-                mask = (keys <= queries) & (queries - keys < window)
+                mask_local = (keys <= queries) & (queries - keys < window)
+            if self.args.layer_types is None:  # Mistral: every layer is local
+                mask = mask_local
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, start_pos, segments)
+        if self.args.scale_embeddings:  # Gemma: sqrt(dim), rounded to the embedding's dtype as transformers does
+            h = h * torch.tensor(self.args.dim ** 0.5, dtype=h.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.args.is_local(i):
+                h = layer(h, cos_local, sin_local, mask_local, start_pos, segments)
+            else:
+                h = layer(h, cos, sin, mask, start_pos, segments)
         return self.norm(h)
 
     # -- inference ---------------------------------------------------------------------------------------
@@ -324,6 +418,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
             model.output.weight = model.tok_embeddings.weight
         model.inv_freq = rope_frequencies(args)  # built on meta above
+        model.inv_freq_local = rope_frequencies(args, local=True)
         return model.to(device=device, dtype=dtype)
 
 

@@ -182,9 +182,14 @@ class SentencePieceTokenizer:
         return self._sp.is_control(i) or self._sp.is_unknown(i)
 
     def token_id(self, name: str) -> int:
-        if name not in self.specials:
-            raise TokenizerError(f"tokenizer {self.path} has no control token {name!r}")
-        return self.specials[name]
+        if name in self.specials:
+            return self.specials[name]
+        # A user-defined piece (Gemma's <start_of_turn>, <end_of_turn>): sentencepiece matches it whole, in
+        # any text too (as transformers does for Gemma), so it is one id wherever it appears.
+        i = self._sp.piece_to_id(name)
+        if self._sp.id_to_piece(i) == name and not self._sp.is_unknown(i) and self._sp.encode(name) == [i]:
+            return i
+        raise TokenizerError(f"tokenizer {self.path} has no control token {name!r}")
 
 
 Tokenizer = TiktokenTokenizer | SentencePieceTokenizer
@@ -319,6 +324,7 @@ class RoleFormat:
     start: str = ""   # before the content; never trained
     end: str = ""     # after the content; trained with it for trained roles (the end-of-turn token)
     after: str = ""   # after `end`, e.g. ChatML's newline; never trained
+    after_last: str | None = None  # instead of `after` on the conversation's last message (OLMo 2: nothing)
     strip: str = "none"  # none | both | left | right: whitespace stripped from the content
     strip_chars: str | None = None  # what `strip` removes (default: all whitespace)
     join: bool = True  # True: content is tokenized together with the template text around it, as
@@ -341,12 +347,20 @@ class ChatTemplate:
     system_fold: str = "{system}\n\n{content}"  # how a folded system prompt joins the user content
     drop_empty_system: bool = False
     default_system: str | None = None  # used when a conversation has no system message
+    strip_before_fold: bool = False  # strip the user content, then fold the system prompt in (Gemma 3)
+    # Reasoning (Qwen3): {start, end, generation_prompt_off}. An assistant turn after the last user message
+    # carries start + its reasoning + end before its content (the final turn always, an empty block when it
+    # has no reasoning); earlier turns lose their reasoning. generation_prompt_off: the prompt with thinking off.
+    thinking: dict | None = None
 
 
 _TOP_KEYS = {"name": str, "special_tokens": list, "bos": str, "generation_prompt": str, "stop": list,
              "trained_roles": list, "system_placement": str, "system_fold": str, "drop_empty_system": bool,
-             "default_system": (str, type(None)), "roles": dict}
-_ROLE_KEYS = {"start": str, "end": str, "after": str, "strip": str, "strip_chars": (str, type(None)), "join": bool}
+             "default_system": (str, type(None)), "roles": dict, "strip_before_fold": bool,
+             "thinking": (dict, type(None))}
+_ROLE_KEYS = {"start": str, "end": str, "after": str, "after_last": (str, type(None)), "strip": str,
+              "strip_chars": (str, type(None)), "join": bool}
+_THINKING_KEYS = {"start": str, "end": str, "generation_prompt_off": str}
 
 
 def _resolve_template(name_or_path) -> Path:
@@ -396,6 +410,10 @@ def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
     t = ChatTemplate(name=raw.get("name", path.stem), path=str(path),
                      fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16], roles=roles,
                      **{k: v for k, v in raw.items() if k not in ("name", "roles")})
+    if t.thinking is not None:
+        check(t.thinking, _THINKING_KEYS, "thinking.")
+        if missing := [k for k in _THINKING_KEYS if k not in t.thinking]:
+            raise TemplateError(f"{path}: key 'thinking' lacks {', '.join(missing)}")
     if t.system_placement not in ("message", "first_user", "last_user"):
         raise TemplateError(f"{path}: key 'system_placement' must be message, first_user or last_user")
     if t.system_placement != "message" and "user" not in roles:
@@ -437,8 +455,11 @@ def _plan(tokenizer, template: ChatTemplate) -> dict:
         return [ids[p] if p in ids else tokenizer.normalize(p) for p in parts if p]
 
     plan = {"bos": split(template.bos), "generation_prompt": split(template.generation_prompt)}
+    if template.thinking:
+        plan["generation_prompt_off"] = split(template.thinking["generation_prompt_off"])
     for role, fmt in template.roles.items():
-        plan[role] = (split(fmt.start), split(fmt.end), split(fmt.after))
+        plan[role] = (split(fmt.start), split(fmt.end), split(fmt.after),
+                      split(fmt.after if fmt.after_last is None else fmt.after_last))
     cache[template.fingerprint] = plan
     return plan
 
@@ -476,13 +497,47 @@ def _check_messages(messages, template, training):
                                     f"text") from None
         if role == "system" and i > 0:
             raise ConversationError(f"message {i}: a system message may only come first")
+        for key in ("reasoning", "reasoning_content"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise ConversationError(f"message {i} (role {role}): {key} must be a string, "
+                                        f"got {type(m[key]).__name__}")
     if training and not any(m["role"] in template.trained_roles for m in messages):
         raise ConversationError(f"no {'/'.join(template.trained_roles)} turn: this conversation would train nothing")
 
 
+def _with_reasoning(messages, thinking: dict) -> list[tuple[str, str]]:
+    """(role, content) pairs with Qwen3's reasoning convention, as its official template renders them: the
+    reasoning comes from `reasoning_content` (or `reasoning`), else from a <think>...</think> already in the
+    content; assistant turns after the last user message show it in the thinking block (the last turn always,
+    empty if need be), earlier turns drop it."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    last_query = users[-1] if users else len(messages) - 1
+    out = []
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] != "assistant":
+            out.append((m["role"], content))
+            continue
+        reasoning = m.get("reasoning_content", m.get("reasoning"))
+        if not isinstance(reasoning, str):
+            reasoning = ""
+            if "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+        if i > last_query and (i == len(messages) - 1 or reasoning):
+            content = thinking["start"] + reasoning.strip("\n") + thinking["end"] + content.lstrip("\n")
+        out.append(("assistant", content))
+    return out
+
+
 def _messages_to_render(messages, template):
     """(role, content) pairs after the template's system-prompt handling and stripping."""
-    msgs = [(m["role"], m["content"]) for m in messages]
+    if template.thinking:
+        msgs = _with_reasoning(messages, template.thinking)
+    else:
+        msgs = [(m["role"], m["content"]) for m in messages]
+    if template.strip_before_fold:
+        msgs = [(r, _strip(c, template.roles[r]) if r in template.roles else c) for r, c in msgs]
     system = None
     if msgs[0][0] == "system":
         system = msgs.pop(0)[1]
@@ -500,22 +555,27 @@ def _messages_to_render(messages, template):
             fold = template.system_fold
             s, c = fold.index("{system}"), fold.index("{content}")
             msgs[i] = ("user", fold[:s] + system + fold[s + 8:c] + msgs[i][1] + fold[c + 9:])
-    out = []
-    for role, content in msgs:
-        fmt = template.roles[role]
-        if fmt.strip == "both":
-            content = content.strip(fmt.strip_chars)
-        elif fmt.strip == "left":
-            content = content.lstrip(fmt.strip_chars)
-        elif fmt.strip == "right":
-            content = content.rstrip(fmt.strip_chars)
-        out.append((role, content))
-    return out
+    if template.strip_before_fold:
+        return msgs
+    return [(role, _strip(content, template.roles[role])) for role, content in msgs]
 
 
-def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_generation_prompt=False):
+def _strip(content: str, fmt: RoleFormat) -> str:
+    if fmt.strip == "both":
+        return content.strip(fmt.strip_chars)
+    if fmt.strip == "left":
+        return content.lstrip(fmt.strip_chars)
+    if fmt.strip == "right":
+        return content.rstrip(fmt.strip_chars)
+    return content
+
+
+def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_generation_prompt=False,
+                          enable_thinking=True):
     """Token ids and a same-length 0/1 loss mask. Trained: each assistant turn's content and its end
-    string (the end-of-turn token); headers, system and user text are masked."""
+    string (the end-of-turn token); headers, system and user text are masked. With a `thinking` template
+    the thinking block is part of the assistant content (trained); enable_thinking=False ends the generation
+    prompt with an empty thinking block, as Qwen3's template does."""
     _check_messages(messages, template, training=not add_generation_prompt)
     plan = _plan(tokenizer, template)
     parts = []  # (id_or_text, trained, join): ints are control tokens, strs are text to encode
@@ -524,8 +584,11 @@ def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_gener
         parts.extend((x, trained, True) for x in items)
 
     literal(plan["bos"], 0)
-    for role, content in _messages_to_render(messages, template):
-        start, end, after = plan[role]
+    rendered = _messages_to_render(messages, template)
+    for n, (role, content) in enumerate(rendered):
+        start, end, after, after_last = plan[role]
+        if n == len(rendered) - 1:
+            after = after_last
         trained = 1 if role in template.trained_roles else 0
         join = template.roles[role].join
         literal(start, 0)
@@ -534,7 +597,8 @@ def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_gener
         literal(end, trained)
         literal(after, 0)
     if add_generation_prompt:
-        literal(plan["generation_prompt"], 0)
+        off = template.thinking and not enable_thinking
+        literal(plan["generation_prompt_off" if off else "generation_prompt"], 0)
     return _encode_parts(parts, tokenizer)
 
 

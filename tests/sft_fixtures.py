@@ -11,9 +11,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def train_bpe_tokenizer(path: Path, vocab_size: int = 512) -> Path:
-    """A throwaway byte-level BPE tokenizer.json with ChatML's special tokens, trained on the chat data's
-    kind of text: keeps the trainer tests fast (SmolLM2's 49k vocabulary dominates a tiny model's compute)."""
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_bpe_tokenizer(path: Path, vocab_size: int = 512, specials=CHATML_SPECIALS, eos="<|im_end|>",
+                        bos=None) -> Path:
+    """A throwaway byte-level BPE tokenizer.json with ChatML's special tokens (or another family's), trained on
+    the chat data's kind of text: keeps the trainer tests fast (SmolLM2's 49k vocabulary dominates a tiny
+    model's compute)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     texts = [f"What is {a} plus {b}? {a} plus {b} is {a + b}. Indeed. And doubled? You add numbers."
@@ -21,12 +26,12 @@ def train_bpe_tokenizer(path: Path, vocab_size: int = 512) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos, "bos_token": bos}))
     return path
 
 

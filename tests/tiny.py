@@ -20,7 +20,17 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     "qwen2-untied": ("Qwen2Config", dict(num_key_value_heads=1, head_dim=24)),
     "smollm2": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True, intermediate_size=96, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    # The newer families, at odd sizes: head_dim != hidden/heads (Qwen3, Gemma 3), GQA, 3 query heads per kv head.
+    "qwen3": ("Qwen3Config", dict(hidden_size=72, num_attention_heads=6, num_key_value_heads=2, head_dim=20, intermediate_size=136, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3-untied": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=24)),
+    "olmo2": ("Olmo2Config", dict(eos_token_id=3, hidden_size=72, num_attention_heads=6, num_key_value_heads=2, intermediate_size=136, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # Gemma 3: local layers (window 8, their own base) around global ones with linear rope scaling; tests run
+    # sequences several windows long. query_pre_attn_scalar != head_dim, so the attention scale is its own.
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=72, num_attention_heads=6, num_key_value_heads=2, head_dim=20, intermediate_size=136, num_hidden_layers=5, query_pre_attn_scalar=18, sliding_window=8, tie_word_embeddings=True, layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"], rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
 }
+# Families whose norm weights (and QK-norm weights) are made random: their inits are constants (1, or 0 for
+# Gemma's 1 + w), which would hide a norm weight converted in the wrong order.
+RANDOM_NORMS = ("qwen3", "qwen3-untied", "olmo2", "gemma3")
 
 
 def hf_config(family: str, **overrides):
@@ -37,6 +47,11 @@ def hf_model(family: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32)
+    if family in RANDOM_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
 
 
