@@ -448,7 +448,7 @@ def epoch_work(job: dict, shared: bool, head: str) -> dict:
     sides): positions through the blocks, query-key pairs of causal attention within each document (a shared
     prompt computed once; its responses attend to it), and positions through the output projection (ours:
     the trained ones only; "all": every position, as transformers' forward does). Padding is not work."""
-    from data import prepare_dataset, shared_prefix_length
+    from data import prepare_dataset
     from tokenize_chat import load_template, load_tokenizer
 
     tok = load_tokenizer(job["native"])
@@ -458,8 +458,8 @@ def epoch_work(job: dict, shared: bool, head: str) -> dict:
     positions, pairs_qk = lengths.sum(), (lengths * (lengths + 1) / 2).sum()
     head_positions = positions if head == "all" else float(ds.mask.sum())
     if shared and job["algo"] != "sft":
-        for i in range(len(ds)):  # the rejected side's queries skip the prompt and see it as a prefix
-            S, L = shared_prefix_length(ds, i), lengths[2 * i + 1]
+        for i, S in enumerate(ds.shared_prefix_lengths):  # rejected queries skip the prompt, see it as prefix
+            L = lengths[2 * i + 1]
             positions -= S
             pairs_qk -= L * (L + 1) / 2 - ((L - S) * S + (L - S) * (L - S + 1) / 2)
     return {"positions": positions, "pairs_qk": pairs_qk, "head_positions": head_positions}

@@ -68,6 +68,7 @@ import argparse
 import array
 import bisect
 import copy
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -521,6 +522,12 @@ class TokenizedDataset:
     def stats(self) -> dict:
         return self.meta["stats"]
 
+    @functools.cached_property
+    def shared_prefix_lengths(self) -> np.ndarray:
+        """Preference: shared_prefix_length of every pair, computed once per dataset (the training loader and
+        the reference pass both lay the pairs out with it)."""
+        return np.array([shared_prefix_length(self, i) for i in range(len(self))], dtype=np.int64)
+
 
 KEY_FIELDS = ("format_version", "kind", "max_seq_len", "tokenizer", "template", "sources", "seed")  # key_info's
 
@@ -830,7 +837,7 @@ class Loader:
         self.shared = np.zeros(len(dataset), dtype=np.int64)
         if self.pairs:
             if share_prompt:
-                self.shared = np.array([shared_prefix_length(dataset, i) for i in range(len(dataset))], dtype=np.int64)
+                self.shared = dataset.shared_prefix_lengths
             lengths = lengths[0::2] + lengths[1::2] - self.shared
         self.lengths = lengths  # per sample, as laid out in a row
         self.epoch, self.consumed = 0, 0
