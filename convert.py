@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from model import ModelArgs, Transformer, check_state_dict, load_state_dict, resolve_weights
+from model import DTYPES, ModelArgs, Transformer, check_state_dict, load_state_dict, resolve_weights
+from tokenize_chat import TOKENIZER_FILES
 
 # native key -> HF key; "{}" is the layer index.
 NAME_MAP = {
@@ -74,10 +75,6 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, num_attention_heads=8, num_key_va
 LANGUAGE_MODEL_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
                            "language_model.lm_head.": "lm_head."}
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
-# Files that travel with the weights (transformers 5 keeps the chat template in chat_template.jinja).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "config.json")
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SHARD_BYTES = 5 * 1024**3
 # What each direction writes. A conversion replaces every file of these names that it does not write
@@ -343,7 +340,7 @@ def hf_config_from_args(args: ModelArgs, base: dict | None, dtype: torch.dtype) 
 
 
 def set_dtype(config: dict, dtype: torch.dtype) -> dict:
-    name = {v: k for k, v in PRECISIONS.items()}[dtype]
+    name = {v: k for k, v in DTYPES.items()}[dtype]
     config["dtype" if "dtype" in config else "torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16",
                                                                "fp32": "float32"}[name]
     return config
@@ -696,7 +693,7 @@ def main(argv=None):
                         help="HF checkpoint dir (or, with --to_hf, a native dir or its consolidated.00.pth)")
     parser.add_argument("--output_dir", "--output", required=True, type=Path,
                         help="where to write; may be the input dir itself")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="dtype of the written weights")
+    parser.add_argument("--precision", choices=DTYPES, default="bf16", help="dtype of the written weights")
     parser.add_argument("--to_hf", action="store_true", help="native -> HF safetensors + config.json")
     parser.add_argument("--language_model_only", action="store_true",
                         help="multimodal Gemma 3 dir (model_type gemma3): convert its language model alone, "
@@ -704,9 +701,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.to_hf:
-            model_args = native_to_hf(args.ckpt_paths, args.output_dir, PRECISIONS[args.precision])
+            model_args = native_to_hf(args.ckpt_paths, args.output_dir, DTYPES[args.precision])
         else:
-            model_args = hf_to_native(args.ckpt_paths, args.output_dir, PRECISIONS[args.precision],
+            model_args = hf_to_native(args.ckpt_paths, args.output_dir, DTYPES[args.precision],
                                       args.language_model_only)
     except ConvertError as e:
         print(f"convert.py: error: {e}", file=sys.stderr)

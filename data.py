@@ -87,11 +87,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import IGNORE_INDEX
 from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
                            tokenize_conversation)
 
 FORMAT_VERSION = 2  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them)
-IGNORE_INDEX = -100
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
 PREFIXES = ("jsonl", "text", "local")
 _U32 = "I" if array.array("I").itemsize == 4 else "L"

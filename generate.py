@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from model import Transformer, generate, resolve_weights, sample
+import lora
+from model import DTYPES, Transformer, generate, sample
 from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
                            stop_token_ids, tokenize_conversation)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class GenerateError(ValueError):
@@ -130,7 +130,7 @@ def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[
 # -- inputs -------------------------------------------------------------------------------------------------
 def find_template(weights: list[Path]) -> Path:
     """The chat template a training run copied into its output dir (for an adapter, the run's dir above it),
-    given the weight files (resolve_weights); the last first: an adapter's run knows its template."""
+    given the weight files (lora.resolve); the last first: an adapter's run knows its template."""
     dirs = []
     for w in reversed(weights):
         d = w.parent
@@ -322,11 +322,11 @@ def main(argv=None):
         sys.exit("generate.py: error: --device cuda, but this machine has no CUDA device (use --device cpu)")
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        paths = [resolve_weights(p) for p in args.ckpt_paths]  # fails early on a missing checkpoint
+        paths = [lora.resolve(p) for p in args.ckpt_paths]  # fails early on a missing checkpoint
         tokenizer = load_tokenizer(paths[0].parent)
         template = load_template(args.template_config or find_template(paths), tokenizer)
         stops = set(stop_token_ids(tokenizer, template))
-        model = Transformer.from_pretrained(paths, dtype=dtype, device=device).eval()
+        model = lora.load_model(paths, dtype=dtype, device=device).eval()
         generator = torch.Generator(device=device).manual_seed(args.seed)
         run = run_chat if args.chat else run_prompts_file if args.prompts_file else run_prompts
         run(model, tokenizer, template, args, stops, generator)

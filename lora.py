@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import Transformer, load_state_dict, native_args, resolve_weights
+
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # every attention and MLP projection
 ADAPTER_WEIGHTS = "adapter.pth"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -136,3 +138,50 @@ def read_adapter_config(weights_path: Path) -> dict:
     if not config.is_file():
         raise FileNotFoundError(f"{weights_path} holds LoRA tensors but {config} (rank, alpha) is missing")
     return json.loads(config.read_text())
+
+
+# -- loading: a base checkpoint with adapters stacked on it ----------------------------------------------------
+def resolve(path) -> Path:
+    """A LoRA adapter dir -> its adapter.pth; anything else as model.resolve_weights."""
+    path = Path(path)
+    if path.is_dir() and (path / ADAPTER_WEIGHTS).is_file():
+        return path / ADAPTER_WEIGHTS
+    return resolve_weights(path)
+
+
+def stacked_state(paths) -> dict:
+    """The state dict of a base checkpoint and its overlays, in order: a LoRA adapter merges into the weights
+    so far (in their dtype), any other overlay replaces the tensors it holds. Memory-mapped where untouched."""
+    weights = [resolve(p) for p in paths]
+    state = load_state_dict(weights[0])
+    for w in weights[1:]:
+        overlay = load_state_dict(w)
+        if any(".lora_" in k for k in overlay):
+            config = read_adapter_config(w)
+            check_adapter(state, overlay, w)
+            state = merged_state_dict({**state, **overlay}, config["rank"], config["alpha"])
+        else:
+            state.update(overlay)
+    return state
+
+
+def check_adapter(state: dict, adapter: dict, source: Path):
+    """Every lora_a [r, in] / lora_b [out, r] pair must fit a weight [out, in] of the model so far."""
+    for prefix in sorted({k.rsplit("lora_", 1)[0] for k in adapter if ".lora_" in k}):
+        a, b, weight = (d.get(prefix + n) for d, n in ((adapter, "lora_a"), (adapter, "lora_b"), (state, "weight")))
+        shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+        if a is None or b is None or weight is None or b.shape[1] != a.shape[0] \
+                or (b.shape[0], a.shape[1]) != weight.shape:
+            raise ValueError(f"LoRA adapter {source}: {prefix}lora_a {shape(a)} / lora_b {shape(b)} do not fit "
+                             f"{prefix}weight {shape(weight)}; was it trained on another model?")
+
+
+def load_model(paths, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    """A native dir (or a list: the base, then overlays applied in order, so base + SFT adapter + DPO
+    adapter stacks as trained) as one Transformer with every adapter merged in; params.json from the base."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("load_model needs at least one checkpoint path")
+    weights = [resolve(p) for p in paths]
+    return Transformer.from_state_dict(native_args(weights[0]), stacked_state(weights),
+                                       ", ".join(str(w) for w in weights), dtype, device)

@@ -21,8 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import lora
-
 
 @dataclass
 class ModelArgs:
@@ -392,28 +390,19 @@ class Transformer(nn.Module):
 
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_paths, dtype: torch.dtype | None = None, device=None) -> "Transformer":
-        """Load a native dir, or its `consolidated.00.pth`, or a list: the base, then overlays applied in
-        order. A LoRA adapter (its `adapter.pth`) is merged into the weights so far, so base + SFT adapter +
-        DPO adapter stacks as trained; any other overlay replaces the tensors it holds.
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "Transformer":
+        """Load a native dir, or its `consolidated.00.pth` (a base with adapters stacked on it: lora.load_model)."""
+        weights = resolve_weights(path)
+        return cls.from_state_dict(native_args(weights), load_state_dict(weights), str(weights), dtype, device)
 
-        The model is built on the meta device and the checkpoint memory-mapped in, so loading costs no
-        random init and no second copy. Every tensor must be present with the right shape; anything
-        missing or unexpected is an error that names it.
-        """
-        paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
-        if not paths:
-            raise ValueError("from_pretrained needs at least one checkpoint path")
-        weights = [resolve_weights(p) for p in paths]
-        params = weights[0].parent / "params.json"
-        if not params.is_file():
-            raise FileNotFoundError(f"{params} not found: a native checkpoint dir needs params.json beside "
-                                    f"{weights[0].name} (convert an HF dir with convert.py)")
-        args = ModelArgs.from_json(params)
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, state: dict, source: str, dtype=None, device=None) -> "Transformer":
+        """The model is built on the meta device and the (memory-mapped) tensors assigned in, so loading costs
+        no random init and no second copy. Every tensor must be present with the right shape; anything
+        missing or unexpected is an error that names it."""
         with torch.device("meta"):
             model = cls(args)
-        state = checkpoint_state(weights)
-        check_state_dict(model, state, source=", ".join(str(w) for w in weights))
+        check_state_dict(model, state, source)
         model.load_state_dict(state, assign=True, strict=True)
         if args.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
             model.output.weight = model.tok_embeddings.weight
@@ -422,7 +411,8 @@ class Transformer(nn.Module):
         return model.to(device=device, dtype=dtype)
 
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position that is not trained (as torch's cross_entropy default)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the command lines' names
 LOGITS_CHUNK_ELEMENTS = 1 << 25  # 128 MB of fp32 logits per chunk
 
 
@@ -481,16 +471,24 @@ class _TargetLogprob(torch.autograd.Function):
 
 
 def resolve_weights(path) -> Path:
-    """A native dir -> its consolidated.00.pth; a LoRA adapter dir -> its adapter.pth; a file as is."""
+    """A native dir -> its consolidated.00.pth; a file as is."""
     path = Path(path)
     if path.is_dir():
-        path = path / (lora.ADAPTER_WEIGHTS if (path / lora.ADAPTER_WEIGHTS).is_file() else "consolidated.00.pth")
+        path = path / "consolidated.00.pth"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.name == "consolidated.00.pth" and (path.parent / "consolidated.01.pth").exists():
         raise ValueError(f"{path.parent} holds a model-parallel checkpoint in several consolidated.*.pth "
                          f"files; this repo loads single-file checkpoints (convert the HF version instead)")
     return path
+
+
+def native_args(weights: Path) -> ModelArgs:
+    params = weights.parent / "params.json"
+    if not params.is_file():
+        raise FileNotFoundError(f"{params} not found: a native checkpoint dir needs params.json beside "
+                                f"{weights.name} (convert an HF dir with convert.py)")
+    return ModelArgs.from_json(params)
 
 
 def load_state_dict(path: Path) -> dict:
@@ -518,33 +516,6 @@ def load_state_dict(path: Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors")
     return state
-
-
-def checkpoint_state(paths) -> dict:
-    """The state dict of a base checkpoint and its overlays, in order: a LoRA adapter merges into the weights
-    so far (in their dtype), any other overlay replaces the tensors it holds. Memory-mapped where untouched."""
-    weights = [resolve_weights(p) for p in paths]
-    state = load_state_dict(weights[0])
-    for w in weights[1:]:
-        overlay = load_state_dict(w)
-        if any(".lora_" in k for k in overlay):
-            config = lora.read_adapter_config(w)
-            check_adapter(state, overlay, w)
-            state = lora.merged_state_dict({**state, **overlay}, config["rank"], config["alpha"])
-        else:
-            state.update(overlay)
-    return state
-
-
-def check_adapter(state: dict, adapter: dict, source: Path):
-    """Every lora_a [r, in] / lora_b [out, r] pair must fit a weight [out, in] of the model so far."""
-    for prefix in sorted({k.rsplit("lora_", 1)[0] for k in adapter if ".lora_" in k}):
-        a, b, weight = (d.get(prefix + n) for d, n in ((adapter, "lora_a"), (adapter, "lora_b"), (state, "weight")))
-        shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
-        if a is None or b is None or weight is None or b.shape[1] != a.shape[0] \
-                or (b.shape[0], a.shape[1]) != weight.shape:
-            raise ValueError(f"LoRA adapter {source}: {prefix}lora_a {shape(a)} / lora_b {shape(b)} do not fit "
-                             f"{prefix}weight {shape(weight)}; was it trained on another model?")
 
 
 def check_state_dict(model: nn.Module, state: dict, source: str):

@@ -26,6 +26,9 @@ import numpy as np
 import yaml
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+# Files that travel with the weights (transformers 5 keeps the chat template in chat_template.jinja).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "config.json")
 
 
 class ConversationError(ValueError):

@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 import lora
-from convert import TOKENIZER_FILES
 from lora import DEFAULT_TARGETS as LORA_TARGETS
-from model import IGNORE_INDEX, ModelArgs, checkpoint_state
+from model import DTYPES, IGNORE_INDEX, ModelArgs
+from tokenize_chat import TOKENIZER_FILES
 
 
 
@@ -371,7 +371,7 @@ class StopSignal:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":  # bf16 compute on GPUs; CPUs (and the tests) stay in fp32
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return DTYPES[name]
 
 
 def apply_activation_checkpointing(model):
@@ -455,11 +455,10 @@ def no_grad_sync(model, sync: bool):
 
 # -- building a run ----------------------------------------------------------------------------------------------
 def load_tokenizer_and_template(args):
-    from model import resolve_weights
     from tokenize_chat import load_template, load_tokenizer
 
     for path in args.ckpt_paths:  # fail before any data work when a checkpoint is missing
-        resolve_weights(path)
+        lora.resolve(path)
     ckpt_dir = native_dir(args.ckpt_paths[0])
     tokenizer = load_tokenizer(ckpt_dir)
     return tokenizer, load_template(args.template_config, tokenizer)
@@ -493,9 +492,7 @@ def load_datasets(args, tokenizer, template, kind: str):
 def load_model(args, d: Dist):
     """The policy on its device, with LoRA adapters if asked, then parallelized. Returns (the parallelized
     model, the bare Transformer, the LoRA config or None, the input checkpoint's dtype)."""
-    from model import Transformer
-
-    model = Transformer.from_pretrained(args.ckpt_paths)
+    model = lora.load_model(args.ckpt_paths)
     input_dtype = model.tok_embeddings.weight.dtype
     param_dtype = resolve_dtype(args.param_dtype, d.device)
     # Trained weights are fp32 masters. A LoRA run's frozen base never takes an optimizer update, so it
@@ -882,7 +879,7 @@ def write_model_dir(output_dir: Path, state: dict, model_args: ModelArgs, ckpt_p
                           lora_config["targets"])
         # Merged into the input checkpoint as read, not into the copy that trained: that frozen base may have
         # been cast to bf16 for compute, and saving it would round every untrained weight.
-        state = lora.merged_state_dict({**checkpoint_state(ckpt_paths), **adapter}, lora_config["rank"],
+        state = lora.merged_state_dict({**lora.stacked_state(ckpt_paths), **adapter}, lora_config["rank"],
                                        lora_config["alpha"])
     if model_args.tie_word_embeddings:
         state.pop("output.weight", None)

@@ -77,11 +77,9 @@ def weights_fingerprint(paths, dtype: torch.dtype) -> str:
     """Names a reference: each weights file's path, size, modification time and 16 sampled 64 KiB blocks,
     params.json and any adapter config, and the compute dtype. Rewriting a checkpoint changes it, so a cache
     made from the old weights is never reused; hashing a whole 16 GB file on every start would be too slow."""
-    from model import resolve_weights
-
     h = hashlib.sha256(str(dtype).encode())
     for path in paths:
-        weights = resolve_weights(path).resolve()
+        weights = lora.resolve(path).resolve()
         for f in (weights, weights.parent / "params.json", weights.parent / lora.ADAPTER_CONFIG):
             if not f.is_file():
                 continue
@@ -109,9 +107,7 @@ def adapters_off(model, enabled: bool):
 def load_reference_model(args, d: tc.Dist, param_dtype: torch.dtype):
     """A frozen copy in the compute dtype (nothing updates it, so no fp32 master), in eval mode, without
     activation checkpointing; FSDP2-sharded like the policy (DDP has nothing to synchronise: a plain copy)."""
-    from model import Transformer
-
-    model = Transformer.from_pretrained(args.ref_ckpt_paths or args.ckpt_paths, dtype=param_dtype, device=d.device)
+    model = lora.load_model(args.ref_ckpt_paths or args.ckpt_paths, dtype=param_dtype, device=d.device)
     model.requires_grad_(False).eval()
     if args.compile:
         tc.apply_compile(model)

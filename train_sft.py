@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import train_common as tc
-from data import IGNORE_INDEX
+from model import IGNORE_INDEX
 
 
 @dataclass

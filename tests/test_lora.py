@@ -71,7 +71,7 @@ def test_merge_equals_unmerged_and_adapter_overlay(native, tmp_path):
     with torch.no_grad():
         assert (merged(TOKENS) - unmerged).abs().max() <= 1e-5
         assert all(torch.equal(merged_sd[k], v) for k, v in merged.state_dict().items())
-        overlay = Transformer.from_pretrained([native, tmp_path / "adapter" / lora.ADAPTER_WEIGHTS])
+        overlay = lora.load_model([native, tmp_path / "adapter" / lora.ADAPTER_WEIGHTS])
         assert (overlay(TOKENS) - unmerged).abs().max() <= 1e-5
 
 
@@ -79,7 +79,7 @@ def test_adapter_without_config_is_an_error(native, tmp_path):
     model = lora.apply_lora(Transformer.from_pretrained(native), rank=2, alpha=2)
     torch.save(lora.adapter_state_dict(model.state_dict()), tmp_path / "adapter.pth")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        Transformer.from_pretrained([native, tmp_path / "adapter.pth"])
+        lora.load_model([native, tmp_path / "adapter.pth"])
 
 
 def test_bad_targets(native):
@@ -97,11 +97,11 @@ def test_adapters_stack_in_order(native, tmp_path):
                           lora.DEFAULT_TARGETS)
     base = torch.load(native / "consolidated.00.pth")
     a, b = (torch.load(tmp_path / n / lora.ADAPTER_WEIGHTS) for n in "ab")
-    stacked = Transformer.from_pretrained([native, tmp_path / "a", tmp_path / "b"]).state_dict()
+    stacked = lora.load_model([native, tmp_path / "a", tmp_path / "b"]).state_dict()
     key = "layers.1.feed_forward.w2."
     expected = base[key + "weight"] + 4 * a[key + "lora_b"] @ a[key + "lora_a"] + b[key + "lora_b"] @ b[key + "lora_a"]
     assert (stacked[key + "weight"] - expected).abs().max() <= 1e-6
-    only_b = Transformer.from_pretrained([native, tmp_path / "b"]).state_dict()
+    only_b = lora.load_model([native, tmp_path / "b"]).state_dict()
     assert (only_b[key + "weight"] - stacked[key + "weight"]).abs().max() > 1e-3
 
 
@@ -111,4 +111,4 @@ def test_adapter_of_another_model_is_an_error(native, tmp_path):
     state["layers.0.attention.wq.lora_a"] = torch.zeros(2, 7)
     lora.save_adapter(tmp_path / "bad", state, 2, 2, lora.DEFAULT_TARGETS)
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.lora_a \(2, 7\) / lora_b \(\d+, 2\) do not fit"):
-        Transformer.from_pretrained([native, tmp_path / "bad"])
+        lora.load_model([native, tmp_path / "bad"])

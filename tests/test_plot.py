@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import plot
+from dev import plot
 from sft_fixtures import REPO, env
 
 
@@ -58,7 +58,7 @@ def test_command_line(tmp_path):
     dpo = write_metrics(tmp_path / "runs" / "dpo", "dpo")
     with open(dpo, "a") as f:
         f.write('{"step": 31, "loss"')  # a run still writing: the cut-short last line is skipped
-    r = subprocess.run([sys.executable, str(REPO / "plot.py"), str(dpo)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(REPO / "dev" / "plot.py"), str(dpo)], capture_output=True, text=True,
                        env={k: v for k, v in env().items() if k not in ("DISPLAY", "MPLBACKEND")}, timeout=60)
     assert r.returncode == 0, r.stderr
     png_size(tmp_path / "runs" / "dpo" / "metrics.png")

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from assets import LLAMA3_TOKENIZER, asset
+from dev.assets import LLAMA3_TOKENIZER, asset
 from sft_fixtures import free_port, metrics, torchrun
 
 

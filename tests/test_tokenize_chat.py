@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from assets import LLAMA3_TOKENIZER, MISTRAL_V1_TOKENIZER, MISTRAL_V3_TOKENIZER, asset, smollm2_tokenizer_dir
-from chat_samples import conversations, mixed_lines, mixed_text
+from dev.assets import LLAMA3_TOKENIZER, MISTRAL_V1_TOKENIZER, MISTRAL_V3_TOKENIZER, asset, smollm2_tokenizer_dir
+from dev.chat_samples import conversations, mixed_lines, mixed_text
 
 import tokenize_chat as tc
 
@@ -193,7 +193,7 @@ def test_load_tokenizer_detection_and_errors(tmp_path, llama3_dir, mistral_v1_di
     assert tok.kind == "tiktoken" and tok.vocab_size == 128_256
     assert tok.fingerprint == tc.load_tokenizer(llama3_dir).fingerprint  # a hash of the file content
     assert tok.fingerprint != tc.load_tokenizer(mistral_v1_dir).fingerprint
-    from assets import smollm2_tokenizer_dir  # a tokenizer beside the weights wins over original/
+    from dev.assets import smollm2_tokenizer_dir  # a tokenizer beside the weights wins over original/
     shutil.copy(smollm2_tokenizer_dir() / "tokenizer.json", d / "tokenizer.json")
     assert tc.load_tokenizer(d).vocab_size == 49_152
     empty = tmp_path / "empty"
@@ -555,7 +555,7 @@ def test_visualiser_main(llama3_dir, tmp_path, capsys):
 def test_mask_equals_transformers_assistant_mask(references, toks):
     """transformers' return_assistant_tokens_mask, with SmolLM2's template marked up with
     {% generation %} around content + <|im_end|> (bench.py), gives the same ids and the same mask."""
-    from bench import CHATML_WITH_GENERATION
+    from dev.bench import CHATML_WITH_GENERATION
     tok, ref = references["smollm2_chat"]
     template = tc.load_template("smollm2_chat", tok)
     compared = 0
@@ -571,6 +571,6 @@ def test_mask_equals_transformers_assistant_mask(references, toks):
 
 
 def test_bench_tokenize_runs(smollm2_dir):
-    import bench
+    from dev import bench
     r = bench.bench_tokenize(smollm2_dir, "smollm2_chat", n=20, min_s=0.02)
     assert r["conversations"] == 20 and r["ours_conv_per_s"] > 0 and r["speedup_vs_best_hf"] > 0

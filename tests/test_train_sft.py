@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import lora
 import train_sft
 from sft_fixtures import REPO, env, free_port, metrics, tiny_chat_model, to_argv, torchrun, write_chat_data
 
@@ -190,7 +191,7 @@ def test_lora_fsdp_two_processes(setup, tmp_path):
     assert adapter and all(".lora_" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if k.endswith("lora_b"))
     merged = Transformer.from_pretrained(out)
-    overlay = Transformer.from_pretrained([setup["native"], out / "adapter" / "adapter.pth"])
+    overlay = lora.load_model([setup["native"], out / "adapter" / "adapter.pth"])
     base = Transformer.from_pretrained(setup["native"])
     tokens = torch.randint(0, setup["hf"].config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -345,7 +346,7 @@ def test_lora_output_adapter_and_frozen_weights(setup, tmp_path):
     assert all(torch.equal(saved[k], base[k]) for k in base if k != "norm.weight" and ".wq." not in k and ".wv." not in k)
     tokens = torch.randint(0, setup["hf"].config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        merged, stacked = Transformer.from_pretrained(out), Transformer.from_pretrained([setup["native"], out / "adapter"])
+        merged, stacked = Transformer.from_pretrained(out), lora.load_model([setup["native"], out / "adapter"])
         assert (merged(tokens) - stacked(tokens)).abs().max() <= 1e-5
     (out / "my_sweep.yaml").write_text("lr: [1, 2]\n")
     with pytest.raises(SystemExit):  # stacking on its own adapter would delete it

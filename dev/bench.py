@@ -13,12 +13,12 @@
 - convert: time and peak RSS of converting a random multi-shard HF checkpoint of about --convert_gb GB
   (bf16) with convert.py, in a fresh process, against the size of the checkpoint it writes.
 
-    python bench.py --only tokenize [--ckpt_dir DIR --template_config smollm2_chat --n 2000]
-    python bench.py --only data [--tokenizer llama3|smollm2 | --ckpt_dir DIR --template_config NAME]
+    python -m dev.bench --only tokenize [--ckpt_dir DIR --template_config smollm2_chat --n 2000]
+    python -m dev.bench --only data [--tokenizer llama3|smollm2 | --ckpt_dir DIR --template_config NAME]
                                 [--n 20000] [--num_proc 1]
-    python bench.py --only convert [--convert_gb 2.2]
-    python bench.py --device cuda [--gpu_shapes llama3.2-1b llama3.2-3b --gpu_nproc 8]
-    python bench.py --only sft --only sft_packed --only sft_lora --only dpo --only simpo [--pairs 64 --micro 4]
+    python -m dev.bench --only convert [--convert_gb 2.2]
+    python -m dev.bench --device cuda [--gpu_shapes llama3.2-1b llama3.2-3b --gpu_nproc 8]
+    python -m dev.bench --only sft --only sft_packed --only sft_lora --only dpo --only simpo [--pairs 64 --micro 4]
 
 - sft, sft_packed, sft_lora, dpo, simpo: tokens/s (real tokens) and peak RSS of train_sft.py (padded,
   --pack_samples, --lora), train_dpo.py (precomputed reference, its pass counted) and train_simpo.py
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 TRAINING_JOBS = ("sft", "sft_packed", "sft_lora", "dpo", "dpo_packed", "simpo", "simpo_packed")
 
 # SmolLM2's ChatML template with {% generation %} around what is trained (content + <|im_end|>), so
@@ -60,8 +60,7 @@ CHATML_WITH_GENERATION = (
 
 
 def _default_data(n: int) -> list[list[dict]]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from chat_samples import conversations
+    from dev.chat_samples import conversations
     convs = [m for _, m in conversations() if any(x["role"] == "assistant" for x in m)]
     return [convs[i % len(convs)] for i in range(n)]
 
@@ -81,8 +80,7 @@ def bench_tokenize(ckpt_dir=None, template_config="smollm2_chat", n=2000, data=N
     import tokenize_chat as tc
     from transformers import AutoTokenizer
     if ckpt_dir is None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from assets import smollm2_tokenizer_dir
+        from dev.assets import smollm2_tokenizer_dir
         ckpt_dir = smollm2_tokenizer_dir()
     convs = _default_data(n) if data is None else \
         [json.loads(line)["messages"] for line in open(data, encoding="utf-8") if line.strip()][:n]
@@ -163,8 +161,7 @@ def tokenizers_for(name: str, ckpt_dir=None, template_config=None, workdir=None)
     from transformers import AutoTokenizer
 
     from tokenize_chat import load_template, load_tokenizer
-    sys.path.insert(0, str(REPO / "tests"))
-    from assets import LLAMA3_TOKENIZER, asset, smollm2_tokenizer_dir
+    from dev.assets import LLAMA3_TOKENIZER, asset, smollm2_tokenizer_dir
 
     if ckpt_dir is None and name == "llama3":
         import tokenize_chat as tc
@@ -357,7 +354,7 @@ def bench_convert(target_gb: float):
         input_bytes = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
         # The conversion runs in a fresh process, which reports its own peak RSS when it is done.
         t0 = time.perf_counter()
-        code = ("import sys, bench, convert; convert.main(sys.argv[1:]); "
+        code = ("import sys, convert; from dev import bench; convert.main(sys.argv[1:]); "
                 "print('PEAK_RSS', bench.peak_rss_bytes())")
         proc = subprocess.run([sys.executable, "-c", code, "--ckpt_paths", str(hf_dir), "--output_dir",
                                str(out_dir)], cwd=REPO, check=True, capture_output=True, text=True)
@@ -400,8 +397,7 @@ def bench_tokenizer(path: Path) -> Path:
     """SmolLM2's tokenizer dir (chat template, special tokens at the same ids) with a byte-level BPE trained
     here on the bench's words in place of its 49,152-token vocabulary (see make_bench_model)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    sys.path.insert(0, str(REPO / "tests"))
-    from assets import smollm2_tokenizer_dir
+    from dev.assets import smollm2_tokenizer_dir
 
     source = smollm2_tokenizer_dir()
     special = sorted(json.loads((source / "tokenizer.json").read_text())["added_tokens"], key=lambda t: t["id"])
@@ -574,8 +570,8 @@ def _run_child(job: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if job["threads"]:  # on a shared CPU, surplus OpenMP threads wait for cores and slow both sides alike
         env["OMP_NUM_THREADS"] = str(job["threads"])
-    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--child", json.dumps(job)], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "dev.bench", "--child", json.dumps(job)], capture_output=True,
+                          text=True, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{job['side']} {job['algo']} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -679,9 +675,7 @@ def make_random_native(path: Path, shape: dict, device: str) -> int:
     """A native dir of random bf16 weights in a Llama 3.2 shape, with Llama 3's real tokenizer. Returns the
     parameter count."""
     from model import ModelArgs, Transformer
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from assets import LLAMA3_TOKENIZER, asset
+    from dev.assets import LLAMA3_TOKENIZER, asset
 
     args = ModelArgs(vocab_size=128256, multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
                      rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -827,7 +821,7 @@ def main(argv=None):
         print("BENCH_RESULT " + json.dumps({**result, "peak_cuda": peak}), flush=True)
         return result
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: error: --device cuda needs a CUDA GPU; `python bench.py --gpu_shapes tiny` runs the "
+        sys.exit("dev/bench.py: error: --device cuda needs a CUDA GPU; `python -m dev.bench --gpu_shapes tiny` runs the "
                  "same section on the CPU")
     if args.device == "cuda" or args.gpu_shapes == ["tiny"]:
         return bench_gpu(args.gpu_shapes, args.device, args.gpu_nproc, args.gpu_steps, args.gpu_seq, args.gpu_micro)
