@@ -1,4 +1,4 @@
-"""Data: sources -> pretokenized memmap cache -> batches for SFT and preference training.
+"""Data: sources -> pretokenized memmap cache -> batches for SFT and preference training (README: Data).
 
     ds = prepare_dataset(["jsonl:train.jsonl", "HuggingFaceH4/ultrachat_200k"], tokenizer, template,
                          max_seq_len=2048, kind="sft", splits=[None, "train_sft"], num_samples=[None, 0.1])
@@ -8,66 +8,46 @@
             loss = F.cross_entropy(model(batch["input_ids"]...).flatten(0, 1), batch["labels"].flatten())
     ckpt["data"] = loader.state_dict(); ...; loader.load_state_dict(ckpt["data"])
 
-Sources (several may be mixed; they become one dataset, in the order given):
-    jsonl:/path.jsonl   one JSON object per line (blank lines skipped)
-    text:/path.txt      one sample per line, every token trained: BOS (if the tokenizer adds one), the line,
-                        EOS (SFT only)
-    local:/path         a dataset written by `datasets`' save_to_disk (a Dataset or a DatasetDict)
-    org/name            a hub dataset through `datasets.load_dataset` (cached or online; honours HF_HUB_OFFLINE)
-`splits` picks the split of `local:` and hub sources (default "train"; ignored for files). `num_samples`
-keeps a random subset of a source: a count (100), a fraction (0.1) or all (None / "all"), drawn with `seed`.
-Each argument is a single value for every source or a list with one value per source.
-
-Records: SFT `{"messages": [{"role", "content"}, ...]}`. Preference `{"chosen": [...], "rejected": [...]}`
-(full conversations sharing a prompt) or `{"prompt": str | [...], "chosen": str | [...], "rejected": ...}`.
-Extra fields are ignored. For preference pairs only the final assistant message is trained (the shared
-prompt, including earlier assistant turns, is masked): DPO's and SimPO's s is the response's log-prob.
-
-Length policy: a sample longer than `max_seq_len` is cut to `max_seq_len` tokens if a trained token
-survives the cut, otherwise dropped; a sample without trained tokens is dropped; a preference pair is
-dropped when either side is. A malformed record is an error naming the file and line, never a drop.
-
-Cache (one directory per key under `cache_dir`): `ids.bin` uint32, `mask.bin` uint8 (1 = trained token),
-`offsets.bin` int64 (n_docs + 1 document boundaries), `meta.json`. The key hashes the format version, the
-tokenizer and template fingerprints, the sources' contents, kind, splits, sub-sampling and max_seq_len,
-so any change rebuilds. A preference pair is two documents: chosen at 2i, rejected at 2i + 1. Builds
-write to a temp dir that is renamed only when complete; under torch.distributed rank 0 builds while the
-other ranks wait.
+Sources, mixed into one dataset in the order given: `jsonl:PATH` (one record per line, as
+tokenize_chat.record_conversations reads it), `text:PATH` (one sample per line, every token trained: BOS if
+the tokenizer opens plain text with one, the line, EOS), `local:PATH` (a `datasets` save_to_disk dir) or a hub
+name (`datasets.load_dataset`). `splits` and `num_samples` (a count, a fraction or all, drawn with `seed`)
+take one value for every source or one per source. A preference pair trains only its final response and is
+two documents of the cache: chosen at 2i, rejected at 2i + 1.
 
 Batches (`Loader`), every tensor int64:
     input_ids     [R, T]  right padded with `pad_id`
     labels        [R, T]  already shifted: labels[:, t] is the target of logits[:, t], i.e. input_ids[:, t + 1]
                           when that token is trained, else -100 (prompt, padding, last position, and the
-                          boundary between two packed documents). loss = cross_entropy(logits.flatten(0, 1),
-                          labels.flatten(), ignore_index=-100).
+                          boundary between two packed documents)
     position_ids  [R, T]  0, 1, 2, ... restarting at every packed document
     document_ids  [R, T]  index of the document within its row, -1 on padding
     segments      [S, 5]  packed batches only: (row, start, end, prefix_start, prefix_end) per document, the
-                          attention layout model.segment_attention takes (a document sees itself causally, and a
-                          shared prompt's tokens row[prefix_start:prefix_end] before it). Padded batches need
-                          none: right padding never precedes a real token under causal attention.
+                          layout model.segment_attention takes (a document sees itself causally, and a shared
+                          prompt's tokens row[prefix_start:prefix_end] before it). Padded batches need none:
+                          right padding never precedes a real token under causal attention.
     response_ids  [R, T]  preference: which response a token belongs to (chosen of the batch's pair k = k,
                           rejected = P + k; -1 elsewhere), so s = the sum of log-probs where labels != -100
                           grouped by it, [2P] chosen then rejected
     sample_ids    [P]     dataset indices of the samples in this batch (pair indices for preference)
     tokens        []      the batch's tokens as the samples have them (a shared prompt counted in both sides)
-SFT padded: R = batch_size rows, T = the longest sample (rounded up to `pad_to_multiple_of`). Packed: R =
-batch_size rows of exactly max_seq_len tokens, documents never split (best-fit within windows of
-`pack_window` shuffled documents: ~1% padding on ultrachat-like lengths). Preference padded: R = 2 *
-batch_size, rows [0, B) chosen and [B, 2B) rejected, so one forward serves both. Preference packed: R =
-batch_size rows of 2 * max_seq_len tokens (room for any pair), whole pairs only, each pair as its chosen
-then its rejected document; with `share_prompt` the rejected document drops the prompt it shares with the
-chosen one (`shared_prefix_length`) and attends to the chosen document's copy, with positions continuing
-from the prompt's end, so each response sees exactly its unshared context. Every rank gets the same number
-of steps per epoch; a rank short of samples at the end of an epoch gets filler rows with no trained token.
-Shuffling is a function of (seed, epoch); ranks read disjoint rows; `state_dict()` = (epoch, rows
-consumed), so a resumed run (even on another number of ranks) sees exactly the samples it had not seen.
+SFT padded: R = batch_size rows, T = the longest sample. Packed: R = batch_size rows of exactly max_seq_len
+tokens, documents never split. Preference padded: R = 2 * batch_size, rows [0, B) chosen and [B, 2B) rejected,
+so one forward serves both. Preference packed: rows of 2 * max_seq_len tokens (room for any pair), whole
+pairs, each as its chosen then its rejected document; with `share_prompt` the rejected document drops the
+prompt it shares with the chosen one (`shared_prefix_length`) and attends to the chosen document's copy,
+with positions continuing from the prompt's end, so each response sees exactly its unshared context.
+
+Epoch e lays the samples out in rows (a permutation drawn from (seed, e), one sample per row or packed);
+each global step deals the next batch_size * world_size rows to the ranks (row r to rank r % world_size),
+so every rank gets the same number of steps, a rank short of samples at an epoch's end getting filler rows
+with no trained token. `state_dict()` = (epoch, rows consumed): the rows do not depend on the world size, so
+a resumed run, even on another number of ranks, sees exactly the samples it had not seen.
 """
 
 import argparse
 import array
 import bisect
-import copy
 import functools
 import hashlib
 import json
@@ -89,13 +69,14 @@ import torch
 
 from model import IGNORE_INDEX
 from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
-                           tokenize_conversation)
+                           record_conversations, tokenize_conversation)
 
 FORMAT_VERSION = 2  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them)
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
 PREFIXES = ("jsonl", "text", "local")
 _U32 = "I" if array.array("I").itemsize == 4 else "L"
 CHUNK = 256  # records per worker task: big enough to amortise pickling, small enough for a smooth progress bar
+PACK_WINDOW = 1024  # documents packed together: ~1% padding on ultrachat-like lengths, and still shuffled
 
 
 class DataError(ValueError):
@@ -125,13 +106,11 @@ class Source:
 
 
 def _per_source(value, n: int, name: str) -> list:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if len(values) == 1:
-        return list(values) * n
-    if len(values) != n:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) not in (1, n):
         raise DataError(f"--{name}: got {len(values)} values for {n} data paths; give one value for all "
                         f"paths or one per path")
-    return list(values)
+    return values * n if len(values) == 1 else values
 
 
 def parse_num_samples(value) -> int | float | None:
@@ -156,38 +135,20 @@ def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise DataError("no data paths given")
-    splits = _per_source(splits, len(paths), "data_splits")
-    counts = _per_source(num_samples, len(paths), "num_samples")
     sources = []
-    for spec, split, count in zip(paths, splits, counts):
+    for spec, split, count in zip(paths, _per_source(splits, len(paths), "data_splits"),
+                                  _per_source(num_samples, len(paths), "num_samples")):
         spec = str(spec)
-        prefix, sep, rest = spec.partition(":")
-        if sep and prefix in PREFIXES:
-            kind, path = prefix, rest
-        elif sep:
+        prefix, sep, path = spec.partition(":")
+        if not sep:
+            prefix, path = "hub", spec
+        elif prefix not in PREFIXES:
             raise DataError(f"data path {spec!r}: unknown source prefix {prefix!r}; use jsonl:, text:, local: "
                             f"or a bare hub name such as HuggingFaceH4/ultrachat_200k")
-        else:
-            kind, path = "hub", spec
-        if kind != "hub" and not Path(path).exists():
+        elif not Path(path).exists():
             raise DataError(f"data path {spec!r}: {path} does not exist")
-        sources.append(Source(spec, kind, path, split, parse_num_samples(count)))
+        sources.append(Source(spec, prefix, path, split, parse_num_samples(count)))
     return sources
-
-
-def _import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("local: and hub data sources need the `datasets` package: pip install datasets "
-                        "(jsonl: and text: sources work without it)") from None
-    return datasets
-
-
-def _hash_file(h, path: Path):
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
 
 
 def _subsample(src: Source, seed: int):
@@ -202,8 +163,7 @@ def _subsample(src: Source, seed: int):
             print(f"data: {src.spec} has {src.n_total} samples, fewer than the {k} asked for; using all",
                   file=sys.stderr)
         return
-    rng = np.random.default_rng(seed)
-    src.selected = np.sort(rng.choice(src.n_total, size=k, replace=False))
+    src.selected = np.sort(np.random.default_rng(seed).choice(src.n_total, size=k, replace=False))
 
 
 def _open_source(src: Source, kind: str, seed: int):
@@ -213,18 +173,20 @@ def _open_source(src: Source, kind: str, seed: int):
         if Path(src.path).is_dir():
             raise DataError(f"data path {src.spec!r} is a directory; {src.type}: expects a file "
                             f"(local: is for datasets saved with save_to_disk)")
-        n = 0
+        if src.type == "text" and kind != "sft":
+            raise DataError(f"{src.spec}: text: sources hold plain text, usable for SFT only, not {kind}")
         with open(src.path, "rb") as f:
             for line in f:
                 h.update(line)
-                n += bool(line.strip())
-        if n == 0:
+                src.n_total += bool(line.strip())
+        if src.n_total == 0:
             raise DataError(f"{src.path}: the file is empty (no non-blank lines)")
-        if src.type == "text" and kind != "sft":
-            raise DataError(f"{src.spec}: text: sources hold plain text, usable for SFT only, not {kind}")
-        src.n_total = n
     else:
-        datasets = _import_datasets()
+        try:
+            import datasets
+        except ImportError:
+            raise DataError("local: and hub data sources need the `datasets` package: pip install datasets "
+                            "(jsonl: and text: sources work without it)") from None
         if src.type == "local":
             try:
                 ds = datasets.load_from_disk(src.path)
@@ -233,7 +195,9 @@ def _open_source(src: Source, kind: str, seed: int):
             for p in sorted(Path(src.path).rglob("*")):
                 if p.is_file():
                     h.update(str(p.relative_to(src.path)).encode())
-                    _hash_file(h, p)
+                    with open(p, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            h.update(chunk)
         else:
             try:
                 ds = datasets.load_dataset(src.path, split=src.split or "train")
@@ -264,28 +228,23 @@ def _open_source(src: Source, kind: str, seed: int):
     _subsample(src, seed)
 
 
-def _tasks(sources: list[Source], chunk: int = CHUNK):
+def _tasks(sources: list[Source]):
     """Work items for the tokenizer pool: (source index, payload). File sources send their raw lines (the
     workers parse them); dataset sources send row ranges, read by the workers from the forked dataset."""
     for si, src in enumerate(sources):
         if src.dataset is not None:
-            for start in range(0, src.n_selected, chunk):
-                yield si, (start, min(start + chunk, src.n_selected))
+            for start in range(0, src.n_selected, CHUNK):
+                yield si, (start, min(start + CHUNK, src.n_selected))
             continue
-        keep = None if src.selected is None else iter(src.selected.tolist())
-        want = None if keep is None else next(keep, None)
+        keep = None if src.selected is None else set(src.selected.tolist())
         batch, record = [], -1
         with open(src.path, "rb") as f:
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record += 1
-                if keep is not None:
-                    if record != want:
-                        continue
-                    want = next(keep, None)
-                batch.append((lineno, line))
-                if len(batch) == chunk:
+                if line.strip():
+                    record += 1
+                    if keep is None or record in keep:
+                        batch.append((lineno, line))
+                if len(batch) == CHUNK:
                     yield si, batch
                     batch = []
         if batch:
@@ -294,129 +253,63 @@ def _tasks(sources: list[Source], chunk: int = CHUNK):
 
 def _records(src: Source, payload):
     """(location, record) pairs of one task."""
-    if src.dataset is None:
-        for lineno, line in payload:
-            loc = f"{src.path} line {lineno}"
-            if src.type == "text":
-                try:
-                    # A byte-order mark opening the file is not text (json.loads drops it from jsonl too).
-                    yield loc, line.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                hint = ("; a JSON array or a pretty-printed file? jsonl holds one object per line"
-                        if lineno == 1 and line.strip() in (b"[", b"{") else "; fix or delete the line")
-                raise DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno}){hint}") from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
-            except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting deeper than the stack
-                raise DataError(f"{loc}: JSON that Python cannot hold ({str(e).split(';')[0][:120]}); fix or "
-                                f"delete the line") from None
-            yield loc, record
+    if src.dataset is not None:
+        start, stop = payload
+        rows = src.dataset[start:stop] if src.selected is None else src.dataset[src.selected[start:stop]]
+        index = range(start, stop) if src.selected is None else src.selected[start:stop].tolist()
+        for i, values in zip(index, zip(*rows.values())):
+            yield f"{src.spec} [{src.split or 'train'}] row {i}", dict(zip(rows, values))
         return
-    start, stop = payload
-    rows = src.dataset[start:stop] if src.selected is None else src.dataset[src.selected[start:stop]]
-    index = range(start, stop) if src.selected is None else src.selected[start:stop].tolist()
-    names = list(rows)
-    for i, values in zip(index, zip(*(rows[n] for n in names))):
-        yield f"{src.spec} [{src.split or 'train'}] row {i}", dict(zip(names, values))
+    for lineno, line in payload:
+        loc = f"{src.path} line {lineno}"
+        try:
+            if src.type == "text":  # a byte-order mark opening the file is not text (json.loads drops it too)
+                record = line.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            else:
+                record = json.loads(line)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
+        except json.JSONDecodeError as e:
+            hint = ("; a JSON array or a pretty-printed file? jsonl holds one object per line"
+                    if lineno == 1 and line.strip() in (b"[", b"{") else "; fix or delete the line")
+            raise DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno}){hint}") from None
+        except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting deeper than the stack
+            raise DataError(f"{loc}: JSON that Python cannot hold ({str(e).split(';')[0][:120]}); fix or "
+                            f"delete the line") from None
+        yield loc, record
 
 
 # ----------------------------------------------------------------------------------------------------
 # Records -> token ids and loss mask (runs inside the worker processes)
 
 
-def _check_messages(messages, key: str, loc: str):
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{loc}: {key!r} must be a non-empty list of {{'role', 'content'}} messages, "
-                        f"got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{loc}: {key}[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
-        for k in ("role", "content"):
-            if not isinstance(m.get(k), str):
-                raise DataError(f"{loc}: {key}[{i}].{k} must be a string, got "
-                                f"{'nothing' if k not in m else type(m[k]).__name__}")
-
-
-def record_conversations(record, kind: str, loc: str) -> list[list[dict]]:
-    """The conversations of one record: [messages] for SFT, [chosen, rejected] for preference."""
-    if not isinstance(record, dict):
-        hint = "; a JSON array? jsonl holds one object per line" if isinstance(record, list) else ""
-        raise DataError(f"{loc}: expected a JSON object, got {type(record).__name__}{hint}")
-    if kind == "sft":
-        if "messages" not in record:
-            hint = "; this looks like preference data: use kind='preference'" if "chosen" in record else ""
-            raise DataError(f"{loc}: missing key 'messages' (keys: {sorted(record)}){hint}")
-        _check_messages(record["messages"], "messages", loc)
-        return [record["messages"]]
-    for k in ("chosen", "rejected"):
-        if k not in record:
-            raise DataError(f"{loc}: missing key {k!r} (keys: {sorted(record)}); preference records are "
-                            f"{{'chosen', 'rejected'}} or {{'prompt', 'chosen', 'rejected'}}")
-    prompt = record.get("prompt")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    convs = []
-    for k in ("chosen", "rejected"):
-        conv = record[k]
-        if isinstance(conv, str):
-            conv = [{"role": "assistant", "content": conv}]
-        _check_messages(conv, k, loc)
-        # A full conversation (ultrafeedback style) already carries the prompt; a bare response does not.
-        if prompt is not None and all(m["role"] == "assistant" for m in conv):
-            _check_messages(prompt, "prompt", loc)
-            conv = list(prompt) + conv
-        if conv[-1]["role"] != "assistant":
-            raise DataError(f"{loc}: {k!r} must end with an assistant message (the response), ends with "
-                            f"{conv[-1]['role']!r}")
-        if len(conv) == 1:
-            raise DataError(f"{loc}: {k!r} has a response but no prompt; add a 'prompt' key or the user turn")
-        if not conv[-1]["content"].strip():
-            raise DataError(f"{loc}: the {k!r} response is empty; a preference pair needs two real responses "
-                            f"(drop the record)")
-        convs.append(conv)
-    # DPO and SimPO compare two answers to one prompt: everything before the final response must match.
-    chosen, rejected = ([(m["role"], m["content"]) for m in c[:-1]] for c in convs)
-    if chosen != rejected:
-        i = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
-        raise DataError(f"{loc}: 'chosen' and 'rejected' have different prompts (they differ at message {i}); "
-                        f"a pair must share everything before its final assistant message")
-    return convs
-
-
-def _tokenize_record(record, loc: str, src_type: str, kind: str, tokenizer, template) -> list[tuple[list, list]]:
+def _tokenize_record(record, src_type: str, kind: str, tokenizer, template) -> list[tuple[list, list]]:
+    """(ids, mask) per document of the record: one for SFT, chosen then rejected for preference."""
     if src_type == "text":
         bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # as the tokenizer opens plain text
         eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
         ids = bos + tokenizer.encode(record) + eos
         return [(ids, [0] + [1] * (len(ids) - 1))]  # the first token is never a target
     docs = []
-    trained_roles = getattr(template, "trained_roles", ["assistant"])
-    for conv in record_conversations(record, kind, loc):
-        if not any(m["role"] in trained_roles for m in conv):
+    for conv in record_conversations(record, kind):
+        if not any(m["role"] in template.trained_roles for m in conv):
             docs.append(([], []))  # nothing to train: the length policy drops it and counts it
             continue
-        try:
-            ids, mask = tokenize_conversation(conv, tokenizer, template)
-            if kind == "preference":
-                # Train only the final response: mask what the prompt (with the generation prompt)
-                # tokenizes to. Their common prefix, so a token straddling the boundary stays trained.
-                prompt, _ = tokenize_conversation(conv[:-1], tokenizer, template, add_generation_prompt=True)
-                n = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
-                mask = [0] * n + mask[n:]
-        except ConversationError as e:
-            raise DataError(f"{loc}: {e}") from None
+        ids, mask = tokenize_conversation(conv, tokenizer, template)
+        if kind == "preference":
+            # Train only the final response: mask what the prompt (with the generation prompt) tokenizes
+            # to. Their common prefix, so a token straddling the boundary stays trained.
+            prompt, _ = tokenize_conversation(conv[:-1], tokenizer, template, add_generation_prompt=True)
+            n = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
+            mask = [0] * n + mask[n:]
         docs.append((ids, mask))
     return docs
 
 
 def _length_policy(ids: list, mask: list, max_seq_len: int):
-    """-> (ids, mask, outcome): outcome is 'kept', 'truncated', 'no_trained_tokens' or 'too_long'.
-    Position 0 never counts: the first token of a document is never a target (nothing precedes it)."""
+    """-> (ids, mask, outcome): outcome is 'kept', 'truncated' (cut to max_seq_len, a trained token survives),
+    'no_trained_tokens' or 'too_long' (dropped; a pair is dropped when either side is). Position 0 never
+    counts: the first token of a document is never a target (nothing precedes it)."""
     try:
         first = mask.index(1, 1)  # plain lists on purpose: numpy per document costs more than it saves
     except ValueError:
@@ -446,8 +339,11 @@ def _tokenize_task(task):
     ids, mask, lengths, raw_lengths, counts = [], [], [], [], Counter()
     for loc, record in _records(src, payload):
         counts["samples"] += 1
-        docs = [_length_policy(i, m, max_seq_len) + (len(i),) for i, m in
-                _tokenize_record(record, loc, src.type, kind, tokenizer, template)]
+        try:
+            docs = _tokenize_record(record, src.type, kind, tokenizer, template)
+        except ConversationError as e:
+            raise DataError(f"{loc}: {e}") from None
+        docs = [_length_policy(i, m, max_seq_len) + (len(i),) for i, m in docs]
         dropped = [d[2] for d in docs if d[0] is None]
         if dropped:
             counts[f"dropped:{dropped[0]}"] += 1
@@ -455,7 +351,7 @@ def _tokenize_task(task):
         counts["kept"] += 1
         counts["truncated"] += any(d[2] == "truncated" for d in docs)
         # chosen == rejected: no preference to learn (the DPO / SimPO gradient of such a pair is 0)
-        counts["identical_pairs"] += kind == "preference" and list(docs[0][0]) == list(docs[1][0])
+        counts["identical_pairs"] += kind == "preference" and docs[0][0] == docs[1][0]
         for d_ids, d_mask, _, raw in docs:
             ids += d_ids
             mask += d_mask
@@ -467,7 +363,10 @@ def _tokenize_task(task):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cache
+# Cache: a dir per key under cache_dir holding ids.bin (uint32), mask.bin (uint8, 1 = trained token),
+# offsets.bin (int64, n_docs + 1 document boundaries) and meta.json. The key hashes the format version, the
+# tokenizer and template fingerprints, the sources' contents, kind, splits, sub-sampling and max_seq_len, so any
+# change rebuilds. A build writes a temp dir that is renamed only when complete.
 
 
 @dataclass
@@ -483,30 +382,28 @@ class TokenizedDataset:
     @classmethod
     def open(cls, path, built: bool = False) -> "TokenizedDataset":
         path = Path(path)
-        problem = cache_problem(path)
-        if problem:
+        if problem := cache_problem(path):
             raise DataError(f"data cache {path} is damaged: {problem}; delete the dir and rerun (the cache is "
                             f"rebuilt from the sources)")
-        meta = json.loads((path / "meta.json").read_text())
-        ids = np.memmap(path / "ids.bin", dtype=np.uint32, mode="r")
-        mask = np.memmap(path / "mask.bin", dtype=np.uint8, mode="r")
-        offsets = np.fromfile(path / "offsets.bin", dtype=np.int64)
-        return cls(path, meta, ids, mask, offsets, built)
+        return cls(path, json.loads((path / "meta.json").read_text()),
+                   np.memmap(path / "ids.bin", dtype=np.uint32, mode="r"),
+                   np.memmap(path / "mask.bin", dtype=np.uint8, mode="r"),
+                   np.fromfile(path / "offsets.bin", dtype=np.int64), built)
 
     @property
     def kind(self) -> str:
         return self.meta["kind"]
 
     @property
-    def docs_per_sample(self) -> int:
-        return 2 if self.kind == "preference" else 1
-
-    def __len__(self) -> int:
-        return (len(self.offsets) - 1) // self.docs_per_sample
+    def stats(self) -> dict:
+        return self.meta["stats"]
 
     @property
     def doc_lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return (len(self.offsets) - 1) // (2 if self.kind == "preference" else 1)
 
     def doc(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -514,13 +411,7 @@ class TokenizedDataset:
 
     def __getitem__(self, i: int):
         """SFT: (ids, mask). Preference: ((chosen ids, mask), (rejected ids, mask))."""
-        if self.kind == "preference":
-            return self.doc(2 * i), self.doc(2 * i + 1)
-        return self.doc(i)
-
-    @property
-    def stats(self) -> dict:
-        return self.meta["stats"]
+        return (self.doc(2 * i), self.doc(2 * i + 1)) if self.kind == "preference" else self.doc(i)
 
     @functools.cached_property
     def shared_prefix_lengths(self) -> np.ndarray:
@@ -542,8 +433,7 @@ def cache_problem(path: Path) -> str | None:
     format and the key the dir is named for, and the three files must have the sizes meta.json records."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-        stats = meta["stats"]
-        tokens, docs = int(stats["tokens"]), int(stats["docs"])
+        tokens, docs = int(meta["stats"]["tokens"]), int(meta["stats"]["docs"])
     except FileNotFoundError:
         return "meta.json is missing"
     except (ValueError, KeyError, TypeError) as e:
@@ -572,6 +462,23 @@ def _dist():
     return rank, int(os.environ.get("LOCAL_RANK", rank)), torch.distributed.get_world_size()
 
 
+def _temp_path(final: Path) -> Path:
+    # <pid> lets _remove_stale_temps tell a dead build's dir from a live one; other hosts' are not ours
+    return final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _remove_stale_temps(final: Path):
+    """Temp dirs left by a process killed with SIGKILL (the only exit that skips our cleanup)."""
+    prefix = f".tmp-{final.name}-{socket.gethostname()}-"
+    for p in final.parent.glob(prefix + "*"):
+        try:
+            os.kill(int(p.name[len(prefix):].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
 def _sigterm_raises():
     """torchrun stops workers with SIGTERM, whose default action skips `finally`; turn it into SystemExit
     so the temp dir is removed. Returns a function that restores the previous handler."""
@@ -583,19 +490,6 @@ def _sigterm_raises():
 
     old = signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, old)
-
-
-def _remove_stale_temps(cache_dir: Path, name: str):
-    """Temp dirs left by a process killed with SIGKILL (the only exit that skips our cleanup)."""
-    prefix = f".tmp-{name}-{socket.gethostname()}-"  # + <pid>-<random>; other hosts' builds are not ours
-    for p in cache_dir.glob(prefix + "*"):
-        pid = p.name[len(prefix):].split("-")[0]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
 
 
 def _percentiles(x: np.ndarray) -> dict:
@@ -610,21 +504,17 @@ class _Progress:
     """A one-line progress bar on stderr (redrawn in place on a terminal, a line every 10 s otherwise)."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.enabled = total, desc, enabled
+        self.total, self.desc, self.enabled, self.tty = total, desc, enabled, sys.stderr.isatty()
         self.done = self.tokens = 0
         self.t0 = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
 
     def update(self, samples: int, tokens: int):
-        self.done += samples
-        self.tokens += tokens
-        now = time.perf_counter()
+        self.done, self.tokens, now = self.done + samples, self.tokens + tokens, time.perf_counter()
         if self.enabled and (now - self.last > (0.2 if self.tty else 10) or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
+            self.last, elapsed = now, max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(self.done / elapsed, 1e-9)
             line = (f"{self.desc}: {self.done}/{self.total} samples ({100 * self.done / max(self.total, 1):.0f}%) "
-                    f"{self.tokens / max(now - self.t0, 1e-9) / 1e3:.0f}k tok/s ETA {eta:.0f}s")
+                    f"{self.tokens / elapsed / 1e3:.0f}k tok/s ETA {eta:.0f}s")
             print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self):
@@ -633,10 +523,9 @@ class _Progress:
 
 
 def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_info, num_proc, progress):
-    cache_dir = final.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(cache_dir, final.name)
-    tmp = cache_dir / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    tmp = _temp_path(final)
     tmp.mkdir()
     restore = _sigterm_raises()
     pool = None
@@ -670,9 +559,7 @@ def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_inf
                             f"trained tokens lie beyond --max_seq_len {max_seq_len}; raise it?)")
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         offsets.tofile(tmp / "offsets.bin")
-        mask = np.memmap(tmp / "mask.bin", dtype=np.uint8, mode="r")
-        trained = int(mask.sum(dtype=np.int64))
-        del mask
+        trained = int(np.memmap(tmp / "mask.bin", dtype=np.uint8, mode="r").sum(dtype=np.int64))
         stats = {"samples_in": counts["samples"], "samples": counts["kept"], "docs": len(lengths),
                  "tokens": int(offsets[-1]), "trained_tokens": trained, "truncated": counts["truncated"],
                  "dropped": dropped, "identical_pairs": counts["identical_pairs"],
@@ -714,7 +601,7 @@ def _resolve_and_build(paths, tokenizer, template, max_seq_len, kind, splits, nu
         # Derived data: rebuild it. Renamed aside first, so a reader never sees it half deleted; a process
         # doing the same at the same moment loses the rename race and just builds.
         print(f"data: cache {final} is damaged ({problem}); rebuilding it", file=sys.stderr)
-        trash = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        trash = _temp_path(final)
         try:
             os.rename(final, trash)
         except FileNotFoundError:
@@ -743,8 +630,7 @@ def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str =
     if d is None:
         return TokenizedDataset.open(*_resolve_and_build(*args))
     rank, local_rank, world = d
-    result = [None, False, None]  # path, built, error
-    path = None
+    result, path = [None, False, None], None  # result: path, built, error
     for builds_here in (rank == 0, local_rank == 0):
         if builds_here and (path is None or not (path / "meta.json").exists()):
             try:
@@ -759,10 +645,7 @@ def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str =
         failed = [(r, g[2]) for r, g in enumerate(gathered) if g[2] is not None]
         if failed:
             raise DataError(f"rank {failed[0][0]} failed to build the data cache: {failed[0][1]}")
-        if path is None:
-            path = Path(gathered[0][0])
-    if not (path / "meta.json").exists():
-        raise DataError(f"rank {rank}: data cache {path} is missing after the build; is the cache dir shared?")
+        path = path or Path(gathered[0][0])
     return TokenizedDataset.open(path, built=bool(result[1]))
 
 
@@ -804,19 +687,13 @@ def pack_rows(order: np.ndarray, lengths: np.ndarray, capacity: int, window: int
 
 
 class Loader:
-    """Batches of a TokenizedDataset for one rank. See the module doc for the batch format.
-
-    Epoch e lays the samples out in rows: a permutation drawn from (seed, e), one sample per row, or
-    packed (`pack_rows`; a preference pair is one unit, never split). Every global step takes the next
-    batch_size * world_size rows and deals them to the ranks (row r of the step to rank r % world_size): the
-    ranks see disjoint samples and the union over an epoch is the whole dataset. The position is (epoch, rows
-    consumed); the rows do not depend on the world size, so a resumed run, even on another number of ranks,
-    sees exactly the samples it had not seen. Iterating serves the rest of the current epoch, then moves to
-    the next: `while loader.epoch < epochs: for batch in loader: ...`."""
+    """Batches of a TokenizedDataset for one rank (the module doc gives the format and the order). Iterating
+    serves the rest of the current epoch, then moves to the next: `while loader.epoch < epochs: for batch in
+    loader: ...`."""
 
     def __init__(self, dataset: TokenizedDataset, batch_size: int, *, pack: bool = False, share_prompt: bool = False,
                  seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
-                 drop_last: bool = False, pad_id: int = 0, pad_to_multiple_of: int = 1, pack_window: int = 1024):
+                 pad_id: int = 0):
         d = _dist()
         self.rank = rank if rank is not None else (d[0] if d else 0)
         self.world_size = world_size if world_size is not None else (d[2] if d else 1)
@@ -827,19 +704,14 @@ class Loader:
         if batch_size < 1 or not 0 <= self.rank < self.world_size:
             raise DataError(f"bad batch_size {batch_size} / rank {self.rank} / world size {self.world_size}")
         self.ds, self.batch_size, self.pack, self.share, self.seed = dataset, batch_size, pack, share_prompt, seed
-        self.shuffle, self.drop_last, self.pad_id = shuffle, drop_last, pad_id
-        self.multiple, self.window = pad_to_multiple_of, pack_window
+        self.shuffle, self.pad_id = shuffle, pad_id
         self.seq_len = dataset.meta["max_seq_len"]
         # A packed preference row holds 2 * max_seq_len tokens: room for any pair the length policy kept, and
         # the token budget of a padded micro-batch's chosen + rejected rows.
         self.capacity = self.seq_len * (2 if self.pairs else 1)
+        self.shared = dataset.shared_prefix_lengths if share_prompt else np.zeros(len(dataset), dtype=np.int64)
         lengths = dataset.doc_lengths
-        self.shared = np.zeros(len(dataset), dtype=np.int64)
-        if self.pairs:
-            if share_prompt:
-                self.shared = dataset.shared_prefix_lengths
-            lengths = lengths[0::2] + lengths[1::2] - self.shared
-        self.lengths = lengths  # per sample, as laid out in a row
+        self.lengths = lengths[0::2] + lengths[1::2] - self.shared if self.pairs else lengths  # as laid out in a row
         self.epoch, self.consumed = 0, 0
         self._rows = (None, None)  # (epoch, rows) cache
 
@@ -849,37 +721,32 @@ class Loader:
             n = len(self.ds)
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
             if self.pack:
-                rng = np.random.default_rng([self.seed, epoch, 1])
-                rows = pack_rows(order, self.lengths, self.capacity, self.window, rng)
+                rows = pack_rows(order, self.lengths, self.capacity, PACK_WINDOW,
+                                 np.random.default_rng([self.seed, epoch, 1]))
             else:
                 rows = [[s] for s in order.tolist()]
             self._rows = (epoch, rows)
         return self._rows[1]
 
-    def _steps(self, epoch: int, start: int):
-        """(rows consumed after the step, this rank's rows) for each step from row `start`."""
+    def _steps(self, epoch: int, start: int, rank: int):
+        """(rows consumed after the step, `rank`'s rows) for each step from row `start`."""
         rows, size = self.rows(epoch), self.batch_size * self.world_size
         for a in range(start, len(rows), size):
             step = rows[a:a + size]
-            if self.drop_last and len(step) < size:
-                return
-            mine = step[self.rank::self.world_size]
+            mine = step[rank::self.world_size]
             yield a + len(step), mine + [[]] * (self.batch_size - len(mine))  # [] = filler row
 
     def num_steps(self, epoch: int | None = None) -> int:
         """Steps in a whole epoch, the same on every rank (packed epochs vary a little with the order)."""
         n, size = len(self.rows(self.epoch if epoch is None else epoch)), self.batch_size * self.world_size
-        return n // size if self.drop_last else -(-n // size)
-
-    def __len__(self) -> int:
-        return self.num_steps()
+        return -(-n // size)
 
     def epoch_done(self) -> bool:
         """Whether the current epoch has served all its batches (iterating further starts the next)."""
-        return self.consumed >= min(len(self.rows(self.epoch)), self.num_steps() * self.batch_size * self.world_size)
+        return self.consumed >= len(self.rows(self.epoch))
 
     def __iter__(self):
-        for end, mine in self._steps(self.epoch, self.consumed):
+        for end, mine in self._steps(self.epoch, self.consumed, self.rank):
             batch = self.collate(mine)
             self.consumed = end  # before the yield: a state_dict taken after this step includes it
             yield batch
@@ -887,7 +754,7 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_samples": len(self.ds),
-                "shuffle": self.shuffle, "pack": self.pack, "seq_len": self.seq_len, "pack_window": self.window,
+                "shuffle": self.shuffle, "pack": self.pack, "seq_len": self.seq_len, "pack_window": PACK_WINDOW,
                 "share_prompt": self.share}
 
     def load_state_dict(self, state: dict):
@@ -906,7 +773,7 @@ class Loader:
         if not self.pairs:
             return [[(d, 0, 0) for d in row] for row in rows]
         if not self.pack:
-            return [[(2 * r[0], 0, 0)] if r else [] for r in rows] + [[(2 * r[0] + 1, 0, 0)] if r else [] for r in rows]
+            return [[(2 * r[0] + side, 0, 0)] if r else [] for side in (0, 1) for r in rows]
         # prompt + chosen as one document, then the rejected response continuing from the prompt's end
         return [[p for i in row for p in ((2 * i, 0, 0), (2 * i + 1, int(self.shared[i]), int(self.shared[i])))]
                 for row in rows]
@@ -915,8 +782,7 @@ class Loader:
         if self.pack:
             return self.capacity
         offsets = self.ds.offsets
-        longest = max([int(offsets[d + 1] - offsets[d]) for row in pieces for d, _, _ in row] or [1])
-        return -(-longest // self.multiple) * self.multiple
+        return max([int(offsets[d + 1] - offsets[d]) for row in pieces for d, _, _ in row] or [1])
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rows of sample ids ([] = a filler row) -> the batch dict of the module doc."""
@@ -962,9 +828,7 @@ def padding_fraction(loader: Loader, epoch: int = 0) -> float:
     alone (no batch is built)."""
     lengths, real, total = loader.ds.doc_lengths, 0, 0
     for rank in range(loader.world_size):
-        view = copy.copy(loader)
-        view.rank = rank
-        for _, mine in view._steps(epoch, 0):
+        for _, mine in loader._steps(epoch, 0, rank):
             pieces = loader.layout(mine)
             real += sum(int(lengths[d]) - first for row in pieces for d, first, _ in row)
             total += len(pieces) * loader._width(pieces)

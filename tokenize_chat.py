@@ -9,6 +9,9 @@ A chat template is a YAML file of strings (`templates/*.yaml`, schema in the REA
 under `special_tokens` become control tokens; everything else, and every message, is plain text: a user
 who types "<|eot_id|>" gets the characters, never the control token.
 
+What a training record may look like (`record_conversations`) is decided here too, so data.py and the
+visualiser read records alike:
+
     python tokenize_chat.py --ckpt_dir DIR --template_config llama3_instruct --show data.jsonl --n 3
 """
 
@@ -32,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 class ConversationError(ValueError):
-    """A sample that cannot be tokenized (data.py prefixes the file and line)."""
+    """A record or conversation that cannot be tokenized (callers prefix the file and line)."""
 
 
 class TemplateError(ValueError):
@@ -106,27 +109,23 @@ class TiktokenTokenizer:
             return self._enc.encode(text, allowed_special=self._in_text, disallowed_special=())
         return self._enc.encode_ordinary(text)
 
+    # Ids past vocab_size stand for bytes the vocabulary lacks: dropped, as `tokenizers` drops them.
     def encode(self, text: str) -> list[int]:
         ids = self._encode(self.normalize(text))
-        if len(self._nbytes) > self.vocab_size:  # drop bytes the vocabulary lacks, as `tokenizers` does
-            ids = [i for i in ids if i < self.vocab_size]
-        return ids
+        return [i for i in ids if i < self.vocab_size] if len(self._nbytes) > self.vocab_size else ids
 
     def encode_with_spans(self, text: str):
         """ids, and the byte span [start, end) of the (normalized, UTF-8) text each one covers."""
         ids = np.array(self._encode(self.normalize(text)), dtype=np.int64)
         nbytes = self._nbytes[ids]
         ends = np.cumsum(nbytes)
-        kept = ids < self.vocab_size  # bytes the vocabulary lacks are dropped (as `tokenizers` does): no token's
+        kept = ids < self.vocab_size
         return ids[kept].tolist(), (ends - nbytes)[kept], ends[kept]
 
     def decode(self, ids) -> str:
         return self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
 
-    def visible(self, ids) -> str:
-        """Text of ids with control tokens written by name (decode keeps them too, but this is the
-        same call for both kinds)."""
-        return self.decode(ids)
+    visible = decode  # control tokens by name: decode already writes them so
 
     def is_control(self, i: int) -> bool:
         return i in self._control_ids
@@ -146,10 +145,9 @@ class SentencePieceTokenizer:
     def __init__(self, path):
         import sentencepiece
         self.path = str(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        sp = self._sp
+        self._sp = sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = sp.get_piece_size()
-        self.specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+        self.specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if self.is_control(i)}
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         self.add_bos = self.bos_id is not None  # Meta's and Mistral's code open plain text with <s>
@@ -199,13 +197,11 @@ Tokenizer = TiktokenTokenizer | SentencePieceTokenizer
 
 
 def _read_tiktoken_ranks(path: Path) -> dict | None:
-    """The ranks of a tiktoken BPE file, or None when the file is not one (a sentencepiece model)."""
-    data = path.read_bytes()
-    if not data[:64].split(b"\n")[0].count(b" ") == 1:
-        return None
+    """The ranks of a tiktoken BPE file, or None when the file is not one (a binary sentencepiece model
+    fails on its first line)."""
     ranks = {}
     try:
-        for line in data.splitlines():
+        for line in path.read_bytes().splitlines():
             if line:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
@@ -216,18 +212,9 @@ def _read_tiktoken_ranks(path: Path) -> dict | None:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
-
-
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 def _split_pattern(pre, path) -> str:
     """The one regex that reproduces a tokenizer.json byte-level pre-tokenizer."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
@@ -259,16 +246,13 @@ def _tiktoken_from_json(path: Path) -> TiktokenTokenizer:
     if norm is not None and norm.get("type") != "NFC":
         raise TokenizerError(f"{path}: normalizer {norm.get('type')!r} is not supported (only none or NFC)")
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-    ranks = {}
-    for tok, i in model["vocab"].items():
-        if tok not in added:
-            ranks[bytes(byte_of[c] for c in tok)] = i
+    vocab, byte_of = model["vocab"], {c: b for b, c in _bytes_to_unicode().items()}
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items() if tok not in added}
     # tiktoken merges the pair whose result has the lowest rank and returns ranks as ids, so ranks = ids
     # is exact when the vocabulary numbers merge results in merge order: true of GPT-2 style
     # vocabularies (Qwen2.5, SmolLM2) and of tiktoken-born ones (Llama 3's tokenizer.json lists every
     # pair that makes a token, hence repeated results).
-    vocab, last = model["vocab"], -1
+    last = -1
     for m in model.get("merges", []):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         i = vocab[a + b]
@@ -364,6 +348,8 @@ _TOP_KEYS = {"name": str, "special_tokens": list, "bos": str, "generation_prompt
 _ROLE_KEYS = {"start": str, "end": str, "after": str, "after_last": (str, type(None)), "strip": str,
               "strip_chars": (str, type(None)), "join": bool}
 _THINKING_KEYS = {"start": str, "end": str, "generation_prompt_off": str}
+_STRIP = {"none": lambda s, chars: s, "both": str.strip, "left": str.lstrip, "right": str.rstrip}
+_CHOICES = {"system_placement": ("message", "first_user", "last_user"), "strip": tuple(_STRIP)}
 
 
 def _resolve_template(name_or_path) -> Path:
@@ -395,21 +381,19 @@ def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
                 raise TemplateError(f"{path}: unknown key {where}{k!r} (known: {', '.join(schema)})")
             if not isinstance(v, schema[k]):
                 raise TemplateError(f"{path}: key {where}{k!r} must be {schema[k]}, got {type(v).__name__} {v!r}")
+            if isinstance(v, list) and not all(isinstance(s, str) for s in v):
+                raise TemplateError(f"{path}: key {where}{k!r} must be a list of strings")
+            if k in _CHOICES and v not in _CHOICES[k]:
+                raise TemplateError(f"{path}: key '{where}{k}' must be one of {', '.join(_CHOICES[k])}")
 
     check(raw, _TOP_KEYS, "")
     if "roles" not in raw:
         raise TemplateError(f"{path}: missing key 'roles' (per-role start/end strings)")
-    roles = {}
     for role, fmt in raw["roles"].items():
         if not isinstance(fmt, dict):
             raise TemplateError(f"{path}: key 'roles.{role}' must be a mapping of start/end strings")
         check(fmt, _ROLE_KEYS, f"roles.{role}.")
-        if fmt.get("strip", "none") not in ("none", "both", "left", "right"):
-            raise TemplateError(f"{path}: key 'roles.{role}.strip' must be none, both, left or right")
-        roles[role] = RoleFormat(**fmt)
-    for k in ("special_tokens", "stop", "trained_roles"):
-        if not all(isinstance(s, str) for s in raw.get(k, [])):
-            raise TemplateError(f"{path}: key {k!r} must be a list of strings")
+    roles = {role: RoleFormat(**fmt) for role, fmt in raw["roles"].items()}
     t = ChatTemplate(name=raw.get("name", path.stem), path=str(path),
                      fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16], roles=roles,
                      **{k: v for k, v in raw.items() if k not in ("name", "roles")})
@@ -417,8 +401,6 @@ def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
         check(t.thinking, _THINKING_KEYS, "thinking.")
         if missing := [k for k in _THINKING_KEYS if k not in t.thinking]:
             raise TemplateError(f"{path}: key 'thinking' lacks {', '.join(missing)}")
-    if t.system_placement not in ("message", "first_user", "last_user"):
-        raise TemplateError(f"{path}: key 'system_placement' must be message, first_user or last_user")
     if t.system_placement != "message" and "user" not in roles:
         raise TemplateError(f"{path}: key 'system_placement' folds the system prompt into a user turn: "
                             "'roles' needs 'user'")
@@ -427,8 +409,7 @@ def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
         raise TemplateError(f"{path}: key 'system_fold' needs {{system}} then {{content}}, once each")
     if t.system_placement == "message" and "system" not in roles:
         raise TemplateError(f"{path}: key 'roles' needs 'system' (or set system_placement to fold it)")
-    for k in ["bos"] + [f"stop[{i}]" for i in range(len(t.stop))]:
-        s = t.bos if k == "bos" else t.stop[int(k[5:-1])]
+    for k, s in [("bos", t.bos)] + [(f"stop[{i}]", s) for i, s in enumerate(t.stop)]:
         if s and s not in t.special_tokens:
             raise TemplateError(f"{path}: key {k!r} = {s!r} is not listed under 'special_tokens'")
     for r in t.trained_roles:
@@ -472,7 +453,76 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
     return [tokenizer.token_id(s) for s in template.stop]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Records and conversations
+#
+# A record is what one jsonl line (or dataset row) holds: SFT {"messages": [{"role", "content"}, ...]};
+# preference {"chosen": [...], "rejected": [...]} (full conversations sharing a prompt) or {"prompt": str | [...],
+# "chosen": str | [...], "rejected": ...}. Its errors name the record's keys; a conversation's errors (checked
+# against the template when it is tokenized) name its messages by number.
+
+def _check_shape(messages, key: str):
+    """The record's `key` holds a non-empty list of {role, content} objects with string values."""
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError(f"{key!r} must be a non-empty list of {{'role', 'content'}} messages, "
+                                f"got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ConversationError(f"{key}[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
+        for k in ("role", "content"):
+            if not isinstance(m.get(k), str):
+                raise ConversationError(f"{key}[{i}].{k} must be a string, got "
+                                        f"{'nothing' if k not in m else type(m[k]).__name__}")
+
+
+def record_conversations(record, kind: str) -> list[list[dict]]:
+    """The conversations of one record: [messages] for SFT, [chosen, rejected] for preference, each ending
+    with its response. DPO and SimPO compare two answers to one prompt: everything before them must match."""
+    if not isinstance(record, dict):
+        hint = "; a JSON array? jsonl holds one object per line" if isinstance(record, list) else ""
+        raise ConversationError(f"expected a JSON object, got {type(record).__name__}{hint}")
+    if kind == "sft":
+        if "messages" not in record:
+            hint = "; this looks like preference data: use kind='preference'" if "chosen" in record else ""
+            raise ConversationError(f"missing key 'messages' (keys: {sorted(record)}){hint}")
+        _check_shape(record["messages"], "messages")
+        return [record["messages"]]
+    for k in ("chosen", "rejected"):
+        if k not in record:
+            raise ConversationError(f"missing key {k!r} (keys: {sorted(record)}); preference records are "
+                                    f"{{'chosen', 'rejected'}} or {{'prompt', 'chosen', 'rejected'}}")
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    convs = []
+    for k in ("chosen", "rejected"):
+        conv = record[k]
+        if isinstance(conv, str):
+            conv = [{"role": "assistant", "content": conv}]
+        _check_shape(conv, k)
+        # A full conversation (ultrafeedback style) already carries the prompt; a bare response does not.
+        if prompt is not None and all(m["role"] == "assistant" for m in conv):
+            _check_shape(prompt, "prompt")
+            conv = list(prompt) + conv
+        if conv[-1]["role"] != "assistant":
+            raise ConversationError(f"{k!r} must end with an assistant message (the response), ends with "
+                                    f"{conv[-1]['role']!r}")
+        if len(conv) == 1:
+            raise ConversationError(f"{k!r} has a response but no prompt; add a 'prompt' key or the user turn")
+        if not conv[-1]["content"].strip():
+            raise ConversationError(f"the {k!r} response is empty; a preference pair needs two real responses "
+                                    f"(drop the record)")
+        convs.append(conv)
+    chosen, rejected = ([(m["role"], m["content"]) for m in c[:-1]] for c in convs)
+    if chosen != rejected:
+        i = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        raise ConversationError(f"'chosen' and 'rejected' have different prompts (they differ at message {i}); "
+                                f"a pair must share everything before its final assistant message")
+    return convs
+
+
 def _check_messages(messages, template, training):
+    """A conversation as tokenize_conversation takes it, from a record or built by a caller (generate.py)."""
     if not isinstance(messages, list) or not messages:
         raise ConversationError("empty message list" if isinstance(messages, list) else
                                 f"'messages' must be a list of {{role, content}}, got {type(messages).__name__}")
@@ -480,18 +530,16 @@ def _check_messages(messages, template, training):
         if not isinstance(m, dict):
             raise ConversationError(f"message {i} is a {type(m).__name__}, not a {{role, content}} object")
         role = m.get("role")
-        if "role" not in m:
-            raise ConversationError(f"message {i} has no 'role'")
         if not isinstance(role, str):
-            raise ConversationError(f"message {i}: role must be a string, got {type(role).__name__}")
+            raise ConversationError(f"message {i}: role must be a string, got {type(role).__name__}" if "role" in m
+                                    else f"message {i} has no 'role'")
         if role not in template.roles and not (role == "system" and template.system_placement != "message"):
             known = sorted(set(template.roles) | {"system"})
             raise ConversationError(f"message {i}: unknown role {role!r} (template {template.name} knows {known})")
-        if "content" not in m:
-            raise ConversationError(f"message {i} (role {role}) has no 'content'")
-        if not isinstance(m["content"], str):
-            raise ConversationError(f"message {i} (role {role}): content must be a string, "
-                                    f"got {type(m['content']).__name__}")
+        if not isinstance(m.get("content"), str):
+            raise ConversationError(f"message {i} (role {role}): content must be a string, got "
+                                    f"{type(m['content']).__name__}" if "content" in m
+                                    else f"message {i} (role {role}) has no 'content'")
         try:
             m["content"].encode("utf-8")
         except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud83d"); UTF-8 cannot
@@ -533,6 +581,10 @@ def _with_reasoning(messages, thinking: dict) -> list[tuple[str, str]]:
     return out
 
 
+def _strip(content: str, fmt: RoleFormat) -> str:
+    return _STRIP[fmt.strip](content, fmt.strip_chars)
+
+
 def _messages_to_render(messages, template):
     """(role, content) pairs after the template's system-prompt handling and stripping."""
     if template.thinking:
@@ -561,16 +613,6 @@ def _messages_to_render(messages, template):
     if template.strip_before_fold:
         return msgs
     return [(role, _strip(content, template.roles[role])) for role, content in msgs]
-
-
-def _strip(content: str, fmt: RoleFormat) -> str:
-    if fmt.strip == "both":
-        return content.strip(fmt.strip_chars)
-    if fmt.strip == "left":
-        return content.lstrip(fmt.strip_chars)
-    if fmt.strip == "right":
-        return content.rstrip(fmt.strip_chars)
-    return content
 
 
 def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_generation_prompt=False,
@@ -670,8 +712,6 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=3, help="how many samples to show")
     ap.add_argument("--add_generation_prompt", action="store_true", help="render as an inference prompt")
     args = ap.parse_args(argv)
-    from data import DataError, record_conversations  # data.py imports this module: import it here
-
     try:
         tokenizer = load_tokenizer(args.ckpt_dir)
         template = load_template(args.template_config, tokenizer)
@@ -685,21 +725,19 @@ def main(argv=None):
             break
         if not line.strip():
             continue
+        where = f"{args.show}:{lineno}"
         try:  # as data.py reads it: SFT messages, or the chosen side of a preference pair in either format
             record = json.loads(line)
             kind = "preference" if isinstance(record, dict) and "chosen" in record else "sft"
-            messages = record_conversations(record, kind, f"{args.show}:{lineno}")[0]
-            ids, mask = tokenize_conversation(messages, tokenizer, template, args.add_generation_prompt)
+            ids, mask = tokenize_conversation(record_conversations(record, kind)[0], tokenizer, template,
+                                              args.add_generation_prompt)
         except json.JSONDecodeError as e:
-            print(f"{args.show}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        except DataError as e:
-            print(e)
+            print(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
             continue
         except ConversationError as e:
-            print(f"{args.show}:{lineno}: {e}")
+            print(f"{where}: {e}")
             continue
-        print(f"--- {args.show}:{lineno}  trained {sum(mask)} / {len(ids)} tokens")
+        print(f"--- {where}  trained {sum(mask)} / {len(ids)} tokens")
         print(render_tokens(ids, mask, tokenizer, color))
         shown += 1
     if not color:

@@ -747,10 +747,10 @@ def check_docs(ds, records, kind, tok, template):
     """The cache holds, for each record in order, what the template gives its messages (the final response
     alone trained for preference pairs), and nothing a user typed became a control token: <|im_start|> and
     <|im_end|> appear once per message, and the trained <|im_end|>s are one per trained turn."""
-    from tokenize_chat import tokenize_conversation
+    from tokenize_chat import record_conversations, tokenize_conversation
 
     start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
-    convs = [c for r in records for c in data.record_conversations(r, kind, "fuzz")]
+    convs = [c for r in records for c in record_conversations(r, kind)]
     assert len(convs) == len(ds.offsets) - 1
     for i, conv in enumerate(convs):
         ids, mask = (x.tolist() for x in ds.doc(i))
