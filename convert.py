@@ -11,7 +11,7 @@ temp dir that is renamed into place only when everything succeeded.
 """
 
 import argparse
-import itertools
+import contextlib
 import json
 import math
 import os
@@ -28,7 +28,7 @@ import torch
 from model import DTYPES, ModelArgs, Transformer, check_state_dict, load_state_dict, resolve_weights
 from tokenize_chat import TOKENIZER_FILES
 
-# native key -> HF key; "{}" is the layer index.
+# native key -> HF key; "{}" is the layer index. Inverted for HF -> native.
 NAME_MAP = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -66,6 +66,8 @@ REFUSED_MODEL_TYPES = {
     "gemma2": "Gemma 2 (logit soft-capping) is not supported; only Gemma 3 is",
     "gemma3n": "Gemma 3n (per-layer embeddings, AltUp) is not supported; only Gemma 3 is",
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # Gemma3TextConfig's defaults: a multimodal Gemma 3 config.json lists only the text_config keys that differ.
 GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
                             hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
@@ -84,8 +86,9 @@ HF_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.
             "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json", *TOKENIZER_FILES)
 
 
-class ConvertError(Exception):
-    """Bad input: the message names the file or tensor and what is wrong."""
+class ConvertError(ValueError):
+    """Bad input: the message names the file or tensor and what is wrong. main reports it in one line and exits 1,
+    as it does model.py's ValueErrors (a truncated or pickled checkpoint, tensors that do not match params.json)."""
 
 
 def read_json(path: Path) -> dict:
@@ -98,19 +101,19 @@ def read_json(path: Path) -> dict:
     return data
 
 
+# -- the name map and the rotary permutation, used both ways ---------------------------------------------------
+def name_map(args: ModelArgs) -> dict:
+    return {**NAME_MAP, **POST_NORM_NAMES} if args.post_norm else NAME_MAP
+
+
 def rename(key: str, mapping: dict) -> str | None:
     """Map one key through NAME_MAP (or its inverse), treating the layer index as a wildcard."""
     parts = key.split(".")
     for i, p in enumerate(parts):
         if p.isdigit():
-            template = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
-            target = mapping.get(template)
+            target = mapping.get(".".join(parts[:i] + ["{}"] + parts[i + 1:]))
             return target.format(p) if target else None
     return mapping.get(key)
-
-
-def name_map(args: ModelArgs) -> dict:
-    return {**NAME_MAP, **POST_NORM_NAMES} if args.post_norm else NAME_MAP
 
 
 def rotary_heads(native: str, args: ModelArgs) -> int | None:
@@ -119,20 +122,17 @@ def rotary_heads(native: str, args: ModelArgs) -> int | None:
     head) or over the whole projection (OLMo 2, every head). The norm itself, a mean over the head or the
     projection, does not see the order."""
     full = args.qk_norm == "full"
-    return {".wq.": args.n_heads, ".wk.": args.n_kv_heads, ".q_norm.": args.n_heads if full else 1,
-            ".k_norm.": args.n_kv_heads if full else 1}.get(next((p for p in (".wq.", ".wk.", ".q_norm.", ".k_norm.")
-                                                                  if p in native), None))
+    return {"wq": args.n_heads, "wk": args.n_kv_heads, "q_norm": args.n_heads if full else 1,
+            "k_norm": args.n_kv_heads if full else 1}.get(native.split(".")[-2])
 
 
 def permute_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF's half-split rotary layout -> Meta's interleaved pairs, per head (rows of a weight or a bias)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.unflatten(0, (n_heads, 2, -1)).transpose(1, 2).reshape(w.shape)
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.unflatten(0, (n_heads, -1, 2)).transpose(1, 2).reshape(w.shape)
 
 
 # -- HF config -> ModelArgs --------------------------------------------------------------------------------
@@ -175,6 +175,8 @@ def gemma3_rope(config: dict, path: Path) -> tuple[float, float, dict | None]:
 
 
 def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
+    """Every key that would change the function the model computes is read or refused by name: a checkpoint
+    that converts computes what transformers computes."""
     model_type = config.get("model_type")
     if model_type in REFUSED_MODEL_TYPES:
         raise ConvertError(f"{path}: model_type {model_type!r}: {REFUSED_MODEL_TYPES[model_type]} (supported "
@@ -184,9 +186,8 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5, "
                            f"Qwen3, OLMo 2, Gemma 3)")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
-    for key in required:
-        if key not in config:
-            raise ConvertError(f"{path}: missing required key {key!r}")
+    if missing := [key for key in required if key not in config]:
+        raise ConvertError(f"{path}: missing required key {missing[0]!r}")
     for key in (*required, "num_key_value_heads", "head_dim", "max_position_embeddings"):
         value = config.get(key)
         if value is not None and (type(value) is not int or value <= 0):
@@ -204,58 +205,51 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
     if act != ("gelu_pytorch_tanh" if gemma else "silu"):
         raise ConvertError(f"{path}: {act_key} {act!r} is not supported for {model_type} "
                            f"(only {'gelu_pytorch_tanh' if gemma else 'silu'})")
-    if gemma:
-        for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
-            if config.get(key):
-                raise ConvertError(f"{path}: {key}={config[key]!r} is not supported (Gemma 3 has it null/false)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+        if gemma and config.get(key):
+            raise ConvertError(f"{path}: {key}={config[key]!r} is not supported (Gemma 3 has it null/false)")
     if config.get("mlp_bias") or (model_type != "qwen2" and config.get("attention_bias")):
         raise ConvertError(f"{path}: attention_bias/mlp_bias on a {model_type} model are not supported "
                            f"(only Qwen2's q/k/v biases are)")
-    # Mistral applies sliding_window (every layer) whenever it is set, and model.py does the same. Qwen2
-    # applies it only with use_sliding_window, and then only from layer max_window_layers on: not supported,
-    # unless the window is at least max_position_embeddings long (full attention).
+
+    # Mistral applies sliding_window (every layer) whenever it is set, and model.py does the same; Gemma 3 on
+    # its sliding_attention layers. Qwen2/Qwen3 apply it only with use_sliding_window, and then only from layer
+    # max_window_layers on; Qwen3 and OLMo 2 on their layer_types' sliding layers: neither is supported, unless
+    # the window is at least max_position_embeddings long (full attention).
     max_seq_len = config.get("max_position_embeddings") or 8192
-    window = config.get("sliding_window") if model_type == "mistral" else None
+    window = config.get("sliding_window", 4096 if gemma else None) if model_type in ("mistral", "gemma3_text") else None
     if window is not None and (type(window) is not int or window <= 0):
         raise ConvertError(f"{path}: sliding_window must be a positive integer or null, got {window!r}")
-    if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window") \
-            and (config.get("sliding_window") or 0) < max_seq_len:
+    full_attention = (config.get("sliding_window") or 0) >= max_seq_len
+    if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window") and not full_attention:
         raise ConvertError(f"{path}: {model_type}'s use_sliding_window (a window on layers from max_window_layers on) "
                            f"is not supported: only full attention, which differs past "
                            f"{config.get('sliding_window')} tokens")
-
-    layer_types, rope_local_theta = None, None
     if model_type in ("qwen3", "olmo2") and "sliding_attention" in (config.get("layer_types") or []) \
-            and (config.get("sliding_window") or 0) < max_seq_len:
+            and not full_attention:
         raise ConvertError(f"{path}: layer_types has sliding_attention layers: a sliding window on some "
                            f"{model_type} layers is not supported (only full attention)")
+
+    layer_types, rope_local_theta, rope_scaling = None, None, None
     if gemma:
-        window = config.get("sliding_window", 4096)
-        if type(window) is not int or window <= 0:
-            raise ConvertError(f"{path}: sliding_window must be a positive integer, got {window!r}")
         layer_types = config.get("layer_types")
         if layer_types is None:  # transformers 4: every sliding_window_pattern-th layer is global
             pattern = config.get("sliding_window_pattern", 6)
             layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                            for i in range(config["num_hidden_layers"])]
-        if len(layer_types) != config["num_hidden_layers"] or \
-                not set(layer_types) <= {"sliding_attention", "full_attention"}:
-            raise ConvertError(f"{path}: layer_types must list num_hidden_layers={config['num_hidden_layers']} "
-                               f"entries of 'sliding_attention' or 'full_attention', got {layer_types!r}")
         rope_theta, rope_local_theta, rope_scaling = gemma3_rope(config, path)
-    # transformers 5 nests rotary settings in rope_parameters; 4 has rope_theta + rope_scaling.
-    rope = {} if gemma else dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    if not gemma:
+        rope_type = "default"
+    else:  # transformers 5 nests rotary settings in rope_parameters; 4 has rope_theta + rope_scaling.
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        rope_scaling = None
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ConvertError(f"{path}: rope type {rope_type!r} is not supported (default and llama3 are)")
-    if rope_type == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        if missing := [k for k in keys if k not in rope]:
-            raise ConvertError(f"{path}: llama3 rope scaling lacks {', '.join(missing)}")
-        rope_scaling = {k: rope[k] for k in keys}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ConvertError(f"{path}: rope type {rope_type!r} is not supported (default and llama3 are)")
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if missing := [k for k in keys if k not in rope]:
+                raise ConvertError(f"{path}: llama3 rope scaling lacks {', '.join(missing)}")
+            rope_scaling = {k: rope[k] for k in keys}
 
     dim = config["hidden_size"]
     # OLMo 2 has no head_dim key (transformers derives it); Qwen3 and Gemma 3 set it, often != dim / heads.
@@ -264,19 +258,21 @@ def args_from_hf_config(config: dict, path: Path) -> ModelArgs:
     scalar = config.get("query_pre_attn_scalar", 256) if gemma else None
     if scalar is not None and (not isinstance(scalar, (int, float)) or scalar <= 0):
         raise ConvertError(f"{path}: query_pre_attn_scalar must be a positive number, got {scalar!r}")
-    return ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=n_kv_heads, vocab_size=config["vocab_size"],
-        multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
-        norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-        use_scaled_rope=rope_type == "llama3", rope_scaling=rope_scaling,
-        head_dim=head_dim if head_dim != dim // n_heads else None,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
-        qkv_bias=model_type == "qwen2", max_seq_len=max_seq_len, sliding_window=window,
-        qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}.get(model_type),
-        pre_norm=model_type != "olmo2", post_norm=model_type in ("olmo2", "gemma3_text"),
-        norm_unit_offset=gemma, norm_fp32_weight=model_type == "olmo2", scale_embeddings=gemma, activation="gelu_tanh" if gemma else "silu",
-        query_pre_attn_scalar=scalar, layer_types=layer_types, rope_local_theta=rope_local_theta)
+    try:  # ModelArgs checks what is left (layer_types against n_layers and sliding_window)
+        return ModelArgs(
+            dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+            vocab_size=config["vocab_size"], multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
+            norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, use_scaled_rope=rope_type == "llama3",
+            rope_scaling=rope_scaling, head_dim=head_dim if head_dim != dim // n_heads else None,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)), qkv_bias=model_type == "qwen2",
+            max_seq_len=max_seq_len, sliding_window=window,
+            qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}.get(model_type),
+            pre_norm=model_type != "olmo2", post_norm=model_type in ("olmo2", "gemma3_text"),
+            norm_unit_offset=gemma, norm_fp32_weight=model_type == "olmo2", scale_embeddings=gemma,
+            activation="gelu_tanh" if gemma else "silu", query_pre_attn_scalar=scalar, layer_types=layer_types,
+            rope_local_theta=rope_local_theta)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {e}") from e
 
 
 def ffn_params(dim: int, intermediate_size: int) -> tuple[int, float | None]:
@@ -299,124 +295,84 @@ def hf_config_from_args(args: ModelArgs, base: dict | None, dtype: torch.dtype) 
         config["model_type"] = ("olmo2" if args.qk_norm == "full" else "gemma3_text" if args.scale_embeddings
                                 else "qwen3" if args.qk_norm == "head" else "qwen2" if args.qkv_bias
                                 else "mistral" if args.sliding_window else "llama")
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-    config.setdefault("architectures", [arch.get(config["model_type"], "LlamaForCausalLM")])
-    gemma = config["model_type"] == "gemma3_text"
+    model_type = config["model_type"]
+    config.setdefault("architectures", [ARCHITECTURES.get(model_type, "LlamaForCausalLM")])
+    gemma = model_type == "gemma3_text"
     config.update(
         hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size, intermediate_size=args.hidden_dim,
         head_dim=args.head_dim, rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=config.get("max_position_embeddings", args.max_seq_len),
         **({"hidden_activation": "gelu_pytorch_tanh"} if gemma else {"hidden_act": "silu"}))
-    if config["model_type"] in ("llama", "qwen3", "olmo2", "gemma3_text"):
-        config.update(attention_bias=False)
-    if config["model_type"] == "llama":
-        config.update(mlp_bias=False)
-    if config["model_type"] == "mistral":
+    if model_type == "mistral":
         config["sliding_window"] = args.sliding_window
+    # Rotary settings in the source's style: transformers 5's rope_parameters, or 4's keys (which 5 also reads).
     if gemma:
         config.update(layer_types=args.layer_types, sliding_window=args.sliding_window,
                       query_pre_attn_scalar=args.query_pre_attn_scalar)
         config.pop("sliding_window_pattern", None)  # layer_types says it
         full = {"rope_type": "default", **(args.rope_scaling or {}), "rope_theta": args.rope_theta}
         local = {"rope_type": "default", "rope_theta": args.rope_local_theta or args.rope_theta}
-        if "rope_parameters" in config or "rope_theta" not in config:  # transformers 5's style ...
+        if "rope_parameters" in config or "rope_theta" not in config:
             config["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
-        else:  # ... or 4's
+        else:
             config.update(rope_theta=args.rope_theta, rope_local_base_freq=local["rope_theta"],
                           rope_scaling=args.rope_scaling)
-        return set_dtype(config, dtype)
-    rope = {"rope_type": "default"}
-    if args.use_scaled_rope or args.rope_scaling:
-        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192, **(args.rope_scaling or {})}
-    if "rope_parameters" in config:  # keep the source's style: transformers 5 ...
-        config["rope_parameters"] = {**rope, "rope_theta": args.rope_theta}
-    else:  # ... or 4, which 5 also reads
-        config["rope_theta"] = args.rope_theta
-        config["rope_scaling"] = rope if rope["rope_type"] != "default" else None
-    return set_dtype(config, dtype)
-
-
-def set_dtype(config: dict, dtype: torch.dtype) -> dict:
-    name = {v: k for k, v in DTYPES.items()}[dtype]
-    config["dtype" if "dtype" in config else "torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16",
-                                                               "fp32": "float32"}[name]
+    else:
+        rope = {"rope_type": "default"}
+        if args.use_scaled_rope or args.rope_scaling:
+            rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192, **(args.rope_scaling or {})}
+        if "rope_parameters" in config:
+            config["rope_parameters"] = {**rope, "rope_theta": args.rope_theta}
+        else:
+            config["rope_theta"] = args.rope_theta
+            config["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+    config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
     return config
 
 
-# -- reading HF weights without loading them -----------------------------------------------------------------
-class HFWeights:
-    """Tensor names, shapes and dtypes of an HF checkpoint, and a way to stream them shard by shard."""
-
-    def __init__(self, ckpt_dir: Path):
-        self.dir = ckpt_dir
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            index = ckpt_dir / index_name
-            if index.is_file():
-                weight_map = read_json(index).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise ConvertError(f"{index}: not a valid shard index (no weight_map object)")
-                self.shards = sorted({ckpt_dir / f for f in weight_map.values()})
-                break
-            if (ckpt_dir / single).is_file():
-                self.shards = [ckpt_dir / single]
-                break
-        else:
-            raise ConvertError(f"{ckpt_dir}: no weights found (looked for model.safetensors[.index.json] and "
-                               f"pytorch_model.bin[.index.json])")
-        for shard in self.shards:
-            if not shard.is_file():
-                raise ConvertError(f"{shard}: shard listed in the index is missing")
-        self.specs = {}  # HF name -> (shape, dtype, shard)
-        for shard in self.shards:
-            for name, tensor in self.open(shard):
-                self.specs[name] = (tuple(tensor.shape), tensor.dtype, shard)
-
-    def open(self, shard: Path):
-        """Yield (name, tensor) of one shard, each read only when asked for."""
-        if shard.suffix == ".safetensors":
-            from safetensors import safe_open
-            try:
-                f = safe_open(shard, framework="pt")
-                names = list(f.keys())
-            except Exception as e:
-                raise ConvertError(f"{shard}: cannot read safetensors file (truncated or corrupt?): {e}") from e
-            for name in names:
-                yield name, _LazySafetensor(f, name, shard)
-        else:
-            try:
-                state = load_state_dict(shard)  # mmap: a .bin shard is paged in tensor by tensor
-            except ValueError as e:
-                raise ConvertError(str(e)) from e
-            yield from state.items()
+# -- reading HF weights, one tensor at a time ------------------------------------------------------------------
+def hf_shards(ckpt_dir: Path) -> list[Path]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = ckpt_dir / index_name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConvertError(f"{index}: not a valid shard index (no weight_map object)")
+            shards = sorted({ckpt_dir / f for f in weight_map.values()})
+            if missing := [s for s in shards if not s.is_file()]:
+                raise ConvertError(f"{missing[0]}: shard listed in the index is missing")
+            return shards
+        if (ckpt_dir / single).is_file():
+            return [ckpt_dir / single]
+    raise ConvertError(f"{ckpt_dir}: no weights found (looked for model.safetensors[.index.json] and "
+                       f"pytorch_model.bin[.index.json])")
 
 
-class _LazySafetensor:
-    """Shape and dtype from the safetensors header; data read on .load()."""
+def open_shard(shard: Path):
+    """({name: shape}, get) for one HF shard, where get(name) reads that tensor alone: a safetensors file is read
+    from its header, a .bin is memory-mapped. Dropping both closes the shard (and frees its pages)."""
+    if shard.suffix != ".safetensors":
+        state = load_state_dict(shard)
+        return {name: tuple(t.shape) for name, t in state.items()}, state.__getitem__
+    from safetensors import safe_open
+    try:
+        f = safe_open(shard, framework="pt")
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:
+        raise ConvertError(f"{shard}: cannot read safetensors file (truncated or corrupt?): {e}") from e
 
-    _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-    def __init__(self, handle, name, shard):
-        self.handle, self.name, self.shard = handle, name, shard
-        sl = handle.get_slice(name)
-        self.shape = tuple(sl.get_shape())
-        self.dtype = self._DTYPES.get(sl.get_dtype(), sl.get_dtype())
-
-    def load(self) -> torch.Tensor:
+    def get(name: str) -> torch.Tensor:
         try:
-            return self.handle.get_tensor(self.name)
+            return f.get_tensor(name)
         except Exception as e:
-            raise ConvertError(f"{self.shard}: cannot read tensor {self.name} (truncated file?): {e}") from e
+            raise ConvertError(f"{shard}: cannot read tensor {name} (truncated file?): {e}") from e
+    return shapes, get
 
 
-def _materialise(t) -> torch.Tensor:
-    return t.load() if isinstance(t, _LazySafetensor) else t
-
-
-# -- writing -------------------------------------------------------------------------------------------------
+# -- writing, one tensor at a time ---------------------------------------------------------------------------
 def save_pth_streaming(path: Path, specs: dict, tensors):
     """Write a `torch.save` file of {name: tensor} without holding the state dict in memory.
 
@@ -432,24 +388,17 @@ def save_pth_streaming(path: Path, specs: dict, tensors):
     del placeholders
     with zipfile.ZipFile(path) as zf:
         records = {info.filename.split("/data/")[-1]: info for info in zf.infolist() if "/data/" in info.filename}
-    if len(records) != len(specs):
-        raise ConvertError(f"internal: {path} has {len(records)} storage records for {len(specs)} tensors")
-    slot = {name: str(i) for i, name in enumerate(specs)}
-    written = set()
+    assert len(records) == len(specs), (path, len(records), len(specs))
+    slot = {name: records[str(i)] for i, name in enumerate(specs)}
     with open(path, "r+b") as f:
         for name, tensor in tensors:
-            shape, dtype = specs[name]
-            assert tuple(tensor.shape) == shape and tensor.dtype == dtype, name
-            info = records[slot[name]]
-            f.seek(info.header_offset + 26)
+            info = slot[name]
+            f.seek(info.header_offset + 26)  # the local file header: the data follows its name and extra field
             name_len, extra_len = struct.unpack("<HH", f.read(4))
             data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
-            assert data.nbytes == info.file_size, name
+            assert (tuple(tensor.shape), tensor.dtype) == specs[name] and data.nbytes == info.file_size, name
             f.seek(info.header_offset + 30 + name_len + extra_len)
             f.write(memoryview(data))
-            written.add(name)
-    if written != set(specs):
-        raise ConvertError(f"internal: tensors never written: {sorted(set(specs) - written)[:5]}")
 
 
 def save_safetensors_streaming(path: Path, specs: dict, tensors):
@@ -457,16 +406,16 @@ def save_safetensors_streaming(path: Path, specs: dict, tensors):
     header from the shapes alone, then each tensor as it arrives, in header order."""
     header, offset = {}, 0
     for name, (shape, dtype) in specs.items():
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    order = list(specs)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for expected, (name, tensor) in zip(order, tensors, strict=True):
+        for expected, (name, tensor) in zip(specs, tensors, strict=True):
             assert name == expected, (name, expected)
             f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
 
@@ -480,66 +429,50 @@ def copy_tokenizer_files(src: Path, dst: Path, names=TOKENIZER_FILES):
         shutil.copy2(src / "original" / "tokenizer.model", dst / "tokenizer.model")
 
 
-class StagingDir:
+@contextlib.contextmanager
+def staging_dir(output_dir: Path, replaces=()):
     """Files are written to a hidden temp dir inside the output dir and moved into place only on success,
     so a failure leaves the output dir (which may be the input dir) exactly as it was, and removes the dirs
     it created. On success, files matching `replaces` that this conversion did not write are deleted (a
     previous conversion's); other files in the dir are left alone. A write error (disk full) becomes a
     ConvertError naming the output dir."""
-
-    def __init__(self, output_dir: Path, replaces=()):
-        self.output_dir, self.replaces = output_dir, replaces
-
-    def __enter__(self) -> Path:
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ConvertError(f"{self.output_dir}: exists and is not a directory (--output_dir names a dir)")
-        # The output dir and any missing parents: what a failure removes again.
-        self.created = list(itertools.takewhile(lambda d: not d.exists(),
-                                                (self.output_dir, *self.output_dir.parents)))
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            host = socket.gethostname()
-            for stale in self.output_dir.glob(f".convert-{host}-*"):  # left by a conversion killed with SIGKILL
-                if not pid_alive(stale.name[len(f".convert-{host}-"):].split("-")[0]):
-                    shutil.rmtree(stale, ignore_errors=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".convert-{host}-{os.getpid()}-", dir=self.output_dir))
-        except OSError as e:
-            self.remove_created()
-            raise ConvertError(f"cannot create {self.output_dir}: {e}") from e
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None:
-            try:
-                # The file that makes a dir a checkpoint to its loader (params.json, config.json) moves last,
-                # after the previous output's leftovers are gone: a kill midway leaves no dir that looks whole.
-                written = {f.name for f in self.tmp.iterdir()}
-                last = [n for n in ("config.json", "params.json") if n in written]
-                for name in sorted(written - set(last)):
-                    os.replace(self.tmp / name, self.output_dir / name)
-                for pattern in self.replaces:
-                    for f in self.output_dir.glob(pattern):
-                        if f.name not in written and not f.is_dir():
-                            f.unlink()
-                for name in last:
-                    os.replace(self.tmp / name, self.output_dir / name)
-            except OSError as e:
-                exc = e
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if exc is not None:
-            self.remove_created()
-        if isinstance(exc, OSError):
-            raise ConvertError(f"could not write {self.output_dir}: {exc} (disk full or not writable?)") from exc
-        return False
-
-    def remove_created(self):
-        if self.created:
-            shutil.rmtree(self.output_dir, ignore_errors=True)
-        for d in self.created[1:]:  # parents, innermost first; one that is no longer empty stays
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConvertError(f"{output_dir}: exists and is not a directory (--output_dir names a dir)")
+    # The output dir and any missing parents: what a failure removes again.
+    created = [d for d in (output_dir, *output_dir.parents) if not d.exists()]
+    prefix, tmp = f".convert-{socket.gethostname()}-", None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(prefix + "*"):  # left by a conversion killed with SIGKILL
+            if not pid_alive(stale.name[len(prefix):].split("-")[0]):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=output_dir))
+        yield tmp
+        # The file that makes a dir a checkpoint to its loader (params.json, config.json) moves last, after
+        # the previous output's leftovers are gone: a kill midway leaves no dir that looks whole.
+        written = {f.name for f in tmp.iterdir()}
+        last = [n for n in ("config.json", "params.json") if n in written]
+        for name in sorted(written - set(last)):
+            os.replace(tmp / name, output_dir / name)
+        for f in [f for pattern in replaces for f in output_dir.glob(pattern)]:
+            if f.name not in written and not f.is_dir():
+                f.unlink()
+        for name in last:
+            os.replace(tmp / name, output_dir / name)
+    except BaseException as e:
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        for d in created[1:]:  # parents, innermost first; one that is no longer empty stays
             try:
                 d.rmdir()
             except OSError:
                 break
+        if isinstance(e, OSError):
+            raise ConvertError(f"could not write {output_dir}: {e} (disk full or not writable?)") from e
+        raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pid_alive(pid: str) -> bool:
@@ -548,13 +481,13 @@ def pid_alive(pid: str) -> bool:
     except ProcessLookupError:
         return False
     except (ValueError, PermissionError):
-        return True  # not ours to judge: leave it
+        pass  # not ours to judge: leave it
     return True
 
 
 # -- the two directions --------------------------------------------------------------------------------------
 def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bfloat16,
-                 language_model_only: bool = False):
+                 language_model_only: bool = False) -> tuple[ModelArgs, torch.dtype]:
     config_path = ckpt_dir / "config.json"
     if not ckpt_dir.is_dir():
         raise ConvertError(f"{ckpt_dir}: no such directory")
@@ -564,90 +497,73 @@ def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bf
     config = text_config(source_config, config_path, language_model_only)
     multimodal = config is not source_config
     args = args_from_hf_config(config, config_path)
-    weights = HFWeights(ckpt_dir)
     to_native = {hf: native for native, hf in name_map(args).items()}
+    if multimodal:  # the language model's tensors sit under a prefix; the vision tower stays behind
+        to_native = {prefixed + hf[len(plain):]: native for hf, native in to_native.items()
+                     for prefixed, plain in LANGUAGE_MODEL_PREFIXES.items() if hf.startswith(plain)}
+    shards = hf_shards(ckpt_dir)
 
-    def native_name(hf_name: str) -> str | None:
-        if multimodal:  # the language model's tensors under their text-only names; the vision tower stays behind
-            if hf_name.startswith(VISION_PREFIXES):
-                return "skip"
-            prefix = next((p for p in LANGUAGE_MODEL_PREFIXES if hf_name.startswith(p)), None)
-            if prefix is None:
-                return None
-            hf_name = LANGUAGE_MODEL_PREFIXES[prefix] + hf_name[len(prefix):]
-        if hf_name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
-            return "skip"  # recomputed buffers; a tied lm_head duplicates the embedding
-        return rename(hf_name, to_native)
-
-    # Check names and shapes against the model that params.json describes before writing anything.
+    # Check names and shapes against the model that config.json describes before writing anything.
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     if args.tie_word_embeddings:
         expected.pop("output.weight")
-    found = {}
-    for hf_name, (shape, _, shard) in weights.specs.items():
-        native = native_name(hf_name)
-        if native == "skip":
-            continue
-        if native is None or native not in expected:
-            raise ConvertError(f"{shard}: unexpected tensor {hf_name} for a {config['model_type']} model "
-                               f"with this config.json")
-        found[native] = shape
-    missing = [k for k in expected if k not in found]
-    if missing:
+    plan = {}  # HF name -> native name
+    for shard in shards:
+        for hf_name, shape in open_shard(shard)[0].items():
+            native = rename(hf_name, to_native)
+            if hf_name.endswith("rotary_emb.inv_freq") or (multimodal and hf_name.startswith(VISION_PREFIXES)) \
+                    or (native == "output.weight" and args.tie_word_embeddings):
+                continue  # recomputed buffers, the vision tower, a tied lm_head (the embedding again)
+            if native not in expected:
+                raise ConvertError(f"{shard}: unexpected tensor {hf_name} for a {config['model_type']} model "
+                                   f"with this config.json")
+            if shape != expected[native]:
+                raise ConvertError(f"{shard}: tensor {hf_name} has shape {shape}, config.json implies "
+                                   f"{expected[native]}")
+            plan[hf_name] = native
+    if missing := [k for k in expected if k not in plan.values()]:
         raise ConvertError(f"{ckpt_dir}: missing tensors {[rename(k, name_map(args)) for k in missing][:8]}")
-    for native, shape in found.items():
-        if shape != expected[native]:
-            raise ConvertError(f"{ckpt_dir}: tensor {rename(native, name_map(args))} has shape {shape}, config.json "
-                               f"implies {expected[native]}")
 
     def converted():
-        for shard in weights.shards:
-            for hf_name, tensor in weights.open(shard):
-                native = native_name(hf_name)
-                if native not in found:
-                    continue
-                t = _materialise(tensor)
-                if heads := rotary_heads(native, args):
-                    t = permute_to_native(t, heads)
-                yield native, t.to(dtype)
+        for shard in shards:
+            names, get = open_shard(shard)
+            for hf_name in names:
+                if native := plan.get(hf_name):
+                    t = get(hf_name)
+                    if heads := rotary_heads(native, args):
+                        t = permute_to_native(t, heads)
+                    yield native, t.to(dtype)
 
-    specs = {k: (expected[k], dtype) for k in expected}
-    with StagingDir(output_dir, replaces=NATIVE_FILES) as tmp:
-        save_pth_streaming(tmp / "consolidated.00.pth", specs, converted())
+    with staging_dir(output_dir, replaces=NATIVE_FILES) as tmp:
+        save_pth_streaming(tmp / "consolidated.00.pth", {k: (shape, dtype) for k, shape in expected.items()},
+                           converted())
         (tmp / "params.json").write_text(json.dumps(args.to_json(), indent=2) + "\n")
         copy_tokenizer_files(ckpt_dir, tmp)
         if multimodal:  # the language model's own config: --to_hf then writes a Gemma3ForCausalLM
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return args
+    return args, dtype
 
 
-def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype = torch.bfloat16):
-    try:
-        weights_path = resolve_weights(ckpt_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConvertError(str(e)) from e
-    native_dir = weights_path.parent
-    params = native_dir / "params.json"
+def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype | None = None) -> tuple[ModelArgs, torch.dtype]:
+    """dtype None: the native weights' own, so exporting an fp32 run rounds nothing."""
+    weights = resolve_weights(ckpt_path)
+    state = load_state_dict(weights)
+    params = weights.parent / "params.json"
     if not params.is_file():
-        raise ConvertError(f"{native_dir}: no params.json beside {weights_path.name}")
-    read_json(params)  # a message naming the file for bad JSON, before from_json parses it again
+        raise ConvertError(f"{weights.parent}: no params.json beside {weights.name}")
+    read_json(params)  # this module's message for bad JSON; from_json parses it again
     try:
         args = ModelArgs.from_json(params)
     except ValueError as e:  # ModelArgs' own checks (heads, vocab_size)
         raise ConvertError(f"{params}: {e}") from e
-    try:
-        state = load_state_dict(weights_path)
-    except ValueError as e:
-        raise ConvertError(str(e)) from e
     with torch.device("meta"):
-        model = Transformer(args)
-    try:
-        check_state_dict(model, state, source=str(weights_path))
-    except ValueError as e:
-        raise ConvertError(str(e)) from e
+        check_state_dict(Transformer(args), state, source=str(weights))
     if args.tie_word_embeddings:
         state.pop("output.weight")
+    if dtype is None:  # one dtype is kept; a mix (or one the safetensors writer has no name for, fp64): fp32
+        found = {t.dtype for t in state.values()}
+        dtype = found.pop() if len(found) == 1 and found <= set(SAFETENSORS_DTYPES) else torch.float32
     names = {native: rename(native, name_map(args)) for native in state}
 
     def converted(keys):
@@ -658,20 +574,17 @@ def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype = torch.b
             yield names[native], t.to(dtype)
 
     # Shards of at most 5 GB, as transformers' save_pretrained does.
-    itemsize = torch.empty((), dtype=dtype).element_size()
     shards, size = [[]], 0
     for native, t in state.items():
-        nbytes = t.numel() * itemsize
+        nbytes = t.numel() * dtype.itemsize
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
         shards[-1].append(native)
         size += nbytes
-    base_config = None
-    if (native_dir / "config.json").is_file():
-        base_config = read_json(native_dir / "config.json")
-    with StagingDir(output_dir, replaces=HF_FILES) as tmp:
-        copy_tokenizer_files(native_dir, tmp, [n for n in TOKENIZER_FILES if n != "config.json"])
+    base_config = read_json(weights.parent / "config.json") if (weights.parent / "config.json").is_file() else None
+    with staging_dir(output_dir, replaces=HF_FILES) as tmp:
+        copy_tokenizer_files(weights.parent, tmp, [n for n in TOKENIZER_FILES if n != "config.json"])
         weight_map = {}
         for i, keys in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -679,12 +592,12 @@ def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype = torch.b
             save_safetensors_streaming(tmp / fname, specs, converted(keys))
             weight_map.update({names[k]: fname for k in keys})
         if len(shards) > 1:
-            total = sum(state[k].numel() for k in state) * itemsize
+            total = sum(t.numel() for t in state.values()) * dtype.itemsize
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = hf_config_from_args(args, base_config, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return args
+    return args, dtype
 
 
 def main(argv=None):
@@ -693,22 +606,26 @@ def main(argv=None):
                         help="HF checkpoint dir (or, with --to_hf, a native dir or its consolidated.00.pth)")
     parser.add_argument("--output_dir", "--output", required=True, type=Path,
                         help="where to write; may be the input dir itself")
-    parser.add_argument("--precision", choices=DTYPES, default="bf16", help="dtype of the written weights")
+    parser.add_argument("--precision", choices=DTYPES,
+                        help="dtype of the written weights (default: bf16 into the native format; with --to_hf "
+                             "the native weights' own dtype, so an fp32 run exports unrounded)")
     parser.add_argument("--to_hf", action="store_true", help="native -> HF safetensors + config.json")
     parser.add_argument("--language_model_only", action="store_true",
                         help="multimodal Gemma 3 dir (model_type gemma3): convert its language model alone, "
                              "leaving the vision tower out")
     args = parser.parse_args(argv)
+    dtype = DTYPES.get(args.precision)
     try:
         if args.to_hf:
-            model_args = native_to_hf(args.ckpt_paths, args.output_dir, DTYPES[args.precision])
+            model_args, dtype = native_to_hf(args.ckpt_paths, args.output_dir, dtype)
         else:
-            model_args = hf_to_native(args.ckpt_paths, args.output_dir, DTYPES[args.precision],
-                                      args.language_model_only)
-    except ConvertError as e:
+            model_args, dtype = hf_to_native(args.ckpt_paths, args.output_dir, dtype or torch.bfloat16,
+                                             args.language_model_only)
+    except (ValueError, OSError) as e:  # bad input (OSError: one we could not read), named in the message
         print(f"convert.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"wrote {args.output_dir} ({model_args.n_layers} layers, dim {model_args.dim}, {args.precision})")
+    print(f"wrote {args.output_dir} ({model_args.n_layers} layers, dim {model_args.dim}, "
+          f"{str(dtype).removeprefix('torch.')})")
 
 
 if __name__ == "__main__":

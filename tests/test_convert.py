@@ -66,7 +66,7 @@ def test_export_replaces_a_previous_export(tmp_path, monkeypatch):
     model.safetensors in preference to new shards beside it), a file of the user's stays."""
     hf, native_dir = native_model(tmp_path, "llama3")
     out = tmp_path / "out"
-    run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", out)  # bf16, one model.safetensors
+    run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", out, "--precision", "bf16")  # one model.safetensors
     (out / "notes.txt").write_text("mine")
     monkeypatch.setattr(convert, "SHARD_BYTES", 200_000)
     run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", out, "--precision", "fp32")  # shards + index
@@ -80,6 +80,22 @@ def test_export_replaces_a_previous_export(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "SHARD_BYTES", 5 * 1024**3)
     run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", out)  # back to one file: the shards go
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_to_hf_default_precision_is_the_native_dtype(tmp_path):
+    """--to_hf without --precision writes the native weights' own dtype: an fp32 run exports bit-exact (the
+    default used to be bf16, which rounded every weight); --precision bf16 still casts."""
+    _, native_dir = native_model(tmp_path, "llama3")  # fp32 native weights
+    original = load_file(tmp_path / "llama3-hf" / "model.safetensors")
+    run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", tmp_path / "default")
+    exported = load_file(tmp_path / "default" / "model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(exported[k].dtype == torch.float32 and torch.equal(exported[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["dtype"] == "float32"
+    run("--to_hf", "--ckpt_paths", native_dir, "--output_dir", tmp_path / "bf16", "--precision", "bf16")
+    cast = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(torch.equal(cast[k], original[k].bfloat16()) for k in original)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_conversion_replaces_previous_tokenizer_files(hf_dir, tmp_path):
