@@ -20,13 +20,7 @@ import torch
 
 import lora
 from model import DTYPES, Transformer, generate, sample
-from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
-                           stop_token_ids, tokenize_conversation)
-
-
-
-class GenerateError(ValueError):
-    """Bad input: a missing template, an unreadable prompts file (names the file and line)."""
+from tokenize_chat import ConversationError, load_template, load_tokenizer, stop_token_ids, tokenize_conversation
 
 
 # -- batched generation -------------------------------------------------------------------------------------
@@ -140,9 +134,9 @@ def find_template(weights: list[Path]) -> Path:
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise GenerateError(f"{d} holds several templates ({', '.join(f.name for f in found)}): "
+            raise ValueError(f"{d} holds several templates ({', '.join(f.name for f in found)}): "
                                 f"choose one with --template_config")
-    raise GenerateError(f"no chat template (*.yaml) in {', '.join(map(str, dict.fromkeys(dirs)))}: pass "
+    raise ValueError(f"no chat template (*.yaml) in {', '.join(map(str, dict.fromkeys(dirs)))}: pass "
                         f"--template_config, a name from templates/ (e.g. chatml, llama3_instruct) or a path")
 
 
@@ -152,33 +146,33 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template,
     checked before anything is generated; an error names the file and line."""
     records, prompt_ids = [], []
     if not path.is_file():
-        raise GenerateError(f"--prompts_file {path} not found")
+        raise ValueError(f"--prompts_file {path} not found")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise GenerateError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 json.dumps(record, ensure_ascii=False).encode("utf-8")  # what the output line will need
             except json.JSONDecodeError as e:
-                raise GenerateError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             except UnicodeEncodeError:
-                raise GenerateError(f"{where}: holds an unpaired surrogate escape (such as \"\\ud83d\"): "
+                raise ValueError(f"{where}: holds an unpaired surrogate escape (such as \"\\ud83d\"): "
                                     f"not valid Unicode text") from None
             if not isinstance(record, dict):
-                raise GenerateError(f"{where}: expected an object with 'prompt' or 'messages', "
+                raise ValueError(f"{where}: expected an object with 'prompt' or 'messages', "
                                     f"got {type(record).__name__}")
             if "messages" in record:
                 messages = record["messages"]
             elif isinstance(record.get("prompt"), str):
                 messages = [{"role": "user", "content": record["prompt"]}]
             else:
-                raise GenerateError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}, "
+                raise ValueError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}, "
                                     f"got keys {sorted(record)}")
             if system is not None and isinstance(messages, list) and messages \
                     and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
@@ -187,14 +181,14 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                 ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True,
                                                enable_thinking=enable_thinking)
             except ConversationError as e:
-                raise GenerateError(f"{where}: {e}") from None
+                raise ValueError(f"{where}: {e}") from None
             if messages[-1]["role"] != "user":
-                raise GenerateError(f"{where}: the last message is {messages[-1]['role']!r}; generation "
+                raise ValueError(f"{where}: the last message is {messages[-1]['role']!r}; generation "
                                     f"continues a conversation that ends with a user turn")
             records.append(record)
             prompt_ids.append(ids)
     if not records:
-        raise GenerateError(f"--prompts_file {path} has no prompts")
+        raise ValueError(f"--prompts_file {path} has no prompts")
     return records, prompt_ids
 
 
@@ -203,7 +197,7 @@ def run_prompts_file(model, tokenizer, template, args, stops, generator):
     records, prompts = read_prompts_file(args.prompts_file, args.system, tokenizer, template,
                                          not args.no_thinking)
     if args.output_file.is_dir():  # found now, not after generating
-        raise GenerateError(f"--output_file {args.output_file} is a directory; give the jsonl file to write")
+        raise ValueError(f"--output_file {args.output_file} is a directory; give the jsonl file to write")
     args.output_file.parent.mkdir(parents=True, exist_ok=True)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     results, start, n_tokens = [None] * len(prompts), time.perf_counter(), 0
@@ -330,7 +324,7 @@ def main(argv=None):
         generator = torch.Generator(device=device).manual_seed(args.seed)
         run = run_chat if args.chat else run_prompts_file if args.prompts_file else run_prompts
         run(model, tokenizer, template, args, stops, generator)
-    except (GenerateError, ConversationError, TemplateError, TokenizerError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad input (a file, a line, a template) named in one line
         print(f"generate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 
