@@ -1,11 +1,14 @@
-"""Plumbing shared by train_sft.py, train_dpo.py and train_simpo.py, as plain functions (no Trainer class):
-the torchrun environment, parallelism (activation checkpointing, compile, FSDP2 or DDP, in that order, as
-torchtitan applies them), AdamW and the LR schedule, step checkpoints that resume exactly, the final
-native output dir, and logging. Each trainer keeps its own loop in plain sight.
+"""Plumbing shared by train_sft.py, train_dpo.py and train_simpo.py, as plain functions (no Trainer class): the
+flags, the output dir, the torchrun environment, parallelism (activation checkpointing, compile, FSDP2 or DDP, in
+that order, as torchtitan applies them), a run's set-up and the common half of each optimizer step (setup, start,
+next_step, optimizer_step, val_due, end_step, save_final), AdamW and the LR schedule, step checkpoints that resume
+exactly, the final native output dir, and logging. Each trainer keeps its loss and its batch loop in plain sight.
 """
 
 import argparse
+import errno
 import gc
+import itertools
 import json
 import math
 import os
@@ -29,9 +32,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import lora
 from lora import DEFAULT_TARGETS as LORA_TARGETS
-from model import DTYPES, IGNORE_INDEX, ModelArgs
+from model import DTYPES, IGNORE_INDEX
 from tokenize_chat import TOKENIZER_FILES
-
 
 
 # -- arguments ------------------------------------------------------------------------------------------------
@@ -109,21 +111,18 @@ def parse_args(cls, argv=None):
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
-        meta = dict(f.metadata)
-        kwargs = {"help": meta.pop("help", "")}
-        required = f.default is MISSING and f.default_factory is MISSING
         if f.type in (bool, "bool"):
-            kwargs["action"] = "store_true"
+            kwargs = {"action": "store_true"}
         elif f.type in (list, "list"):
-            kwargs.update(nargs="+", type=str)
+            kwargs = {"nargs": "+", "type": str}
         else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        kwargs.update(meta)
-        if required:
+            kwargs = {"type": {"int": int, "float": float, "str": str}.get(f.type, f.type)}
+        kwargs.update(f.metadata)
+        if f.default is MISSING and f.default_factory is MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
-            if not required and "action" not in kwargs:
+            if "action" not in kwargs:
                 kwargs["help"] += f" (default: {kwargs['default']})"
         parser.add_argument(f"--{f.name}", **kwargs)
     args = cls(**vars(parser.parse_args(argv)))
@@ -148,6 +147,12 @@ VALUE_RULES = [
     (("lora_alpha", "dpo_beta", "simpo_beta"), (lambda v: v > 0, "positive")),
     (("lora_dropout",), (lambda v: 0 <= v < 1, "in [0, 1)")),
 ]
+
+
+# -- the output dir --------------------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+RUN_FILES = ("consolidated.00.pth", "params.json", "train_args.json", "metrics.jsonl", "metrics.png")
+_lock = None  # the open lock file of this process's run (rank 0), closed by release_output_dir
 
 
 def prepare_output_dir(args, d: "Dist"):
@@ -187,10 +192,6 @@ def prepare_output_dir(args, d: "Dist"):
         if not args.resume:  # the record of how the run started; a resumed run is checked against it
             record.write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
     barrier()
-
-
-LOCK_FILE = ".lock"
-_lock = None  # the open lock file of this process's run (rank 0), closed by release_output_dir
 
 
 def lock_output_dir(out: Path, d: "Dist"):
@@ -236,9 +237,6 @@ def release_output_dir():
         _lock = None
 
 
-RUN_FILES = ("consolidated.00.pth", "params.json", "train_args.json", "metrics.jsonl", "metrics.png")
-
-
 def check_resumed_flags(args, before: dict):
     """A resumed run must rebuild the trainable parameters the checkpoint holds (the LoRA flags, when --lora
     is on); any other changed flag is allowed with a warning."""
@@ -261,6 +259,11 @@ def check_resumed_flags(args, before: dict):
                          f"the checkpoint holds other trainable parameters: resume with the same flags")
     for k in changed:
         print0(f"warning: --resume with --{k} {now.get(k)!r} (the run started with {before.get(k)!r})")
+
+
+def native_dir(path) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
 
 
 # -- processes -------------------------------------------------------------------------------------------------
@@ -324,15 +327,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """Whether `flag` holds on any rank: every rank takes the same branch after it (a failed write, a SIGTERM)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=d.device)).item() > 0)
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -351,20 +353,15 @@ def set_rng_state(state: dict):
 
 
 class StopSignal:
-    """SIGTERM (a preempted job, torchrun shutting down) sets a flag; the loop checks it after each step,
-    saves a checkpoint and exits cleanly. All ranks agree through an all-reduce, since torchrun may signal
-    them at slightly different times."""
+    """SIGTERM (a preempted job, torchrun shutting down) only sets a flag; end_step acts on it after the step:
+    a checkpoint and a clean exit. The ranks agree through an all-reduce: torchrun may signal them apart."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGTERM, self.handle)
 
-    def _handle(self, signum, frame):
+    def handle(self, signum, frame):
         self.requested = True
-
-    def should_stop(self, device) -> bool:
-        flag = torch.tensor([float(self.requested)], device=device)
-        return bool(all_reduce_sum(flag).item() > 0)
 
 
 # -- parallelism -----------------------------------------------------------------------------------------------
@@ -400,15 +397,11 @@ def apply_fsdp(model, param_dtype: torch.dtype):
     return model
 
 
-def apply_ddp(model, d: Dist):
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
-
 def parallelize(model, d: Dist, dp: str, param_dtype: torch.dtype, activation_checkpointing: bool,
                 compile: bool):
     """Order matters: checkpoint wrappers and compiled blocks must exist before FSDP wraps the blocks."""
+    from torch.nn.parallel import DistributedDataParallel
+
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -417,7 +410,7 @@ def parallelize(model, d: Dist, dp: str, param_dtype: torch.dtype, activation_ch
         return model
     if dp == "fsdp":
         return apply_fsdp(model, param_dtype)
-    return apply_ddp(model, d)
+    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
 def autocast(d: Dist, dp: str, param_dtype: torch.dtype):
@@ -437,10 +430,6 @@ def reshard(model):
             m.reshard()
 
 
-def unwrap(model):
-    return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model
-
-
 def no_grad_sync(model, sync: bool):
     """Gradient accumulation: reduce gradients across ranks only on the last micro-batch of a step."""
     import contextlib
@@ -453,20 +442,60 @@ def no_grad_sync(model, sync: bool):
     return contextlib.nullcontext()
 
 
-# -- building a run ----------------------------------------------------------------------------------------------
-def load_tokenizer_and_template(args):
+# -- a run: its set-up, then the common half of each optimizer step ------------------------------------------------
+@dataclass
+class Run:
+    """What a run holds from set-up to its last step; the loop that moves it stays in each trainer."""
+    args: CommonArgs
+    d: Dist
+    template: object  # its file is copied into the output dir
+    train_set: object  # data.py's pretokenized datasets; val_set None without --val_data_paths
+    val_set: object
+    pad_id: int
+    loader: object  # data.Loader: its state is the data position a checkpoint keeps
+    val_loader: object
+    model: torch.nn.Module  # parallelized
+    bare_model: torch.nn.Module  # the Transformer inside it: its ModelArgs, LoRA's switches
+    lora_config: dict | None
+    input_dtype: torch.dtype  # the input checkpoint's: the saved weights' by default
+    param_dtype: torch.dtype  # the compute dtype
+    optimizer: torch.optim.Optimizer
+    steps: int  # optimizer steps of the whole run
+    step: int = 0  # optimizer steps done
+    lr: float = 0.0  # the current step's
+    t0: float = 0.0  # when the current step began
+    batches: object = None  # micro-batches across epoch boundaries
+    log: "MetricsLog" = None
+    stop: StopSignal = None
+
+
+def setup(args, d: Dist, kind: str) -> Run:
+    """A run up to its first step: the output dir (locked), seeds, tokenizer and template, the pretokenized data
+    (kind: sft or preference) and its loaders, the model (LoRA, parallelized), AdamW and the step count. Resuming
+    waits for `start`: DPO's reference pass in between may use the policy's initial weights."""
     from tokenize_chat import load_template, load_tokenizer
 
+    prepare_output_dir(args, d)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     for path in args.ckpt_paths:  # fail before any data work when a checkpoint is missing
         lora.resolve(path)
-    ckpt_dir = native_dir(args.ckpt_paths[0])
-    tokenizer = load_tokenizer(ckpt_dir)
-    return tokenizer, load_template(args.template_config, tokenizer)
-
-
-def native_dir(path) -> Path:
-    path = Path(path)
-    return path if path.is_dir() else path.parent
+    tokenizer = load_tokenizer(native_dir(args.ckpt_paths[0]))
+    template = load_template(args.template_config, tokenizer)
+    train_set, val_set = load_datasets(args, tokenizer, template, kind)
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    loader = make_loader(args, train_set, pad_id)
+    val_loader = make_loader(args, val_set, pad_id, shuffle=False) if val_set is not None else None
+    model, bare_model, lora_config, input_dtype = load_model(args, d)
+    optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
+    run = Run(args, d, template, train_set, val_set, pad_id, loader, val_loader, model, bare_model, lora_config,
+              input_dtype, resolve_dtype(args.param_dtype, d.device), optimizer, total_steps(args, loader))
+    unit = ("packed rows of " if args.pack_samples else "") + ("sequences" if kind == "sft" else "pairs")
+    print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation x "
+           f"{d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size} "
+           f"{unit} per step; {run.steps} steps")
+    return run
 
 
 def load_datasets(args, tokenizer, template, kind: str):
@@ -484,8 +513,6 @@ def load_datasets(args, tokenizer, template, kind: str):
     if args.val_data_paths:
         val = prepare(args.val_data_paths, args.val_data_splits, args.val_num_samples)
         print0(format_stats("val", val))
-    if len(train) == 0:
-        raise ValueError(f"no training samples left in {args.train_data_paths} after the length policy")
     return train, val
 
 
@@ -523,92 +550,82 @@ def make_loader(args, dataset, pad_id: int, shuffle: bool = True):
 
 def total_steps(args, loader) -> int:
     """--train_steps, else the steps of --train_epochs passes: the last step of an epoch takes the epoch's
-    remaining micro-batches (see step_batches)."""
+    remaining micro-batches (see next_step)."""
     if args.train_steps:
         return args.train_steps
     return sum(-(-loader.num_steps(e) // args.gradient_accum_steps) for e in range(args.train_epochs))
 
 
-def print_effective_batch(args, d: Dist, steps: int, unit: str):
-    per_step = args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size
-    print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation "
-           f"x {d.world_size} processes = {per_step} {unit} per step; {steps} steps")
+def start(run: Run):
+    """With --resume, restore the latest checkpoint (model, optimizer, loader position, RNG); continue
+    metrics.jsonl from that step; from here on, a SIGTERM waits for the end of the step (see StopSignal)."""
+    args = run.args
+    if args.resume:
+        latest = checkpoint_dirs(args.output_dir)[-1]
+        extra = load_checkpoint(latest, run.model, run.optimizer, run.d)
+        run.loader.load_state_dict(extra["loader"])
+        set_rng_state(extra["rng"])
+        run.step = extra["step"]
+        print0(f"resumed from {latest} at step {run.step}")
+    run.log = MetricsLog(args.output_dir, run.d, run.steps, args.print_freq, start_step=run.step,
+                         wandb_project=args.wandb_project if args.wandb else None, config=config_dict(args))
+    run.stop = StopSignal()
+    loader = run.loader  # the loader's own state marks the position for resume
+    run.batches = (batch for _ in itertools.count() for batch in loader)
+    run.model.train()
 
 
-def endless(loader):
-    """Micro-batches across epoch boundaries; the loader's own state marks the position for resume."""
-    while True:
-        yield from loader
+def next_step(run: Run) -> list:
+    """Begin optimizer step run.step + 1: its clock, its learning rate, its --gradient_accum_steps micro-batches,
+    fewer when the epoch runs out, so that an epoch is exactly one pass over the data (as transformers' Trainer
+    does); the trainers normalise the loss by the step's own token or pair count, so a short step is still a mean."""
+    args = run.args
+    run.t0 = time.perf_counter()
+    run.lr = lr_at(run.step, args.lr, args.lr_scheduler, args.warmup_steps, run.steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    micro_batches = [next(run.batches)]
+    while len(micro_batches) < args.gradient_accum_steps and not run.loader.epoch_done():
+        micro_batches.append(next(run.batches))
+    return micro_batches
 
 
-def step_batches(batches, loader, accum: int) -> list:
-    """The micro-batches of one optimizer step: `accum` of them, fewer when the epoch runs out, so that an
-    epoch is exactly one pass over the data (as transformers' Trainer does). The loss is normalised by the
-    step's own token or pair count, so a short step is still a mean."""
-    micro = [next(batches)]
-    while len(micro) < accum and not loader.epoch_done():
-        micro.append(next(batches))
-    return micro
-
-
-def check_finite(loss: float, step: int, output_dir):
+def optimizer_step(run: Run, loss: float, tokens: float) -> dict:
+    """The update from the step's accumulated gradients, clipped to --clip_grad_norm (the global norm, across
+    FSDP shards); a loss that is not finite stops the run before it, so the weights and the checkpoints stay good.
+    Returns the metrics every trainer logs."""
     if not math.isfinite(loss):
-        last = checkpoint_dirs(output_dir)
-        raise FloatingPointError(f"loss is {loss} at step {step}: stopping before the update. The last good "
+        last = checkpoint_dirs(run.args.output_dir)
+        raise FloatingPointError(f"loss is {loss} at step {run.step + 1}: stopping before the update. The last good "
                                  f"checkpoint is {last[-1] if last else 'none (no --save_freq)'}; lower --lr or "
                                  f"check the data")
+    max_norm = run.args.clip_grad_norm if run.args.clip_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], max_norm,
+                                          foreach=True)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"loss": loss, "lr": run.lr, "grad_norm": grad_norm, "tokens": int(tokens),
+            "tokens_per_s": tokens / (time.perf_counter() - run.t0), "epoch": run.loader.epoch}
 
 
-def resume(args, model, optimizer, loader, d: Dist) -> int:
-    """With --resume, restore the latest checkpoint (model, optimizer, loader position, RNG); the step to
-    continue from, else 0."""
-    if not args.resume:
-        return 0
-    latest = checkpoint_dirs(args.output_dir)[-1]
-    extra = load_checkpoint(latest, model, optimizer, d)
-    loader.load_state_dict(extra["loader"])
-    set_rng_state(extra["rng"])
-    print0(f"resumed from {latest} at step {extra['step']}")
-    return extra["step"]
+def val_due(run: Run) -> bool:
+    """After every --val_freq steps, and after the last, when there is validation data."""
+    every = run.args.val_freq
+    return run.val_loader is not None and (run.step == run.steps or bool(every) and run.step % every == 0)
 
 
-def metrics_log(args, d: Dist, total: int, start_step: int) -> "MetricsLog":
-    return MetricsLog(args.output_dir, d, total, args.print_freq, start_step=start_step,
-                      wandb_project=args.wandb_project if args.wandb else None, config=config_dict(args))
-
-
-def save_final(args, model, bare_model, d: Dist, template, lora_config, input_dtype):
-    """The finished run's output dir (see save_model), in the input checkpoint's dtype unless --save_dtype."""
-    save_dtype = input_dtype if args.save_dtype == "auto" else resolve_dtype(args.save_dtype, d.device)
-    save_model(args.output_dir, model, bare_model.args, d, args.ckpt_paths, Path(template.path),
-               config_dict(args), save_dtype, lora_config)
-    print0(f"saved {args.output_dir}")
-
-
-def run(train, args_class, argv=None):
-    """A trainer's main(): parse the flags, start the process group, train; bad input exits 1 with the
-    message (no traceback), and the process group always closes."""
-    args = parse_args(args_class, argv)
-    d = setup_distributed()
-    name = Path(sys.modules[train.__module__].__file__).name
-    try:
-        train(args, d)
-    except (ValueError, OSError, FloatingPointError, WriteError) as e:
-        print(f"{name}: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except RuntimeError as e:
-        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
-            raise
-        # A collective failed: another process of the run died (killed, out of memory, a lost node). torchrun
-        # stops the rest; what this rank can add is one line and the way back, not gloo's traceback.
-        last = checkpoint_dirs(args.output_dir)
-        print(f"{name}: error (rank {d.rank}): lost another process of this run ({first_line(e)[:160]}); see "
-              f"its log for why. Rerun with --resume: the last complete checkpoint is "
-              f"{last[-1] if last else 'none (no --save_freq): rerun from the start'}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        release_output_dir()
-        teardown_distributed()
+def end_step(run: Run, metrics: dict) -> bool:
+    """The step's line in metrics.jsonl and a checkpoint every --save_freq steps; True when the run must end
+    now: a SIGTERM reached some rank, and the checkpoint to resume from is saved."""
+    run.log.log(run.step, metrics)
+    if run.args.save_freq and run.step % run.args.save_freq == 0 and run.step < run.steps:
+        save_checkpoint(run)
+    if any_rank(run.stop.requested, run.d):
+        print0(f"SIGTERM: saved {save_checkpoint(run)}; resume with --resume")
+        return True
+    return False
 
 
 # -- preference pairs (DPO, SimPO) -------------------------------------------------------------------------------
@@ -679,31 +696,16 @@ def build_optimizer(model, lr: float, wd: float, betas=(0.9, 0.999), eps: float 
 
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then linear, cosine or constant."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then linear, cosine or constant
+    (--lr_scheduler's choices)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "constant":
-        return base_lr
     if schedule == "linear":
         return base_lr * (1.0 - progress)
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown --lr_scheduler {schedule!r} (linear, cosine, constant)")
-
-
-def set_lr(optimizer, lr: float):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Global gradient norm (across FSDP shards), clipped to max_norm when max_norm > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
+    return base_lr
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
@@ -712,25 +714,22 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(root.glob("step_*")) if root.exists() else []
 
 
-class WriteError(Exception):
-    """A checkpoint or the final model could not be written (a full disk, mostly): the message says what,
-    where, how much space it needed and what is still intact."""
-
-
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, d: Dist, max_checkpoints: int):
+def save_checkpoint(run: Run) -> Path:
     """A resumable checkpoint: sharded model and optimizer state (torch.distributed.checkpoint, each rank
     writes its own shards), plus each rank's small state (loader position, RNG, step). Written under a temp
     name and renamed, so a `checkpoints/step_*` dir is always complete, whenever the process dies; the
-    oldest beyond max_checkpoints are renamed to a temp name before they are deleted, for the same reason,
+    oldest beyond --max_checkpoints are renamed to a temp name before they are deleted, for the same reason,
     and a step saved twice keeps its first copy. Temp dirs left by a kill go at the next start. A failed
-    write (a full disk) is a WriteError on every rank, its temp dir removed."""
-    root = Path(output_dir) / "checkpoints"
+    write (a full disk) is one OSError on every rank, its temp dir removed."""
+    d, step = run.d, run.step
+    root = Path(run.args.output_dir) / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
+    extra = {"step": step, "loader": run.loader.state_dict(), "rng": rng_state()}
     # Without a process group DCP warns that it assumes one process: that is the case here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     error = None
@@ -740,21 +739,22 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, 
             torch.save(extra, f)
     except (OSError, RuntimeError, CheckpointException) as e:  # DCP reports a failed write as either
         error = e
-    if failed_anywhere(error, d):  # every rank leaves together, none waits at a barrier for the others
+    if any_rank(error is not None, d):  # every rank leaves together, none waits at a barrier for the others
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space; it was never taken for complete
-        previous = checkpoint_dirs(output_dir)
-        raise WriteError(write_failure(f"the step {step} checkpoint", tmp, error, d,
-                                       (state_bytes(model_sd) + state_bytes(optim_sd)) * d.world_size,
-                                       f"the previous checkpoint {previous[-1]} is intact: free space and rerun "
-                                       f"with --resume" if previous else "no earlier checkpoint exists"))
+        previous = checkpoint_dirs(run.args.output_dir)
+        raise OSError(write_failure(f"the step {step} checkpoint", tmp, error, d,
+                                    (state_bytes(model_sd) + state_bytes(optim_sd)) * d.world_size,
+                                    f"the previous checkpoint {previous[-1]} is intact: free space and rerun "
+                                    f"with --resume" if previous else "no earlier checkpoint exists"))
     barrier()
     if d.main:
         if final.exists():  # saved before (SIGTERM right after a --save_freq save): the same state, keep it
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        old = checkpoint_dirs(output_dir)[:-max_checkpoints] if max_checkpoints > 0 else []
+        keep = run.args.max_checkpoints
+        old = checkpoint_dirs(run.args.output_dir)[:-keep] if keep > 0 else []
         for i, path in enumerate(p for p in old if p != final):
             trash = root / f".tmp_step_{step:08d}_old{i}"
             os.replace(path, trash)
@@ -763,23 +763,16 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, extra: dict, 
     return final
 
 
-def failed_anywhere(error, d: Dist) -> bool:
-    flag = torch.tensor([float(error is not None)], device=d.device)
-    return bool(all_reduce_sum(flag).item() > 0)
-
-
 def write_failure(what: str, where: Path, error, d: Dist, needed: int, intact: str) -> str:
     """One line: what could not be written, where, the space it needs against the space free, and what is
-    intact. torch reports a short write as `unexpected pos` (its own stream) or a CheckpointException."""
+    intact. torch reports a short write on its own stream as `unexpected pos`."""
     if error is None:
         return f"{what}: another process failed to write its part under {where} (see its error); {intact}"
-    existing = next(p for p in (where, *where.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    if getattr(error, "errno", None) == 28 or "unexpected pos" in reason or free < needed:
-        reason = "no space left on device"
-    return (f"could not write {what} to {where} (rank {d.rank}): {reason[:300]}; it needs about "
-            f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there; {intact}")
+    free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < needed
+    return (f"could not write {what} to {where} (rank {d.rank}): "
+            f"{'no space left on device' if full else first_line(error)}; it needs about {needed / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB are free there; {intact}")
 
 
 def state_bytes(obj) -> int:
@@ -787,15 +780,13 @@ def state_bytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         t = obj.to_local() if hasattr(obj, "to_local") else obj
         return t.numel() * t.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(state_bytes(v) for v in values)
 
 
 def first_line(e: BaseException) -> str:
-    """The gist of an exception: torch's run to pages (and miniz apologises at length after the first '. ')."""
+    """The gist of an exception: torch's and DCP's run to pages (and miniz apologises at length after the
+    first '. ')."""
     line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
     return f"{type(e).__name__}: {line.split('. ')[0][:200]}" if line else type(e).__name__
 
@@ -806,20 +797,19 @@ def check_checkpoint_files(path: Path):
     from torch.distributed.checkpoint import FileSystemReader
 
     damaged = f"resume: checkpoint {path} is damaged (copied half-way?)"
+    fix = "delete the dir to resume from the one before it"
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
-        raise ValueError(f"{damaged}: cannot read {path / '.metadata'} ({first_line(e)}); delete the dir to "
-                         f"resume from the one before it") from None
+        raise ValueError(f"{damaged}: cannot read {path / '.metadata'} ({first_line(e)}); {fix}") from None
     ends = {}
     for info in metadata.storage_data.values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
     for name, end in sorted(ends.items()):
         size = (path / name).stat().st_size if (path / name).is_file() else None
         if size is None or size < end:
-            raise ValueError(f"{damaged}: {path / name} is " + ("missing" if size is None else
-                             f"{size} bytes, .metadata says at least {end}") + "; delete the dir to resume "
-                             f"from the one before it")
+            found = "missing" if size is None else f"{size} bytes, .metadata says at least {end}"
+            raise ValueError(f"{damaged}: {path / name} is {found}; {fix}")
 
 
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
@@ -837,39 +827,39 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=path)
-    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:  # DCP's messages run to pages
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"cannot resume from {path}: it does not fit this model and optimizer ({first[:300]}); "
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+        raise ValueError(f"cannot resume from {path}: it does not fit this model and optimizer ({first_line(e)}); "
                          f"resume with the --ckpt_paths and LoRA flags the run started with") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return extra
 
 
-def save_model(output_dir: Path, model, model_args: ModelArgs, d: Dist, ckpt_paths: list, template_path: Path,
-               train_args: dict, save_dtype: torch.dtype, lora_config: dict | None = None):
-    """The output dir as a complete native dir: consolidated.00.pth (LoRA merged in), params.json, tokenizer
-    files, the template, train_args.json; LoRA runs also keep the adapter alone under adapter/ (with any
-    --lora_unfrozen_params), so base + adapter loads as the trained model. Each file is written under a temp
-    name and renamed, the weights last: a dir whose consolidated.00.pth exists is complete, wherever a kill
-    or a full disk stopped the save."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    output_dir = Path(output_dir)
+# -- the final model -------------------------------------------------------------------------------------------
+def save_final(run: Run):
+    """The output dir as a complete native dir: consolidated.00.pth (LoRA merged in) in the input checkpoint's
+    dtype unless --save_dtype, params.json, tokenizer files, the template, train_args.json; LoRA runs also keep
+    the adapter alone under adapter/ (with any --lora_unfrozen_params), so base + adapter loads as the trained
+    model. Each file is written under a temp name and renamed, the weights last: a dir whose consolidated.00.pth
+    exists is complete, wherever a kill or a full disk stopped the save."""
+    args, d = run.args, run.d
+    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    save_dtype = run.input_dtype if args.save_dtype == "auto" else DTYPES[args.save_dtype]
     error, needed = None, 0
     if d.main:
         try:
-            needed = write_model_dir(output_dir, state, model_args, ckpt_paths, template_path, train_args,
-                                     save_dtype, lora_config)
+            needed = write_model_dir(run, state, save_dtype)
         except (OSError, RuntimeError) as e:  # lora.save_adapter writes through torch's own stream
             error = e
-    if failed_anywhere(error, d):
-        last = checkpoint_dirs(output_dir)
-        raise WriteError(write_failure("the final model", output_dir / "consolidated.00.pth", error, d, needed,
-                                       f"the step checkpoint {last[-1]} is intact: free space and rerun with "
-                                       f"--resume" if last else "no step checkpoint exists (--save_freq 0)"))
+    if any_rank(error is not None, d):
+        last = checkpoint_dirs(args.output_dir)
+        raise OSError(write_failure("the final model", Path(args.output_dir) / "consolidated.00.pth", error, d, needed,
+                                    f"the step checkpoint {last[-1]} is intact: free space and rerun with "
+                                    f"--resume" if last else "no step checkpoint exists (--save_freq 0)"))
+    print0(f"saved {args.output_dir}")
 
 
-def write_model_dir(output_dir: Path, state: dict, model_args: ModelArgs, ckpt_paths: list, template_path: Path,
-                    train_args: dict, save_dtype: torch.dtype, lora_config: dict | None) -> int:
+def write_model_dir(run: Run, state: dict, save_dtype: torch.dtype) -> int:
+    args, output_dir, lora_config = run.args, Path(run.args.output_dir), run.lora_config
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = output_dir / "consolidated.00.pth"
     weights.unlink(missing_ok=True)  # from here until the end, the dir is visibly incomplete
@@ -879,42 +869,30 @@ def write_model_dir(output_dir: Path, state: dict, model_args: ModelArgs, ckpt_p
                           lora_config["targets"])
         # Merged into the input checkpoint as read, not into the copy that trained: that frozen base may have
         # been cast to bf16 for compute, and saving it would round every untrained weight.
-        state = lora.merged_state_dict({**lora.stacked_state(ckpt_paths), **adapter}, lora_config["rank"],
+        state = lora.merged_state_dict({**lora.stacked_state(args.ckpt_paths), **adapter}, lora_config["rank"],
                                        lora_config["alpha"])
-    if model_args.tie_word_embeddings:
+    if run.bare_model.args.tie_word_embeddings:
         state.pop("output.weight", None)
     state = {k: v.to(save_dtype) for k, v in state.items()}
-    atomic_write_text(output_dir / "params.json", json.dumps(model_args.to_json(), indent=2) + "\n")
-    ckpt_dir = native_dir(ckpt_paths[0])
-    copies = [ckpt_dir / name for name in TOKENIZER_FILES if (ckpt_dir / name).is_file()]
-    if ckpt_dir.resolve() == output_dir.resolve():
-        copies = []
-    for src in copies + ([Path(template_path)] if template_path is not None else []):
-        tmp = output_dir / f".{src.name}.tmp"
-        shutil.copy2(src, tmp)
-        os.replace(tmp, output_dir / src.name)
-    atomic_write_text(output_dir / "train_args.json", json.dumps(train_args, indent=2, default=str) + "\n")
-    atomic_torch_save(state, weights)
+    params = json.dumps(run.bare_model.args.to_json(), indent=2) + "\n"
+    atomic_write(output_dir / "params.json", lambda f: f.write(params.encode()))
+    ckpt_dir = native_dir(args.ckpt_paths[0])
+    copies = [] if ckpt_dir.resolve() == output_dir.resolve() else [ckpt_dir / n for n in TOKENIZER_FILES]
+    for src in [p for p in copies if p.is_file()] + [Path(run.template.path)]:
+        atomic_write(output_dir / src.name, lambda f: f.write(src.read_bytes()))
+    record = json.dumps(config_dict(args), indent=2, default=str) + "\n"
+    atomic_write(output_dir / "train_args.json", lambda f: f.write(record.encode()))
+    atomic_write(weights, lambda f: torch.save(state, f))
     return state_bytes(state)
 
 
-def atomic_torch_save(obj, path: Path):
-    """torch.save under a temp name, then a rename; a failed write removes the temp file (on a full disk its
-    space is what the user needs back)."""
+def atomic_write(path: Path, write):
+    """write(f) into a temp file, then a rename; a failed write removes the temp file (on a full disk its space
+    is what the user needs back). A file object, so torch.save's failed write is an OSError, not `unexpected pos`."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:  # a file object: a failed write is an OSError, not `unexpected pos`
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -996,3 +974,30 @@ def parameter_summary(model) -> str:
 
 def config_dict(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()}
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+def main(train, args_class, argv=None):
+    """A trainer's main(): parse the flags, start the process group, train(args, d); bad input exits 1 with the
+    message (no traceback), and the process group always closes."""
+    args = parse_args(args_class, argv)
+    d = setup_distributed()
+    name = Path(sys.modules[train.__module__].__file__).name
+    try:
+        train(args, d)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"{name}: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+            raise
+        # A collective failed: another process of the run died (killed, out of memory, a lost node). torchrun
+        # stops the rest; what this rank can add is one line and the way back, not gloo's traceback.
+        last = checkpoint_dirs(args.output_dir)
+        print(f"{name}: error (rank {d.rank}): lost another process of this run ({first_line(e)[:160]}); see "
+              f"its log for why. Rerun with --resume: the last complete checkpoint is "
+              f"{last[-1] if last else 'none (no --save_freq): rerun from the start'}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        release_output_dir()
+        teardown_distributed()

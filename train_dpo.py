@@ -24,7 +24,6 @@ The reference (--ref_ckpt_paths, default --ckpt_paths) comes from one of:
 """
 
 import hashlib
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +121,7 @@ def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: 
     beside the data cache, or computed in one pass (each rank a share of the batches) and written there."""
     path = Path(dataset.path).parent / f"{Path(dataset.path).name}.reference-{fingerprint}.npy"
     # Every rank must agree: if any rank cannot read the file, all take part in the pass (FSDP needs them).
-    missing = tc.all_reduce_sum(torch.tensor([float(not path.is_file())], device=d.device))
-    if not missing.item():
+    if not tc.any_rank(not path.is_file(), d):
         tc.print0(f"reference log-probs: {path} (cached)")
         return torch.from_numpy(np.load(path))
     tc.print0(f"reference log-probs: one pass over {len(dataset)} pairs -> {path}")
@@ -139,24 +137,22 @@ def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: 
     tc.reshard(model)
     values = tc.all_reduce_sum(values).float().cpu()  # each pair was computed by one rank, zeros elsewhere
     if d.main:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, values.numpy())
-        tmp.replace(path)
+        tc.atomic_write(path, lambda f: np.save(f, values.numpy()))
     tc.barrier()
     return values
 
 
-def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_dtype, pad_id: int):
-    """-> reference(batch, split) giving s_ref [2B] for a batch of datasets[split]. Call before resuming:
+def build_reference(run: tc.Run):
+    """-> reference(batch, split) giving s_ref [2B] for a batch of the train or val set. Call before tc.start:
     precompute may use the policy, which then still holds the initial weights."""
+    args, d, model, param_dtype = run.args, run.d, run.model, run.param_dtype
     same_base = not args.ref_ckpt_paths or list(map(str, args.ref_ckpt_paths)) == list(map(str, args.ckpt_paths))
     if args.reference == "precompute":
         fingerprint = weights_fingerprint(args.ref_ckpt_paths or args.ckpt_paths, param_dtype)
         ref_model = model if same_base else load_reference_model(args, d, param_dtype)
-        with adapters_off(base_model, args.lora and same_base):
-            tables = {split: precompute_reference(ref_model, ds, args, d, param_dtype, pad_id, fingerprint)
-                      for split, ds in datasets.items() if ds is not None}
+        with adapters_off(run.bare_model, args.lora and same_base):
+            tables = {split: precompute_reference(ref_model, ds, args, d, param_dtype, run.pad_id, fingerprint)
+                      for split, ds in (("train", run.train_set), ("val", run.val_set)) if ds is not None}
         del ref_model
 
         def reference(batch, split):
@@ -171,7 +167,7 @@ def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_d
 
     @torch.no_grad()
     def reference(batch, split):
-        with adapters_off(base_model, ref_model is model), tc.autocast(d, args.dp, param_dtype):
+        with adapters_off(run.bare_model, ref_model is model), tc.autocast(d, args.dp, param_dtype):
             s = tc.response_logps(ref_model, batch, d.device)[0]
         tc.reshard(ref_model)
         return s
@@ -180,13 +176,14 @@ def build_reference(args, d: tc.Dist, model, base_model, datasets: dict, param_d
 
 # -- the run ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(model, loader, reference, args, d: tc.Dist, param_dtype) -> dict:
+def validate(run: tc.Run, reference) -> dict:
     """Loss and metrics over the whole validation set, each a mean over its pairs."""
+    args, d, model = run.args, run.d, run.model
     model.eval()
     totals = torch.zeros(2 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, then the metrics' sums
-    for batch in loader:
+    for batch in run.val_loader:
         ref = reference(batch, "val")
-        with tc.autocast(d, args.dp, param_dtype):
+        with tc.autocast(d, args.dp, run.param_dtype):
             s, n = tc.response_logps(model, batch, d.device)
         losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
         totals += torch.cat([torch.stack([s.new_tensor(len(losses)), losses.sum()]), tc.pair_metric_sums(*logged)])
@@ -197,71 +194,34 @@ def validate(model, loader, reference, args, d: tc.Dist, param_dtype) -> dict:
 
 
 def train(args: DPOArgs, d: tc.Dist):
-    tc.prepare_output_dir(args, d)
-    tc.seed_everything(args.seed)
-    tokenizer, template = tc.load_tokenizer_and_template(args)
-    train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="preference")
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = tc.make_loader(args, train_set, pad_id)
-    val_loader = val_set and tc.make_loader(args, val_set, pad_id, shuffle=False)
-    model, base_model, lora_config, input_dtype = tc.load_model(args, d)
-    param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
-    reference = build_reference(args, d, model, base_model, {"train": train_set, "val": val_set}, param_dtype, pad_id)
-    optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
-    steps = tc.total_steps(args, loader)
-    tc.print_effective_batch(args, d, steps, "packed rows of pairs" if args.pack_samples else "pairs")
-
-    step = tc.resume(args, model, optimizer, loader, d)
-    log = tc.metrics_log(args, d, steps, step)
-    stop = tc.StopSignal()
-    batches = tc.endless(loader)
-    model.train()
-
-    def checkpoint():
-        extra = {"step": step, "loader": loader.state_dict(), "rng": tc.rng_state()}
-        return tc.save_checkpoint(args.output_dir, step, model, optimizer, extra, d, args.max_checkpoints)
-
-    while step < steps:
-        t0 = time.perf_counter()
-        lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
-        tc.set_lr(optimizer, lr)
-        micro_batches = tc.step_batches(batches, loader, args.gradient_accum_steps)
+    run = tc.setup(args, d, kind="preference")
+    reference = build_reference(run)
+    tc.start(run)
+    while run.step < run.steps:
+        micro_batches = tc.next_step(run)
         # The global pair count first, so every micro-batch's gradient is already correctly scaled.
         pairs, _, tokens = tc.preference_counts(micro_batches, d)
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
             ref = reference(batch, "train")
-            with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
-                s, n = tc.response_logps(model, batch, d.device)
-                losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing,
-                                           args.dpo_loss)
+            with tc.no_grad_sync(run.model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, run.param_dtype):
+                s, n = tc.response_logps(run.model, batch, d.device)
+                losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
                 loss = losses.sum() / max(pairs, 1)
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
             (loss * d.world_size).backward()
             totals += torch.cat([loss.detach()[None], tc.pair_metric_sums(*logged)])
         loss_value, *sums = tc.all_reduce_sum(totals).tolist()
-        tc.check_finite(loss_value, step + 1, args.output_dir)
-        grad_norm = tc.clip_grad_norm(model, args.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
-                   "tokens_per_s": tokens / seconds, "epoch": loader.epoch, **tc.pair_metrics(sums, pairs)}
-        if val_loader is not None and (step == steps or args.val_freq and step % args.val_freq == 0):
-            metrics.update(validate(model, val_loader, reference, args, d, param_dtype))
-        log.log(step, metrics)
-        if args.save_freq and step % args.save_freq == 0 and step < steps:
-            checkpoint()
-        if stop.should_stop(d.device):
-            tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+        metrics = {**tc.optimizer_step(run, loss_value, tokens), **tc.pair_metrics(sums, pairs)}
+        if tc.val_due(run):
+            metrics.update(validate(run, reference))
+        if tc.end_step(run, metrics):
             return
-
-    tc.save_final(args, model, base_model, d, template, lora_config, input_dtype)
+    tc.save_final(run)
 
 
 def main(argv=None):
-    tc.run(train, DPOArgs, argv)
+    tc.main(train, DPOArgs, argv)
 
 
 if __name__ == "__main__":

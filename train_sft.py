@@ -10,7 +10,6 @@ ranks) divided by their number, so accumulation and world size do not change the
 --loss_reduction sequences: the mean over the global batch's sequences of each sequence's token mean.
 """
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +53,14 @@ def loss_units(batch, reduction: str) -> int:
 
 
 @torch.no_grad()
-def validate(model, loader, d) -> float:
+def validate(run: tc.Run) -> float:
     """Token-mean loss over the whole validation set."""
+    model, d = run.model, run.d
     model.eval()
     total = torch.zeros(2, device=d.device)
-    for batch in loader:
-        lp = tc.forward_logprobs(model, batch, d.device)
+    for batch in run.val_loader:
+        with tc.autocast(d, run.args.dp, run.param_dtype):
+            lp = tc.forward_logprobs(model, batch, d.device)
         labels = batch["labels"].to(d.device)
         total += torch.stack([-lp[labels != IGNORE_INDEX].sum(), (labels != IGNORE_INDEX).sum()])
     model.train()
@@ -70,71 +71,33 @@ def validate(model, loader, d) -> float:
 
 # -- the run ---------------------------------------------------------------------------------------------------
 def train(args: SFTArgs, d: tc.Dist):
-    tc.prepare_output_dir(args, d)
-    tc.seed_everything(args.seed)
-    tokenizer, template = tc.load_tokenizer_and_template(args)
-    train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="sft")
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = tc.make_loader(args, train_set, pad_id)
-    val_loader = val_set and tc.make_loader(args, val_set, pad_id, shuffle=False)
-    model, base_model, lora_config, input_dtype = tc.load_model(args, d)
-    optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
-    steps = tc.total_steps(args, loader)
-    tc.print_effective_batch(args, d, steps, "packed rows" if args.pack_samples else "sequences")
-
-    step = tc.resume(args, model, optimizer, loader, d)
-    log = tc.metrics_log(args, d, steps, step)
-    stop = tc.StopSignal()
-    param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
-    batches = tc.endless(loader)
-    model.train()
-
-    def checkpoint():
-        extra = {"step": step, "loader": loader.state_dict(), "rng": tc.rng_state()}
-        return tc.save_checkpoint(args.output_dir, step, model, optimizer, extra, d, args.max_checkpoints)
-
-    while step < steps:
-        t0 = time.perf_counter()
-        lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
-        tc.set_lr(optimizer, lr)
-        micro_batches = tc.step_batches(batches, loader, args.gradient_accum_steps)
+    run = tc.setup(args, d, kind="sft")
+    tc.start(run)
+    while run.step < run.steps:
+        micro_batches = tc.next_step(run)
         # The global denominator first, so every micro-batch's gradient is already correctly scaled.
         counts = torch.tensor([sum(loss_units(b, args.loss_reduction) for b in micro_batches),
-                               sum(int(b["tokens"]) for b in micro_batches)],
-                              dtype=torch.float64, device=d.device)
+                               sum(int(b["tokens"]) for b in micro_batches)], dtype=torch.float64, device=d.device)
         units, tokens = tc.all_reduce_sum(counts).tolist()
         loss_total = torch.zeros((), device=d.device)
         for i, batch in enumerate(micro_batches):
-            with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
-                lp = tc.forward_logprobs(model, batch, d.device)
+            with tc.no_grad_sync(run.model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, run.param_dtype):
+                lp = tc.forward_logprobs(run.model, batch, d.device)
                 loss = sft_loss_sum(lp, batch["labels"].to(d.device), batch["document_ids"].to(d.device),
                                     args.loss_reduction) / max(units, 1)
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
             (loss * d.world_size).backward()
             loss_total += loss.detach()
-        loss_value = float(tc.all_reduce_sum(loss_total))
-        tc.check_finite(loss_value, step + 1, args.output_dir)
-        grad_norm = tc.clip_grad_norm(model, args.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
-                   "tokens_per_s": tokens / seconds, "epoch": loader.epoch}
-        if val_loader is not None and (step == steps or args.val_freq and step % args.val_freq == 0):
-            metrics["val/loss"] = validate(model, val_loader, d)
-        log.log(step, metrics)
-        if args.save_freq and step % args.save_freq == 0 and step < steps:
-            checkpoint()
-        if stop.should_stop(d.device):
-            tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+        metrics = tc.optimizer_step(run, float(tc.all_reduce_sum(loss_total)), tokens)
+        if tc.val_due(run):
+            metrics["val/loss"] = validate(run)
+        if tc.end_step(run, metrics):
             return
-
-    tc.save_final(args, model, base_model, d, template, lora_config, input_dtype)
+    tc.save_final(run)
 
 
 def main(argv=None):
-    tc.run(train, SFTArgs, argv)
+    tc.main(train, SFTArgs, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Metrics as TRL's CPOTrainer: rewards/chosen = b a_w, rewards/rejected = b a_l, r
 1[r_w > r_l], rewards/margins = mean of r_w - r_l, logps/chosen and logps/rejected = mean a.
 """
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +48,13 @@ def simpo_loss(policy_logps, lengths, beta: float, gamma: float):
 
 # -- the run ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(model, loader, args, d: tc.Dist, param_dtype) -> dict:
+def validate(run: tc.Run) -> dict:
     """Loss and metrics over the whole validation set, each a mean over its pairs."""
+    args, d, model = run.args, run.d, run.model
     model.eval()
     totals = torch.zeros(4 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, NLL, tokens, the metrics
-    for batch in loader:
-        with tc.autocast(d, args.dp, param_dtype):
+    for batch in run.val_loader:
+        with tc.autocast(d, args.dp, run.param_dtype):
             s, n = tc.response_logps(model, batch, d.device)
         losses, *logged = simpo_loss(s, n, args.simpo_beta, args.simpo_gamma)
         nll, tokens = -s.chunk(2)[0].sum(), n.chunk(2)[0].sum()
@@ -68,40 +68,16 @@ def validate(model, loader, args, d: tc.Dist, param_dtype) -> dict:
 
 
 def train(args: SimPOArgs, d: tc.Dist):
-    tc.prepare_output_dir(args, d)
-    tc.seed_everything(args.seed)
-    tokenizer, template = tc.load_tokenizer_and_template(args)
-    train_set, val_set = tc.load_datasets(args, tokenizer, template, kind="preference")
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = tc.make_loader(args, train_set, pad_id)
-    val_loader = val_set and tc.make_loader(args, val_set, pad_id, shuffle=False)
-    model, base_model, lora_config, input_dtype = tc.load_model(args, d)
-    param_dtype = tc.resolve_dtype(args.param_dtype, d.device)
-    optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
-    steps = tc.total_steps(args, loader)
-    tc.print_effective_batch(args, d, steps, "packed rows of pairs" if args.pack_samples else "pairs")
-
-    step = tc.resume(args, model, optimizer, loader, d)
-    log = tc.metrics_log(args, d, steps, step)
-    stop = tc.StopSignal()
-    batches = tc.endless(loader)
-    model.train()
-
-    def checkpoint():
-        extra = {"step": step, "loader": loader.state_dict(), "rng": tc.rng_state()}
-        return tc.save_checkpoint(args.output_dir, step, model, optimizer, extra, d, args.max_checkpoints)
-
-    while step < steps:
-        t0 = time.perf_counter()
-        lr = tc.lr_at(step, args.lr, args.lr_scheduler, args.warmup_steps, steps)
-        tc.set_lr(optimizer, lr)
-        micro_batches = tc.step_batches(batches, loader, args.gradient_accum_steps)
+    run = tc.setup(args, d, kind="preference")
+    tc.start(run)
+    while run.step < run.steps:
+        micro_batches = tc.next_step(run)
         # The global pair count first, so every micro-batch's gradient is already correctly scaled.
         pairs, chosen_tokens, tokens = tc.preference_counts(micro_batches, d)
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
-            with tc.no_grad_sync(model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, param_dtype):
-                s, n = tc.response_logps(model, batch, d.device)
+            with tc.no_grad_sync(run.model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, run.param_dtype):
+                s, n = tc.response_logps(run.model, batch, d.device)
                 losses, *logged = simpo_loss(s, n, args.simpo_beta, args.simpo_gamma)
                 loss = losses.sum() / max(pairs, 1)
                 if args.sft_weight:  # the chosen responses' NLL, a mean over the global batch's chosen tokens
@@ -110,28 +86,16 @@ def train(args: SimPOArgs, d: tc.Dist):
             (loss * d.world_size).backward()
             totals += torch.cat([loss.detach()[None], tc.pair_metric_sums(*logged)])
         loss_value, *sums = tc.all_reduce_sum(totals).tolist()
-        tc.check_finite(loss_value, step + 1, args.output_dir)
-        grad_norm = tc.clip_grad_norm(model, args.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
-                   "tokens_per_s": tokens / seconds, "epoch": loader.epoch, **tc.pair_metrics(sums, pairs)}
-        if val_loader is not None and (step == steps or args.val_freq and step % args.val_freq == 0):
-            metrics.update(validate(model, val_loader, args, d, param_dtype))
-        log.log(step, metrics)
-        if args.save_freq and step % args.save_freq == 0 and step < steps:
-            checkpoint()
-        if stop.should_stop(d.device):
-            tc.print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+        metrics = {**tc.optimizer_step(run, loss_value, tokens), **tc.pair_metrics(sums, pairs)}
+        if tc.val_due(run):
+            metrics.update(validate(run))
+        if tc.end_step(run, metrics):
             return
-
-    tc.save_final(args, model, base_model, d, template, lora_config, input_dtype)
+    tc.save_final(run)
 
 
 def main(argv=None):
-    tc.run(train, SimPOArgs, argv)
+    tc.main(train, SimPOArgs, argv)
 
 
 if __name__ == "__main__":
