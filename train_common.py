@@ -1,13 +1,11 @@
 """Plumbing shared by train_sft.py, train_dpo.py and train_simpo.py, as plain functions (no Trainer class): the
-flags, the output dir, the torchrun environment, parallelism (activation checkpointing, compile, FSDP2 or DDP, in
-that order, as torchtitan applies them), a run's set-up and the common half of each optimizer step (setup, start,
-next_step, optimizer_step, val_due, end_step, save_final), AdamW and the LR schedule, step checkpoints that resume
-exactly, the final native output dir, and logging. Each trainer keeps its loss and its batch loop in plain sight.
+flags, the output dir, a run's set-up and the common half of each optimizer step (setup, start, next_step,
+optimizer_step, val_due, end_step, save_final), AdamW and the LR schedule, what DPO and SimPO share, the final
+native output dir, and logging. The processes, parallelism and step checkpoints are parallel.py's. Each trainer
+keeps its loss and its batch loop in plain sight.
 """
 
 import argparse
-import errno
-import gc
 import itertools
 import json
 import math
@@ -15,24 +13,22 @@ import os
 import random
 import resource
 import shutil
-import signal
 import sys
 import time
-import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import lora
 from lora import DEFAULT_TARGETS as LORA_TARGETS
 from model import DTYPES, IGNORE_INDEX
+from parallel import (Dist, StopSignal, all_reduce_sum, any_rank, barrier, checkpoint_dirs, first_line,
+                      load_checkpoint, parallelize, print0, resolve_dtype, rng_state, save_checkpoint, set_rng_state,
+                      setup_distributed, state_bytes, teardown_distributed, write_failure)
 from tokenize_chat import TOKENIZER_FILES
 
 
@@ -155,7 +151,7 @@ RUN_FILES = ("consolidated.00.pth", "params.json", "train_args.json", "metrics.j
 _lock = None  # the open lock file of this process's run (rank 0), closed by release_output_dir
 
 
-def prepare_output_dir(args, d: "Dist"):
+def prepare_output_dir(args, d: Dist):
     """Refuse to mix two runs in one dir: a dir a live run holds (see lock_output_dir) is refused outright,
     and an --output_dir holding anything but the start record (train_args.json) of a run that failed before
     training needs --resume or --overwrite."""
@@ -194,7 +190,7 @@ def prepare_output_dir(args, d: "Dist"):
     barrier()
 
 
-def lock_output_dir(out: Path, d: "Dist"):
+def lock_output_dir(out: Path, d: Dist):
     """An exclusive flock on OUT/.lock for the run's life (rank 0): a second run on the dir (a requeued job
     while the old one lingers) is refused, naming the holder. The OS drops the lock when the process dies,
     however it dies, so a crash never leaves a stale lock; the file itself stays and only says who held it."""
@@ -264,182 +260,6 @@ def check_resumed_flags(args, before: dict):
 def native_dir(path) -> Path:
     path = Path(path)
     return path if path.is_dir() else path.parent
-
-
-# -- processes -------------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """One process per GPU (or CPU process) as torchrun starts them: nccl on GPUs, gloo on CPU.
-    A plain `python train_sft.py` runs as a world of one without a process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        exit_with_launcher()
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, local_rank, world, device)
-
-
-def exit_with_launcher():
-    """torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL (a job system
-    reaping it, a lost ssh session) leaves the workers training on, holding the output dir. Linux can signal
-    a process when its parent dies: ask for SIGTERM, which the loop turns into a checkpoint and a clean exit
-    (see StopSignal). Elsewhere this is a no-op; the workers then stop at their next collective instead."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def teardown_distributed():
-    if dist.is_initialized():
-        # Free the models first, while the process group and the interpreter are alive: FSDP's state sits in
-        # reference cycles holding gloo work objects, and freeing those at interpreter exit can abort.
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-def any_rank(flag: bool, d: Dist) -> bool:
-    """Whether `flag` holds on any rank: every rank takes the same branch after it (a failed write, a SIGTERM)."""
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=d.device)).item() > 0)
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class StopSignal:
-    """SIGTERM (a preempted job, torchrun shutting down) only sets a flag; end_step acts on it after the step:
-    a checkpoint and a clean exit. The ranks agree through an all-reduce: torchrun may signal them apart."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        self.requested = True
-
-
-# -- parallelism -----------------------------------------------------------------------------------------------
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # bf16 compute on GPUs; CPUs (and the tests) stay in fp32
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def apply_activation_checkpointing(model):
-    """Recompute each block's activations in backward: memory of one block instead of all of them."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-
-
-def apply_compile(model):
-    for block in model.layers:
-        block.compile()
-
-
-def apply_fsdp(model, param_dtype: torch.dtype):
-    """FSDP2: shard each block, then the root (embeddings, final norm, output). Master weights stay fp32;
-    compute runs in param_dtype and gradients are reduced in fp32 (bf16 reductions lose DPO-sized updates)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for i, block in enumerate(model.layers):
-        # The last block is gathered again at once for backward: keep it instead of resharding.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def parallelize(model, d: Dist, dp: str, param_dtype: torch.dtype, activation_checkpointing: bool,
-                compile: bool):
-    """Order matters: checkpoint wrappers and compiled blocks must exist before FSDP wraps the blocks."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if compile:
-        apply_compile(model)
-    if not dist.is_initialized():
-        return model
-    if dp == "fsdp":
-        return apply_fsdp(model, param_dtype)
-    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
-
-def autocast(d: Dist, dp: str, param_dtype: torch.dtype):
-    """FSDP2 casts parameters itself; DDP and single-process runs reach bf16 through autocast."""
-    enabled = param_dtype != torch.float32 and not (dp == "fsdp" and dist.is_initialized())
-    return torch.autocast(d.device.type, dtype=param_dtype, enabled=enabled)
-
-
-def reshard(model):
-    """After forwards without backward (validation, a reference pass): FSDP2 keeps the root and the last block
-    gathered after forward, expecting backward to release them. Left so, the next training step runs on those
-    gathered copies and its gradients for them go astray; resharding restores the state backward leaves."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def no_grad_sync(model, sync: bool):
-    """Gradient accumulation: reduce gradients across ranks only on the last micro-batch of a step."""
-    import contextlib
-
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    if hasattr(model, "no_sync") and not sync:  # DDP
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 # -- a run: its set-up, then the common half of each optimizer step ------------------------------------------------
@@ -620,10 +440,16 @@ def end_step(run: Run, metrics: dict) -> bool:
     """The step's line in metrics.jsonl and a checkpoint every --save_freq steps; True when the run must end
     now: a SIGTERM reached some rank, and the checkpoint to resume from is saved."""
     run.log.log(run.step, metrics)
+
+    def checkpoint() -> Path:
+        extra = {"step": run.step, "loader": run.loader.state_dict(), "rng": rng_state()}
+        return save_checkpoint(run.args.output_dir, run.step, run.model, run.optimizer, extra, run.d,
+                               run.args.max_checkpoints)
+
     if run.args.save_freq and run.step % run.args.save_freq == 0 and run.step < run.steps:
-        save_checkpoint(run)
+        checkpoint()
     if any_rank(run.stop.requested, run.d):
-        print0(f"SIGTERM: saved {save_checkpoint(run)}; resume with --resume")
+        print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
         return True
     return False
 
@@ -706,132 +532,6 @@ def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, total_ste
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return base_lr
-
-
-# -- checkpoints -----------------------------------------------------------------------------------------------
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = Path(output_dir) / "checkpoints"
-    return sorted(root.glob("step_*")) if root.exists() else []
-
-
-def save_checkpoint(run: Run) -> Path:
-    """A resumable checkpoint: sharded model and optimizer state (torch.distributed.checkpoint, each rank
-    writes its own shards), plus each rank's small state (loader position, RNG, step). Written under a temp
-    name and renamed, so a `checkpoints/step_*` dir is always complete, whenever the process dies; the
-    oldest beyond --max_checkpoints are renamed to a temp name before they are deleted, for the same reason,
-    and a step saved twice keeps its first copy. Temp dirs left by a kill go at the next start. A failed
-    write (a full disk) is one OSError on every rank, its temp dir removed."""
-    d, step = run.d, run.step
-    root = Path(run.args.output_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
-    extra = {"step": step, "loader": run.loader.state_dict(), "rng": rng_state()}
-    # Without a process group DCP warns that it assumes one process: that is the case here.
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    error = None
-    try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        with open(tmp / f"extra_rank{d.rank}.pt", "wb") as f:  # a file object: a failed write is an OSError
-            torch.save(extra, f)
-    except (OSError, RuntimeError, CheckpointException) as e:  # DCP reports a failed write as either
-        error = e
-    if any_rank(error is not None, d):  # every rank leaves together, none waits at a barrier for the others
-        if d.main:
-            shutil.rmtree(tmp, ignore_errors=True)  # frees the space; it was never taken for complete
-        previous = checkpoint_dirs(run.args.output_dir)
-        raise OSError(write_failure(f"the step {step} checkpoint", tmp, error, d,
-                                    (state_bytes(model_sd) + state_bytes(optim_sd)) * d.world_size,
-                                    f"the previous checkpoint {previous[-1]} is intact: free space and rerun "
-                                    f"with --resume" if previous else "no earlier checkpoint exists"))
-    barrier()
-    if d.main:
-        if final.exists():  # saved before (SIGTERM right after a --save_freq save): the same state, keep it
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        keep = run.args.max_checkpoints
-        old = checkpoint_dirs(run.args.output_dir)[:-keep] if keep > 0 else []
-        for i, path in enumerate(p for p in old if p != final):
-            trash = root / f".tmp_step_{step:08d}_old{i}"
-            os.replace(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    barrier()
-    return final
-
-
-def write_failure(what: str, where: Path, error, d: Dist, needed: int, intact: str) -> str:
-    """One line: what could not be written, where, the space it needs against the space free, and what is
-    intact. torch reports a short write on its own stream as `unexpected pos`."""
-    if error is None:
-        return f"{what}: another process failed to write its part under {where} (see its error); {intact}"
-    free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
-    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < needed
-    return (f"could not write {what} to {where} (rank {d.rank}): "
-            f"{'no space left on device' if full else first_line(error)}; it needs about {needed / 1e6:.1f} MB, "
-            f"{free / 1e6:.1f} MB are free there; {intact}")
-
-
-def state_bytes(obj) -> int:
-    """Bytes of the tensors in a nested state dict, this rank's shards only."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.to_local() if hasattr(obj, "to_local") else obj
-        return t.numel() * t.element_size()
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return sum(state_bytes(v) for v in values)
-
-
-def first_line(e: BaseException) -> str:
-    """The gist of an exception: torch's and DCP's run to pages (and miniz apologises at length after the
-    first '. ')."""
-    line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {line.split('. ')[0][:200]}" if line else type(e).__name__
-
-
-def check_checkpoint_files(path: Path):
-    """A step dir is complete when written (see save_checkpoint); one copied half-way or damaged on disk is
-    caught here, before DCP's page-long errors: every storage file its .metadata names, long enough."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    damaged = f"resume: checkpoint {path} is damaged (copied half-way?)"
-    fix = "delete the dir to resume from the one before it"
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
-        raise ValueError(f"{damaged}: cannot read {path / '.metadata'} ({first_line(e)}); {fix}") from None
-    ends = {}
-    for info in metadata.storage_data.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        size = (path / name).stat().st_size if (path / name).is_file() else None
-        if size is None or size < end:
-            found = "missing" if size is None else f"{size} bytes, .metadata says at least {end}"
-            raise ValueError(f"{damaged}: {path / name} is {found}; {fix}")
-
-
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
-    check_checkpoint_files(path)
-    extra_path = Path(path) / f"extra_rank{d.rank}.pt"
-    if not extra_path.exists():
-        raise ValueError(f"{path} was written by a run with fewer processes (no {extra_path.name}); resume "
-                         f"with the same number of processes")
-    try:  # our own file (loader position, RNG state: numpy's is not a tensor), written by this code
-        extra = torch.load(extra_path, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"resume: checkpoint {path} is damaged: cannot load {extra_path} ({first_line(e)}); "
-                         f"delete the dir to resume from the one before it") from None
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    try:
-        dcp.load(state, checkpoint_id=path)
-    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
-        raise ValueError(f"cannot resume from {path}: it does not fit this model and optimizer ({first_line(e)}); "
-                         f"resume with the --ckpt_paths and LoRA flags the run started with") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return extra
 
 
 # -- the final model -------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
+import parallel
 import train_common as tc
 
 
@@ -103,25 +104,25 @@ def adapters_off(model, enabled: bool):
             lora.set_adapters(model, True)
 
 
-def load_reference_model(args, d: tc.Dist, param_dtype: torch.dtype):
+def load_reference_model(args, d: parallel.Dist, param_dtype: torch.dtype):
     """A frozen copy in the compute dtype (nothing updates it, so no fp32 master), in eval mode, without
     activation checkpointing; FSDP2-sharded like the policy (DDP has nothing to synchronise: a plain copy)."""
     model = lora.load_model(args.ref_ckpt_paths or args.ckpt_paths, dtype=param_dtype, device=d.device)
     model.requires_grad_(False).eval()
     if args.compile:
-        tc.apply_compile(model)
+        parallel.apply_compile(model)
     if torch.distributed.is_initialized() and args.dp == "fsdp":
-        tc.apply_fsdp(model, param_dtype)
+        parallel.apply_fsdp(model, param_dtype)
     return model
 
 
 @torch.no_grad()
-def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: int, fingerprint: str):
+def precompute_reference(model, dataset, args, d: parallel.Dist, param_dtype, pad_id: int, fingerprint: str):
     """s_ref of every response of `dataset` [2N] (chosen at 2i, rejected at 2i + 1): read from the cache file
     beside the data cache, or computed in one pass (each rank a share of the batches) and written there."""
     path = Path(dataset.path).parent / f"{Path(dataset.path).name}.reference-{fingerprint}.npy"
     # Every rank must agree: if any rank cannot read the file, all take part in the pass (FSDP needs them).
-    if not tc.any_rank(not path.is_file(), d):
+    if not parallel.any_rank(not path.is_file(), d):
         tc.print0(f"reference log-probs: {path} (cached)")
         return torch.from_numpy(np.load(path))
     tc.print0(f"reference log-probs: one pass over {len(dataset)} pairs -> {path}")
@@ -129,16 +130,16 @@ def precompute_reference(model, dataset, args, d: tc.Dist, param_dtype, pad_id: 
     was_training = model.training
     model.eval()
     for batch in tc.make_loader(args, dataset, pad_id, shuffle=False):  # packed as training packs
-        with tc.autocast(d, args.dp, param_dtype):
+        with parallel.autocast(d, args.dp, param_dtype):
             s, _ = tc.response_logps(model, batch, d.device)
         ids = batch["sample_ids"].to(d.device)
         values[torch.cat([2 * ids, 2 * ids + 1])] = s.double()
     model.train(was_training)
-    tc.reshard(model)
-    values = tc.all_reduce_sum(values).float().cpu()  # each pair was computed by one rank, zeros elsewhere
+    parallel.reshard(model)
+    values = parallel.all_reduce_sum(values).float().cpu()  # each pair was computed by one rank, zeros elsewhere
     if d.main:
         tc.atomic_write(path, lambda f: np.save(f, values.numpy()))
-    tc.barrier()
+    parallel.barrier()
     return values
 
 
@@ -167,9 +168,9 @@ def build_reference(run: tc.Run):
 
     @torch.no_grad()
     def reference(batch, split):
-        with adapters_off(run.bare_model, ref_model is model), tc.autocast(d, args.dp, param_dtype):
+        with adapters_off(run.bare_model, ref_model is model), parallel.autocast(d, args.dp, param_dtype):
             s = tc.response_logps(ref_model, batch, d.device)[0]
-        tc.reshard(ref_model)
+        parallel.reshard(ref_model)
         return s
     return reference
 
@@ -183,17 +184,17 @@ def validate(run: tc.Run, reference) -> dict:
     totals = torch.zeros(2 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, then the metrics' sums
     for batch in run.val_loader:
         ref = reference(batch, "val")
-        with tc.autocast(d, args.dp, run.param_dtype):
+        with parallel.autocast(d, args.dp, run.param_dtype):
             s, n = tc.response_logps(model, batch, d.device)
         losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
         totals += torch.cat([torch.stack([s.new_tensor(len(losses)), losses.sum()]), tc.pair_metric_sums(*logged)])
     model.train()
-    tc.reshard(model)
-    pairs, loss, *sums = tc.all_reduce_sum(totals).tolist()
+    parallel.reshard(model)
+    pairs, loss, *sums = parallel.all_reduce_sum(totals).tolist()
     return {"val/loss": loss / max(pairs, 1), **tc.pair_metrics(sums, pairs, "val/")}
 
 
-def train(args: DPOArgs, d: tc.Dist):
+def train(args: DPOArgs, d: parallel.Dist):
     run = tc.setup(args, d, kind="preference")
     reference = build_reference(run)
     tc.start(run)
@@ -204,14 +205,15 @@ def train(args: DPOArgs, d: tc.Dist):
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
             ref = reference(batch, "train")
-            with tc.no_grad_sync(run.model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, run.param_dtype):
+            last = i == len(micro_batches) - 1  # gradients sync across ranks on the last micro-batch only
+            with parallel.no_grad_sync(run.model, last), parallel.autocast(d, args.dp, run.param_dtype):
                 s, n = tc.response_logps(run.model, batch, d.device)
                 losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
                 loss = losses.sum() / max(pairs, 1)
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
             (loss * d.world_size).backward()
             totals += torch.cat([loss.detach()[None], tc.pair_metric_sums(*logged)])
-        loss_value, *sums = tc.all_reduce_sum(totals).tolist()
+        loss_value, *sums = parallel.all_reduce_sum(totals).tolist()
         metrics = {**tc.optimizer_step(run, loss_value, tokens), **tc.pair_metrics(sums, pairs)}
         if tc.val_due(run):
             metrics.update(validate(run, reference))

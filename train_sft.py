@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+import parallel
 import train_common as tc
 from model import IGNORE_INDEX
 
@@ -59,18 +60,18 @@ def validate(run: tc.Run) -> float:
     model.eval()
     total = torch.zeros(2, device=d.device)
     for batch in run.val_loader:
-        with tc.autocast(d, run.args.dp, run.param_dtype):
+        with parallel.autocast(d, run.args.dp, run.param_dtype):
             lp = tc.forward_logprobs(model, batch, d.device)
         labels = batch["labels"].to(d.device)
         total += torch.stack([-lp[labels != IGNORE_INDEX].sum(), (labels != IGNORE_INDEX).sum()])
     model.train()
-    tc.reshard(model)
-    tc.all_reduce_sum(total)
+    parallel.reshard(model)
+    parallel.all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1))
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def train(args: SFTArgs, d: tc.Dist):
+def train(args: SFTArgs, d: parallel.Dist):
     run = tc.setup(args, d, kind="sft")
     tc.start(run)
     while run.step < run.steps:
@@ -78,17 +79,18 @@ def train(args: SFTArgs, d: tc.Dist):
         # The global denominator first, so every micro-batch's gradient is already correctly scaled.
         counts = torch.tensor([sum(loss_units(b, args.loss_reduction) for b in micro_batches),
                                sum(int(b["tokens"]) for b in micro_batches)], dtype=torch.float64, device=d.device)
-        units, tokens = tc.all_reduce_sum(counts).tolist()
+        units, tokens = parallel.all_reduce_sum(counts).tolist()
         loss_total = torch.zeros((), device=d.device)
         for i, batch in enumerate(micro_batches):
-            with tc.no_grad_sync(run.model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, run.param_dtype):
+            last = i == len(micro_batches) - 1  # gradients sync across ranks on the last micro-batch only
+            with parallel.no_grad_sync(run.model, last), parallel.autocast(d, args.dp, run.param_dtype):
                 lp = tc.forward_logprobs(run.model, batch, d.device)
                 loss = sft_loss_sum(lp, batch["labels"].to(d.device), batch["document_ids"].to(d.device),
                                     args.loss_reduction) / max(units, 1)
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
             (loss * d.world_size).backward()
             loss_total += loss.detach()
-        metrics = tc.optimizer_step(run, float(tc.all_reduce_sum(loss_total)), tokens)
+        metrics = tc.optimizer_step(run, float(parallel.all_reduce_sum(loss_total)), tokens)
         if tc.val_due(run):
             metrics["val/loss"] = validate(run)
         if tc.end_step(run, metrics):

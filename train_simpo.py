@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import parallel
 import train_common as tc
 
 
@@ -54,20 +55,20 @@ def validate(run: tc.Run) -> dict:
     model.eval()
     totals = torch.zeros(4 + len(tc.PAIR_METRICS), device=d.device)  # pairs, loss, NLL, tokens, the metrics
     for batch in run.val_loader:
-        with tc.autocast(d, args.dp, run.param_dtype):
+        with parallel.autocast(d, args.dp, run.param_dtype):
             s, n = tc.response_logps(model, batch, d.device)
         losses, *logged = simpo_loss(s, n, args.simpo_beta, args.simpo_gamma)
         nll, tokens = -s.chunk(2)[0].sum(), n.chunk(2)[0].sum()
         counts = torch.stack([s.new_tensor(len(losses)), losses.sum(), nll, tokens])
         totals += torch.cat([counts, tc.pair_metric_sums(*logged)])
     model.train()
-    tc.reshard(model)
-    pairs, loss, nll, tokens, *sums = tc.all_reduce_sum(totals).tolist()
+    parallel.reshard(model)
+    pairs, loss, nll, tokens, *sums = parallel.all_reduce_sum(totals).tolist()
     return {"val/loss": loss / max(pairs, 1) + args.sft_weight * nll / max(tokens, 1),
             **tc.pair_metrics(sums, pairs, "val/")}
 
 
-def train(args: SimPOArgs, d: tc.Dist):
+def train(args: SimPOArgs, d: parallel.Dist):
     run = tc.setup(args, d, kind="preference")
     tc.start(run)
     while run.step < run.steps:
@@ -76,7 +77,8 @@ def train(args: SimPOArgs, d: tc.Dist):
         pairs, chosen_tokens, tokens = tc.preference_counts(micro_batches, d)
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
-            with tc.no_grad_sync(run.model, i == len(micro_batches) - 1), tc.autocast(d, args.dp, run.param_dtype):
+            last = i == len(micro_batches) - 1  # gradients sync across ranks on the last micro-batch only
+            with parallel.no_grad_sync(run.model, last), parallel.autocast(d, args.dp, run.param_dtype):
                 s, n = tc.response_logps(run.model, batch, d.device)
                 losses, *logged = simpo_loss(s, n, args.simpo_beta, args.simpo_gamma)
                 loss = losses.sum() / max(pairs, 1)
@@ -85,7 +87,7 @@ def train(args: SimPOArgs, d: tc.Dist):
             # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
             (loss * d.world_size).backward()
             totals += torch.cat([loss.detach()[None], tc.pair_metric_sums(*logged)])
-        loss_value, *sums = tc.all_reduce_sum(totals).tolist()
+        loss_value, *sums = parallel.all_reduce_sum(totals).tolist()
         metrics = {**tc.optimizer_step(run, loss_value, tokens), **tc.pair_metrics(sums, pairs)}
         if tc.val_due(run):
             metrics.update(validate(run))

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import data
+import parallel
 import train_common as tc
 import train_sft
 from sft_fixtures import REPO, env, free_port, metrics, tiny_chat_model, to_argv, write_chat_data
@@ -137,8 +138,8 @@ def check_nothing_partial_looks_complete(out: Path):
     from model import Transformer
     from tokenize_chat import load_tokenizer
 
-    for step_dir in tc.checkpoint_dirs(out):
-        tc.check_checkpoint_files(step_dir)
+    for step_dir in parallel.checkpoint_dirs(out):
+        parallel.check_checkpoint_files(step_dir)
         torch.load(step_dir / "extra_rank0.pt", weights_only=False)
     if (out / "consolidated.00.pth").exists():
         Transformer.from_pretrained(out)
@@ -149,7 +150,7 @@ def check_nothing_partial_looks_complete(out: Path):
 def recover(setup, out) -> subprocess.CompletedProcess:
     """What a user does after a kill: --resume when a checkpoint exists, else start again (--overwrite when
     the killed run left files)."""
-    if tc.checkpoint_dirs(out):
+    if parallel.checkpoint_dirs(out):
         how = {"resume": True}
     elif out.exists() and any(p.name not in ("train_args.json", tc.LOCK_FILE) for p in out.iterdir()):
         how = {"overwrite": True}
@@ -194,7 +195,7 @@ def test_kill9_training_at_a_seeded_event_then_resume(train_setup, tmp_path, tri
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
     check_nothing_partial_looks_complete(out)
     what = phase(where(log), out)
-    resumed = bool(tc.checkpoint_dirs(out))
+    resumed = bool(parallel.checkpoint_dirs(out))
     recover(train_setup, out)
     diff = assert_same_run(out, train_setup["ref"])
     count(fault_table, "kill -9 training (seeded event)", f"{what}: {'resumed' if resumed else 'rerun'}, "
@@ -207,7 +208,7 @@ def test_kill9_training_at_a_seeded_time_then_resume(train_setup, tmp_path, tria
     out = tmp_path / "run"
     killed = run_timed_kill([sys.executable, *train_cmd(train_setup, out)], seconds)
     check_nothing_partial_looks_complete(out)
-    resumed = bool(tc.checkpoint_dirs(out))
+    resumed = bool(parallel.checkpoint_dirs(out))
     if killed.returncode == 0:  # it finished first: rerunning it with --resume must still give the run
         what = "finished before the kill"
     else:
@@ -433,7 +434,7 @@ def test_second_run_refused_and_workers_exit_with_their_launcher(train_setup, tm
     finally:
         kill_tree(proc)
     # The worker saw SIGTERM: it saved where it was and said how to go on.
-    assert tc.checkpoint_dirs(out), rest[-2000:]
+    assert parallel.checkpoint_dirs(out), rest[-2000:]
     train_sft.main(train_flags(train_setup, out, train_steps=steps, save_freq=0, resume=True))
     assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))
     a, b = [m["loss"] for m in metrics(out)], [m["loss"] for m in metrics(ref)]
@@ -644,7 +645,7 @@ STEP_DAMAGE = ["missing shard", "truncated shard", "truncated .metadata", "trunc
 def test_damaged_step_checkpoint_is_one_line_naming_the_file(train_setup, tmp_path, how, capsys, fault_table):
     out = tmp_path / "run"
     shutil.copytree(train_setup["ref"], out)
-    step_dir = tc.checkpoint_dirs(out)[-1]
+    step_dir = parallel.checkpoint_dirs(out)[-1]
     named = {"missing shard": "__0_0.distcp", "truncated shard": "__0_0.distcp", "truncated .metadata": ".metadata",
              "truncated extra_rank0.pt": "extra_rank0.pt"}[how]
     if how == "missing shard":

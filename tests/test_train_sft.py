@@ -310,10 +310,11 @@ def test_bf16_compute_tracks_fp32(setup, tmp_path):
 
 def test_resume_drops_later_and_cut_short_metrics_lines(tmp_path):
     """A run killed mid-write leaves a cut last line; resuming from step 2 keeps steps 1-2 only."""
+    import parallel
     import train_common as tc
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
                                             '{"step": 3, "loss": 0.8}\n{"step": 4, "lo')
-    tc.MetricsLog(tmp_path, tc.Dist(0, 0, 1, torch.device("cpu")), total_steps=5, print_freq=1, start_step=2)
+    tc.MetricsLog(tmp_path, parallel.Dist(0, 0, 1, torch.device("cpu")), total_steps=5, print_freq=1, start_step=2)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
