@@ -8,13 +8,6 @@
             loss = F.cross_entropy(model(batch["input_ids"]...).flatten(0, 1), batch["labels"].flatten())
     ckpt["data"] = loader.state_dict(); ...; loader.load_state_dict(ckpt["data"])
 
-Sources, mixed into one dataset in the order given: `jsonl:PATH` (one record per line, as
-tokenize_chat.record_conversations reads it), `text:PATH` (one sample per line, every token trained: BOS if
-the tokenizer opens plain text with one, the line, EOS), `local:PATH` (a `datasets` save_to_disk dir) or a hub
-name (`datasets.load_dataset`). `splits` and `num_samples` (a count, a fraction or all, drawn with `seed`)
-take one value for every source or one per source. A preference pair trains only its final response and is
-two documents of the cache: chosen at 2i, rejected at 2i + 1.
-
 Batches (`Loader`), every tensor int64:
     input_ids     [R, T]  right padded with `pad_id`
     labels        [R, T]  already shifted: labels[:, t] is the target of logits[:, t], i.e. input_ids[:, t + 1]
@@ -37,12 +30,6 @@ so one forward serves both. Preference packed: rows of 2 * max_seq_len tokens (r
 pairs, each as its chosen then its rejected document; with `share_prompt` the rejected document drops the
 prompt it shares with the chosen one (`shared_prefix_length`) and attends to the chosen document's copy,
 with positions continuing from the prompt's end, so each response sees exactly its unshared context.
-
-Epoch e lays the samples out in rows (a permutation drawn from (seed, e), one sample per row or packed);
-each global step deals the next batch_size * world_size rows to the ranks (row r to rank r % world_size),
-so every rank gets the same number of steps, a rank short of samples at an epoch's end getting filler rows
-with no trained token. `state_dict()` = (epoch, rows consumed): the rows do not depend on the world size, so
-a resumed run, even on another number of ranks, sees exactly the samples it had not seen.
 """
 
 import argparse
@@ -73,8 +60,6 @@ from tokenize_chat import (ConversationError, TemplateError, TokenizerError, loa
 
 FORMAT_VERSION = 2  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them)
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
-PREFIXES = ("jsonl", "text", "local")
-_U32 = "I" if array.array("I").itemsize == 4 else "L"
 CHUNK = 256  # records per worker task: big enough to amortise pickling, small enough for a smooth progress bar
 PACK_WINDOW = 1024  # documents packed together: ~1% padding on ultrachat-like lengths, and still shuffled
 
@@ -83,26 +68,19 @@ class DataError(ValueError):
     """Bad data or a bad data argument. The message names the file / line / key and the likely fix."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sources
-
-
+# -- sources: jsonl:PATH, text:PATH (one sample per line), local:PATH (save_to_disk) or a hub name ------------
 @dataclass
 class Source:
     spec: str                 # as given on the command line
     type: str                 # jsonl | text | local | hub
     path: str
-    split: str | None = None
-    num_samples: int | float | None = None
+    split: str | None
+    num_samples: int | float | None
     # filled by _open_source
     fingerprint: str = ""
     n_total: int = 0
-    selected: np.ndarray | None = None   # sorted record indices kept by sub-sampling (None = all)
-    dataset: object = None               # datasets.Dataset for local / hub sources
-
-    @property
-    def n_selected(self) -> int:
-        return self.n_total if self.selected is None else len(self.selected)
+    rows: range | list = range(0)  # the record indices kept, sorted so reads stay sequential
+    dataset: object = None         # datasets.Dataset for local / hub sources
 
 
 def _per_source(value, n: int, name: str) -> list:
@@ -115,20 +93,20 @@ def _per_source(value, n: int, name: str) -> list:
 
 def parse_num_samples(value) -> int | float | None:
     """'all' / None -> None, '100' / 100 -> a count, '0.25' / 0.25 -> a fraction of the source."""
-    if value is None or (isinstance(value, str) and value.lower() in ("all", "none", "")):
+    text = str(value).strip().lower()  # numbers too: a float's repr has a dot or an exponent, an int's neither
+    if text in ("all", "none", ""):
         return None
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            raise DataError(f"num_samples {value!r}: expected a count (1000), a fraction (0.1) or 'all'") from None
-    if isinstance(value, float):
-        if not 0 < value <= 1:
+    try:
+        number = float(text) if any(c in text for c in ".e") else int(text)
+    except ValueError:
+        raise DataError(f"num_samples {value!r}: expected a count (1000), a fraction (0.1) or 'all'") from None
+    if isinstance(number, float):
+        if not 0 < number <= 1:
             raise DataError(f"num_samples {value}: a fraction must be in (0, 1]; write a count without a dot")
-        return None if value == 1 else value
-    if value < 1:
+        return None if number == 1 else number
+    if number < 1:
         raise DataError(f"num_samples {value}: a count must be >= 1")
-    return int(value)
+    return number
 
 
 def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
@@ -142,28 +120,13 @@ def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
         prefix, sep, path = spec.partition(":")
         if not sep:
             prefix, path = "hub", spec
-        elif prefix not in PREFIXES:
+        elif prefix not in ("jsonl", "text", "local"):
             raise DataError(f"data path {spec!r}: unknown source prefix {prefix!r}; use jsonl:, text:, local: "
                             f"or a bare hub name such as HuggingFaceH4/ultrachat_200k")
         elif not Path(path).exists():
             raise DataError(f"data path {spec!r}: {path} does not exist")
         sources.append(Source(spec, prefix, path, split, parse_num_samples(count)))
     return sources
-
-
-def _subsample(src: Source, seed: int):
-    """Keep a fixed random subset (sorted, so reads stay sequential); the same seed gives the same subset."""
-    k = src.num_samples
-    if k is None:
-        return
-    if isinstance(k, float):
-        k = max(1, round(k * src.n_total))
-    if k >= src.n_total:
-        if k > src.n_total:
-            print(f"data: {src.spec} has {src.n_total} samples, fewer than the {k} asked for; using all",
-                  file=sys.stderr)
-        return
-    src.selected = np.sort(np.random.default_rng(seed).choice(src.n_total, size=k, replace=False))
 
 
 def _open_source(src: Source, kind: str, seed: int):
@@ -225,18 +188,26 @@ def _open_source(src: Source, kind: str, seed: int):
         src.dataset = ds.select_columns(keep)  # never decode columns we do not use
         src.n_total = len(ds)
     src.fingerprint = h.hexdigest()
-    _subsample(src, seed)
+    k = src.num_samples
+    if isinstance(k, float):
+        k = max(1, round(k * src.n_total))
+    if k is not None and k > src.n_total:
+        print(f"data: {src.spec} has {src.n_total} samples, fewer than the {k} asked for; using all", file=sys.stderr)
+    if k is None or k >= src.n_total:
+        src.rows = range(src.n_total)
+    else:  # a fixed random subset: the same seed draws the same one
+        src.rows = np.sort(np.random.default_rng(seed).choice(src.n_total, size=k, replace=False)).tolist()
 
 
 def _tasks(sources: list[Source]):
     """Work items for the tokenizer pool: (source index, payload). File sources send their raw lines (the
-    workers parse them); dataset sources send row ranges, read by the workers from the forked dataset."""
+    workers parse them); dataset sources send row indices, read by the workers from the forked dataset."""
     for si, src in enumerate(sources):
         if src.dataset is not None:
-            for start in range(0, src.n_selected, CHUNK):
-                yield si, (start, min(start + CHUNK, src.n_selected))
+            for start in range(0, len(src.rows), CHUNK):
+                yield si, src.rows[start:start + CHUNK]
             continue
-        keep = None if src.selected is None else set(src.selected.tolist())
+        keep = None if len(src.rows) == src.n_total else set(src.rows)
         batch, record = [], -1
         with open(src.path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -254,10 +225,8 @@ def _tasks(sources: list[Source]):
 def _records(src: Source, payload):
     """(location, record) pairs of one task."""
     if src.dataset is not None:
-        start, stop = payload
-        rows = src.dataset[start:stop] if src.selected is None else src.dataset[src.selected[start:stop]]
-        index = range(start, stop) if src.selected is None else src.selected[start:stop].tolist()
-        for i, values in zip(index, zip(*rows.values())):
+        rows = src.dataset[payload]  # a range of indices reads as one slice
+        for i, values in zip(payload, zip(*rows.values())):
             yield f"{src.spec} [{src.split or 'train'}] row {i}", dict(zip(rows, values))
         return
     for lineno, line in payload:
@@ -279,10 +248,7 @@ def _records(src: Source, payload):
         yield loc, record
 
 
-# ----------------------------------------------------------------------------------------------------
-# Records -> token ids and loss mask (runs inside the worker processes)
-
-
+# -- records -> token ids and loss mask (runs inside the worker processes) ----------------------------------
 def _tokenize_record(record, src_type: str, kind: str, tokenizer, template) -> list[tuple[list, list]]:
     """(ids, mask) per document of the record: one for SFT, chosen then rejected for preference."""
     if src_type == "text":
@@ -357,21 +323,19 @@ def _tokenize_task(task):
             mask += d_mask
             lengths.append(len(d_ids))
             raw_lengths.append(raw)
-    # array.array(list) is ~5x faster than np.array(list) (and than array.extend), and numpy takes its buffer
-    return (np.frombuffer(array.array(_U32, ids), np.uint32), np.frombuffer(array.array("B", mask), np.uint8),
+    # array.array(list) is ~5x faster than np.array(list) (and than array.extend), and numpy takes its buffer;
+    # "I" (C unsigned int) is 32 bits on every platform torch supports
+    return (np.frombuffer(array.array("I", ids), np.uint32), np.frombuffer(array.array("B", mask), np.uint8),
             np.asarray(lengths, dtype=np.int64), np.asarray(raw_lengths, dtype=np.int64), counts)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Cache: a dir per key under cache_dir holding ids.bin (uint32), mask.bin (uint8, 1 = trained token),
-# offsets.bin (int64, n_docs + 1 document boundaries) and meta.json. The key hashes the format version, the
-# tokenizer and template fingerprints, the sources' contents, kind, splits, sub-sampling and max_seq_len, so any
-# change rebuilds. A build writes a temp dir that is renamed only when complete.
-
-
+# -- the cache: a dir per key holding ids.bin, mask.bin, offsets.bin (the arrays below) and meta.json -------
+# The key hashes the format, the tokenizer and template fingerprints, the sources' contents, kind, splits,
+# sub-sampling and max_seq_len: a change to anything the tokens depend on rebuilds.
 @dataclass
 class TokenizedDataset:
-    """A built cache, memory-mapped. len() = samples (pairs for preference); docs = len(offsets) - 1."""
+    """A built cache, memory-mapped. len() = samples; a preference pair i is two documents, chosen at 2i and
+    rejected at 2i + 1."""
     path: Path
     meta: dict
     ids: np.ndarray       # uint32 [n_tokens]
@@ -463,75 +427,62 @@ def _dist():
 
 
 def _temp_path(final: Path) -> Path:
-    # <pid> lets _remove_stale_temps tell a dead build's dir from a live one; other hosts' are not ours
-    return final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _remove_stale_temps(final: Path):
-    """Temp dirs left by a process killed with SIGKILL (the only exit that skips our cleanup)."""
+    """A fresh temp path beside `final`. It names our host and pid, so this first removes the temp dirs of
+    this host's dead processes: those killed with SIGKILL, the only exit that skips our cleanup."""
     prefix = f".tmp-{final.name}-{socket.gethostname()}-"
     for p in final.parent.glob(prefix + "*"):
         try:
             os.kill(int(p.name[len(prefix):].split("-")[0]), 0)
         except ProcessLookupError:
             shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
+        except (ValueError, PermissionError):  # not a pid, or another user's live process
             pass
+    return final.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _sigterm_raises():
     """torchrun stops workers with SIGTERM, whose default action skips `finally`; turn it into SystemExit
     so the temp dir is removed. Returns a function that restores the previous handler."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    old = signal.signal(signal.SIGTERM, handler)
+        return lambda: None  # signal handlers belong to the main thread
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _percentiles(x: np.ndarray) -> dict:
-    if len(x) == 0:
-        return {}
     q = np.percentile(x, [50, 90, 99])
     return {"mean": round(float(x.mean()), 1), "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]),
             "max": int(x.max())}
 
 
-class _Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, a line every 10 s otherwise)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.enabled, self.tty = total, desc, enabled, sys.stderr.isatty()
-        self.done = self.tokens = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, samples: int, tokens: int):
-        self.done, self.tokens, now = self.done + samples, self.tokens + tokens, time.perf_counter()
-        if self.enabled and (now - self.last > (0.2 if self.tty else 10) or self.done == self.total):
-            self.last, elapsed = now, max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(self.done / elapsed, 1e-9)
-            line = (f"{self.desc}: {self.done}/{self.total} samples ({100 * self.done / max(self.total, 1):.0f}%) "
-                    f"{self.tokens / elapsed / 1e3:.0f}k tok/s ETA {eta:.0f}s")
-            print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
+def _progress(results, total: int, desc: str):
+    """Pass the worker results through, drawing a one-line progress bar on stderr (redrawn in place on a
+    terminal, a line every 10 s otherwise)."""
+    tty, done, tokens = sys.stderr.isatty(), 0, 0
+    t0 = last = time.perf_counter()
+    for ids, mask, lengths, raw_lengths, counts in results:
+        yield ids, mask, lengths, raw_lengths, counts
+        done, tokens, now = done + counts["samples"], tokens + len(ids), time.perf_counter()
+        if now - last > (0.2 if tty else 10) or done == total:
+            last, elapsed = now, max(now - t0, 1e-9)
+            eta = (total - done) / max(done / elapsed, 1e-9)
+            line = (f"{desc}: {done}/{total} samples ({100 * done / max(total, 1):.0f}%) "
+                    f"{tokens / elapsed / 1e3:.0f}k tok/s ETA {eta:.0f}s")
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    if tty:
+        print(file=sys.stderr)
 
 
-def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_info, num_proc, progress):
+def _build(final: Path, sources: list[Source], key_info: dict, tokenizer, template, num_proc, progress: bool):
+    kind, max_seq_len = key_info["kind"], key_info["max_seq_len"]
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(final)
     tmp = _temp_path(final)
     tmp.mkdir()
     restore = _sigterm_raises()
     pool = None
     try:
         state = (sources, kind, max_seq_len, tokenizer, template)
-        total = sum(s.n_selected for s in sources)
+        total = sum(len(s.rows) for s in sources)
         num_proc = max(1, min(num_proc or os.cpu_count() or 1, -(-total // CHUNK)))
         if num_proc > 1 and "fork" in multiprocessing.get_all_start_methods():
             # fork: the workers inherit the tokenizer, template and open datasets without pickling them.
@@ -540,8 +491,9 @@ def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_inf
         else:
             _init_worker(state, False)
             results = map(_tokenize_task, _tasks(sources))
+        if progress:
+            results = _progress(results, total, f"tokenizing {final.name}")
         counts, lengths, raw_lengths = Counter(), [], []
-        bar = _Progress(total, f"tokenizing {final.name}", progress)
         with open(tmp / "ids.bin", "wb") as fi, open(tmp / "mask.bin", "wb") as fm:
             for ids, mask, lens, raw, c in results:
                 fi.write(ids.tobytes())
@@ -549,25 +501,20 @@ def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_inf
                 lengths.append(lens)
                 raw_lengths.append(raw)
                 counts.update(c)
-                bar.update(c["samples"], len(ids))
-        bar.close()
-        lengths = np.concatenate(lengths)
         dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
         if counts["kept"] == 0:
             raise DataError(f"every one of the {counts['samples']} samples in {[s.spec for s in sources]} was "
                             f"dropped: {dropped} (no_trained_tokens: no assistant turn to train; too_long: all "
                             f"trained tokens lie beyond --max_seq_len {max_seq_len}; raise it?)")
+        lengths = np.concatenate(lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         offsets.tofile(tmp / "offsets.bin")
         trained = int(np.memmap(tmp / "mask.bin", dtype=np.uint8, mode="r").sum(dtype=np.int64))
         stats = {"samples_in": counts["samples"], "samples": counts["kept"], "docs": len(lengths),
                  "tokens": int(offsets[-1]), "trained_tokens": trained, "truncated": counts["truncated"],
-                 "dropped": dropped, "identical_pairs": counts["identical_pairs"],
-                 "length": _percentiles(lengths),
+                 "dropped": dropped, "identical_pairs": counts["identical_pairs"], "length": _percentiles(lengths),
                  "length_before_truncation": _percentiles(np.concatenate(raw_lengths))}
-        meta = {**key_info, "format_version": FORMAT_VERSION, "stats": stats,
-                "dtypes": {"ids": "uint32", "mask": "uint8", "offsets": "int64"}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps({**key_info, "stats": stats}, indent=1))
         try:
             os.rename(tmp, final)  # atomic: a reader sees a complete cache or none
         except OSError:
@@ -581,18 +528,17 @@ def _build(final: Path, sources, kind, max_seq_len, tokenizer, template, key_inf
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve_and_build(paths, tokenizer, template, max_seq_len, kind, splits, num_samples, seed,
-                       cache_dir, num_proc, progress) -> tuple[Path, bool]:
+def _find_or_build(paths, tokenizer, template, max_seq_len, kind, splits, num_samples, seed, cache_dir, num_proc,
+                   progress) -> tuple[Path, bool]:
+    """-> (cache dir, whether this call built it)."""
     sources = parse_sources(paths, splits, num_samples)
     for src in sources:
         _open_source(src, kind, seed)
-    key_info = {
-        "format_version": FORMAT_VERSION, "kind": kind, "max_seq_len": max_seq_len,
-        "tokenizer": tokenizer.fingerprint, "template": template.fingerprint,
-        "sources": [{"spec": s.spec, "split": s.split, "num_samples": s.num_samples, "fingerprint": s.fingerprint}
-                    for s in sources],
-        "seed": seed if any(s.selected is not None for s in sources) else None,
-    }
+    key_info = {"format_version": FORMAT_VERSION, "kind": kind, "max_seq_len": max_seq_len,
+                "tokenizer": tokenizer.fingerprint, "template": template.fingerprint,
+                "sources": [{"spec": s.spec, "split": s.split, "num_samples": s.num_samples,
+                             "fingerprint": s.fingerprint} for s in sources],
+                "seed": seed if any(len(s.rows) < s.n_total for s in sources) else None}  # the seed drew a subset
     final = Path(cache_dir) / cache_key(key_info)
     if final.exists():
         problem = cache_problem(final)
@@ -607,14 +553,15 @@ def _resolve_and_build(paths, tokenizer, template, max_seq_len, kind, splits, nu
         except FileNotFoundError:
             pass
         shutil.rmtree(trash, ignore_errors=True)
-    _build(final, sources, kind, max_seq_len, tokenizer, template, key_info, num_proc, progress)
+    _build(final, sources, key_info, tokenizer, template, num_proc, progress)
     return final, True
 
 
 def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str = "sft", splits=None,
                     num_samples=None, seed: int = 0, cache_dir=None, num_proc: int | None = None,
                     progress: bool = True) -> TokenizedDataset:
-    """Tokenize `paths` into the cache once (or find it there) and memory-map it. See the module doc.
+    """Tokenize `paths` into the cache once (or find it there) and memory-map it. `splits` and `num_samples`
+    (a count, a fraction or 'all', drawn with `seed`) take one value for every path or one per path.
 
     Under torch.distributed, rank 0 builds and the others wait for it (in a collective: with NCCL, set
     the CUDA device first, and prepare a large dataset ahead with `python data.py` if a build could
@@ -628,31 +575,29 @@ def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str =
             cache_dir or DEFAULT_CACHE_DIR, num_proc, progress)
     d = _dist()
     if d is None:
-        return TokenizedDataset.open(*_resolve_and_build(*args))
+        return TokenizedDataset.open(*_find_or_build(*args))
     rank, local_rank, world = d
-    result, path = [None, False, None], None  # result: path, built, error
+    path, built = None, False
     for builds_here in (rank == 0, local_rank == 0):
+        error = None
         if builds_here and (path is None or not (path / "meta.json").exists()):
             try:
-                result[:2] = _resolve_and_build(*args)
+                path, built = _find_or_build(*args)
             except Exception as e:
-                result[2] = f"{type(e).__name__}: {e}"
-                err = e
+                error = e
+        message = None if error is None else f"{type(error).__name__}: {error}"
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, result)  # doubles as the barrier
-        if result[2] is not None:
-            raise err
-        failed = [(r, g[2]) for r, g in enumerate(gathered) if g[2] is not None]
+        torch.distributed.all_gather_object(gathered, (path, message))  # doubles as the barrier
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, (_, m) in enumerate(gathered) if m is not None]
         if failed:
             raise DataError(f"rank {failed[0][0]} failed to build the data cache: {failed[0][1]}")
-        path = path or Path(gathered[0][0])
-    return TokenizedDataset.open(path, built=bool(result[1]))
+        path = path or gathered[0][0]
+    return TokenizedDataset.open(path, built=built)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Batches
-
-
+# -- batches ----------------------------------------------------------------------------------------------
 def shared_prefix_length(ds: TokenizedDataset, i: int) -> int:
     """How many leading tokens pair i's two sides can compute once: identical in both, and none of them the
     position that predicts a trained token (that prediction differs between the sides). At most the first
@@ -687,9 +632,11 @@ def pack_rows(order: np.ndarray, lengths: np.ndarray, capacity: int, window: int
 
 
 class Loader:
-    """Batches of a TokenizedDataset for one rank (the module doc gives the format and the order). Iterating
-    serves the rest of the current epoch, then moves to the next: `while loader.epoch < epochs: for batch in
-    loader: ...`."""
+    """Batches of a TokenizedDataset for one rank; iterating serves the rest of the current epoch, then moves
+    to the next. An epoch's rows (one sample each, or packed) depend only on (seed, epoch), not on the world
+    size, and each step deals the next batch_size * world_size of them round-robin to the ranks. So every rank
+    runs the same steps (filler rows with no trained token at an epoch's end), and state_dict() = (epoch, rows
+    consumed) resumes, on any number of ranks, with exactly the samples not yet seen."""
 
     def __init__(self, dataset: TokenizedDataset, batch_size: int, *, pack: bool = False, share_prompt: bool = False,
                  seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
@@ -716,7 +663,6 @@ class Loader:
         self._rows = (None, None)  # (epoch, rows) cache
 
     def rows(self, epoch: int) -> list[list[int]]:
-        """The epoch's rows of sample ids, the same on every rank."""
         if self._rows[0] != epoch:
             n = len(self.ds)
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
@@ -732,9 +678,8 @@ class Loader:
         """(rows consumed after the step, `rank`'s rows) for each step from row `start`."""
         rows, size = self.rows(epoch), self.batch_size * self.world_size
         for a in range(start, len(rows), size):
-            step = rows[a:a + size]
-            mine = step[rank::self.world_size]
-            yield a + len(step), mine + [[]] * (self.batch_size - len(mine))  # [] = filler row
+            mine = rows[a:a + size][rank::self.world_size]
+            yield min(a + size, len(rows)), mine + [[]] * (self.batch_size - len(mine))  # [] = filler row
 
     def num_steps(self, epoch: int | None = None) -> int:
         """Steps in a whole epoch, the same on every rank (packed epochs vary a little with the order)."""
@@ -758,31 +703,27 @@ class Loader:
                 "share_prompt": self.share}
 
     def load_state_dict(self, state: dict):
-        mine = self.state_dict()
         state = {"share_prompt": False, **state}  # checkpoints from before prompt sharing
-        for k in ("seed", "num_samples", "shuffle", "pack", "seq_len", "pack_window", "share_prompt"):
-            if state[k] != mine[k]:
-                raise DataError(f"loader state has {k}={state[k]} but this run has {mine[k]}; resuming would "
+        for k, mine in self.state_dict().items():
+            if k not in ("epoch", "consumed") and state[k] != mine:
+                raise DataError(f"loader state has {k}={state[k]} but this run has {mine}; resuming would "
                                 f"not continue the same sample order (same data, --seed and packing needed)")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
-    def layout(self, rows: list[list[int]]) -> list[list[tuple[int, int, int]]]:
-        """Rows of sample ids -> rows of pieces (document, first token, shared prefix) as they sit in the
-        batch: a piece is tokens [first, end) of the document, after `shared` tokens of the row's prompt piece
-        (0: none). Padded preference batches are B chosen rows, then the B rejected ones."""
+    def layout(self, rows: list[list[int]]) -> list[list[tuple[int, int]]]:
+        """Rows of sample ids -> rows of pieces (document, skip) as they sit in the batch: a piece is tokens
+        [skip, end) of the document, and sees the first `skip` tokens of the piece before it as its prompt (a
+        rejected response after prompt + chosen). Padded preference batches are B chosen rows, then B rejected."""
         if not self.pairs:
-            return [[(d, 0, 0) for d in row] for row in rows]
+            return [[(d, 0) for d in row] for row in rows]
         if not self.pack:
-            return [[(2 * r[0] + side, 0, 0)] if r else [] for side in (0, 1) for r in rows]
-        # prompt + chosen as one document, then the rejected response continuing from the prompt's end
-        return [[p for i in row for p in ((2 * i, 0, 0), (2 * i + 1, int(self.shared[i]), int(self.shared[i])))]
-                for row in rows]
+            return [[(2 * r[0] + side, 0)] if r else [] for side in (0, 1) for r in rows]
+        return [[p for i in row for p in ((2 * i, 0), (2 * i + 1, int(self.shared[i])))] for row in rows]
 
-    def _width(self, pieces: list[list[tuple]]) -> int:
+    def _width(self, pieces: list[list[tuple[int, int]]]) -> int:
         if self.pack:
             return self.capacity
-        offsets = self.ds.offsets
-        return max([int(offsets[d + 1] - offsets[d]) for row in pieces for d, _, _ in row] or [1])
+        return max([int(self.ds.offsets[d + 1] - self.ds.offsets[d]) for row in pieces for d, _ in row] or [1])
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rows of sample ids ([] = a filler row) -> the batch dict of the module doc."""
@@ -794,26 +735,24 @@ class Loader:
         position_ids = np.zeros((R, T), dtype=np.int64)
         document_ids = np.full((R, T), -1, dtype=np.int64)
         response_ids = np.full((R, T), -1, dtype=np.int64)
-        arange = np.arange(max(T, 1), dtype=np.int64)
         sample_ids = [s for r in rows for s in r]
         slot = {s: k for k, s in enumerate(sample_ids)}  # response k: chosen of pair k, rejected at P + k
         segments, tokens = [], 0
         for r, row in enumerate(pieces):
             p = previous = 0
-            for j, (d, first, shared) in enumerate(row):
-                a, b = offsets[d] + first, offsets[d + 1]
+            for j, (d, skip) in enumerate(row):
+                a, b = offsets[d] + skip, offsets[d + 1]
                 n = b - a
                 ids = ids_mm[a:b].astype(np.int64)  # before np.where: uint32 would wrap -100
                 input_ids[r, p:p + n] = ids
                 # the target of position t is token t + 1 of the same document, if trained
                 labels[r, p:p + n - 1] = np.where(mask_mm[a + 1:b] != 0, ids[1:], IGNORE_INDEX)
-                position_ids[r, p:p + n] = arange[first:first + n]
+                position_ids[r, p:p + n] = np.arange(skip, skip + n)
                 document_ids[r, p:p + n] = j
                 if self.pairs:
                     response_ids[r, p:p + n] = slot[d // 2] + (len(sample_ids) if d % 2 else 0)
-                # a piece after a shared prompt also sees that prompt: the first tokens of the piece before it
-                segments.append((r, p, p + n, previous, previous + shared))
-                tokens += n + first
+                segments.append((r, p, p + n, previous, previous + skip))
+                tokens += n + skip
                 previous, p = p, p + n
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids,
                  "response_ids": response_ids, "sample_ids": np.array(sample_ids, dtype=np.int64),
@@ -830,15 +769,12 @@ def padding_fraction(loader: Loader, epoch: int = 0) -> float:
     for rank in range(loader.world_size):
         for _, mine in loader._steps(epoch, 0, rank):
             pieces = loader.layout(mine)
-            real += sum(int(lengths[d]) - first for row in pieces for d, first, _ in row)
+            real += sum(int(lengths[d]) - skip for row in pieces for d, skip in row)
             total += len(pieces) * loader._width(pieces)
     return 1 - real / max(total, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# CLI: prepare the cache ahead of training and print statistics
-
-
+# -- CLI: prepare the cache ahead of training and print statistics -----------------------------------------
 def format_stats(name: str, ds: TokenizedDataset) -> str:
     s = ds.stats
     unit = "pairs" if ds.kind == "preference" else "samples"
@@ -859,13 +795,11 @@ def main(argv=None) -> dict:
                                             "statistics (the trainers do the same on start-up).")
     p.add_argument("--ckpt_dir", required=True, help="dir with the tokenizer files (a native or HF checkpoint)")
     p.add_argument("--template_config", required=True, help="chat template name (templates/NAME.yaml) or path")
-    p.add_argument("--train_data_paths", nargs="+", required=True,
-                   help="jsonl:PATH, text:PATH, local:PATH (save_to_disk) or a hub dataset name")
-    p.add_argument("--val_data_paths", nargs="*", default=[])
-    p.add_argument("--train_data_splits", nargs="+", default=[None], help="split per path (local: / hub)")
-    p.add_argument("--val_data_splits", nargs="+", default=[None])
-    p.add_argument("--train_num_samples", nargs="+", default=[None], help="per path: a count, a fraction or all")
-    p.add_argument("--val_num_samples", nargs="+", default=[None])
+    for name in ("train", "val"):
+        p.add_argument(f"--{name}_data_paths", nargs="+", required=name == "train", default=[],
+                       help="jsonl:PATH, text:PATH, local:PATH (save_to_disk) or a hub dataset name")
+        p.add_argument(f"--{name}_data_splits", nargs="+", default=[None], help="split per path (local: / hub)")
+        p.add_argument(f"--{name}_num_samples", nargs="+", default=[None], help="per path: a count, a fraction or all")
     p.add_argument("--max_seq_len", type=int, required=True)
     p.add_argument("--kind", choices=["sft", "preference"], default="sft")
     p.add_argument("--seed", type=int, default=0, help="sub-sampling seed (and shuffling seed for the stats)")
@@ -883,15 +817,14 @@ def main(argv=None) -> dict:
         paths = getattr(args, f"{name}_data_paths")
         if not paths:
             continue
-        ds = prepare_dataset(paths, tokenizer, template, args.max_seq_len, kind=args.kind,
-                             splits=getattr(args, f"{name}_data_splits"),
-                             num_samples=getattr(args, f"{name}_num_samples"), seed=args.seed,
-                             cache_dir=args.data_cache_dir, num_proc=args.num_proc)
+        ds = prepare_dataset(paths, tokenizer, template, args.max_seq_len, kind=args.kind, seed=args.seed,
+                             splits=getattr(args, f"{name}_data_splits"), cache_dir=args.data_cache_dir,
+                             num_samples=getattr(args, f"{name}_num_samples"), num_proc=args.num_proc)
         print(format_stats(name, ds))
         if args.micro_batch_size_per_gpu:
             loaders = {m: Loader(ds, args.micro_batch_size_per_gpu, pack=m, seed=args.seed, rank=0, world_size=1)
-                       for m in ([False, True] if ds.kind == "sft" else [False])}
-            chosen = loaders[args.pack_samples and ds.kind == "sft"]
+                       for m in (False, True)}
+            chosen = loaders[args.pack_samples]
             print(f"  micro batch {chosen.batch_size}, {'packed' if chosen.pack else 'padded'}: "
                   f"{chosen.num_steps()} steps per epoch on one rank; padding fraction: " +
                   ", ".join(f"{'packed' if m else 'padded'} {100 * padding_fraction(lo):.1f}%"
