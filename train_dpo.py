@@ -123,9 +123,9 @@ def precompute_reference(model, dataset, args, d: parallel.Dist, param_dtype, pa
     path = Path(dataset.path).parent / f"{Path(dataset.path).name}.reference-{fingerprint}.npy"
     # Every rank must agree: if any rank cannot read the file, all take part in the pass (FSDP needs them).
     if not parallel.any_rank(not path.is_file(), d):
-        tc.print0(f"reference log-probs: {path} (cached)")
+        parallel.print0(f"reference log-probs: {path} (cached)")
         return torch.from_numpy(np.load(path))
-    tc.print0(f"reference log-probs: one pass over {len(dataset)} pairs -> {path}")
+    parallel.print0(f"reference log-probs: one pass over {len(dataset)} pairs -> {path}")
     values = torch.zeros(2 * len(dataset), dtype=torch.float64, device=d.device)
     was_training = model.training
     model.eval()
@@ -164,7 +164,7 @@ def build_reference(run: tc.Run):
     # The adapters-off policy is the reference only while nothing but adapters trains.
     adapters_are_the_delta = args.lora and same_base and not args.lora_unfrozen_params
     ref_model = model if adapters_are_the_delta else load_reference_model(args, d, param_dtype)
-    tc.print0("reference: " + ("the policy with LoRA adapters off" if ref_model is model else "a frozen copy"))
+    parallel.print0("reference: " + ("the policy with LoRA adapters off" if ref_model is model else "a frozen copy"))
 
     @torch.no_grad()
     def reference(batch, split):
