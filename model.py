@@ -11,6 +11,7 @@ scale from `query_pre_attn_scalar`, and local sliding-window layers with their o
 global ones.
 """
 
+import functools
 import json
 import math
 from dataclasses import dataclass, fields
@@ -223,6 +224,55 @@ def segment_attention(q, k, v, segments, window: int | None = None, scale: float
     return torch.cat(out_rows, 0)
 
 
+def segment_mask_mod(segments: torch.Tensor, rows: int, T: int, window: int | None = None, device=None):
+    """segment_attention's rule as a FlexAttention mask_mod(b, h, q, kv) -> may attend: the query's own segment
+    up to itself and its segment's shared prefix; with a window, only keys fewer than `window` tokens back in
+    the document's own order (the prefix, then the segment). It reads per-position tables of shape [rows, T]
+    only, so a compiled kernel sees the same shapes batch after batch, whatever the number of segments."""
+    table = torch.full((4, rows, T), -1, dtype=torch.long)  # segment id, its start, its prefix's start and end
+    for i, (r, a, b, pa, pb) in enumerate(segments.tolist()):
+        table[:, r, a:b] = torch.tensor([i, a, pa, pb])[:, None]
+    seg, start, pa, pb = table.to(device)
+
+    def mask_mod(b, h, q, kv):
+        own = (seg[b, kv] == seg[b, q]) & (kv <= q)
+        allowed = (seg[b, q] >= 0) & (own | ((kv >= pa[b, q]) & (kv < pb[b, q])))
+        if window:
+            distance = torch.where(own, q - kv, q - start[b, q] + pb[b, q] - kv)
+            allowed = allowed & (distance < window)
+        return allowed
+    return mask_mod
+
+
+def packed_kernel(device: torch.device) -> str:
+    """Which attention packed rows take. CUDA: FlexAttention, one compiled kernel per layer that skips the
+    blocks no query may see, with the block mask built once per batch. Elsewhere: segment_attention, because
+    FlexAttention has no backward on CPU (torch 2.13)."""
+    return "flex" if device.type == "cuda" else "sdpa"
+
+
+@functools.cache
+def compiled_flex_attention():
+    # Uncompiled, flex_attention is a reference that materialises every score: compile it once, lazily.
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def packed_layouts(segments: torch.Tensor, rows: int, T: int, args: "ModelArgs", device) -> tuple:
+    """What the global and the sliding-window layers get for a packed batch: FlexAttention block masks, or
+    segment_attention's tuples (which apply the window per layer themselves)."""
+    if packed_kernel(device) != "flex":
+        tuples = tuple(map(tuple, segments.tolist()))
+        return tuples, tuples
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def block_mask(window):
+        return create_block_mask(segment_mask_mod(segments, rows, T, window, device), rows, None, T, T,
+                                 device=device)
+    full = block_mask(None)
+    return full, (block_mask(args.sliding_window) if args.sliding_window else full)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
@@ -256,10 +306,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        if segments is not None:
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(segments, tuple):
             out = segment_attention(q, k, v, segments, self.window, self.scale)
+        elif segments is not None:  # a FlexAttention block mask
+            out = compiled_flex_attention()(q, k, v, block_mask=segments, scale=self.scale, enable_gqa=gqa)
         else:
-            gqa = self.n_kv_heads != self.n_heads
             causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
             if self.scale is not None:
                 causal["scale"] = self.scale
@@ -353,8 +405,9 @@ class Transformer(nn.Module):
             cos_local, sin_local = angles.cos(), angles.sin()
         window = self.args.sliding_window
         mask_local = mask if mask_local is None else mask_local
-        if segments is not None:  # read once per batch, not once per layer; the window applies per segment
-            segments = tuple(map(tuple, segments.tolist()))
+        segments_local = None
+        if segments is not None:  # read once per batch, not once per layer
+            segments, segments_local = packed_layouts(segments, B, T, self.args, tokens.device)
         elif mask is None:  # a caller's mask is complete as given (window included)
             queries = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]
             keys = torch.arange(start_pos + T, device=tokens.device)[None, :]
@@ -372,7 +425,7 @@ class Transformer(nn.Module):
             h = h * torch.tensor(self.args.dim ** 0.5, dtype=h.dtype)
         for i, layer in enumerate(self.layers):
             if self.args.is_local(i):
-                h = layer(h, cos_local, sin_local, mask_local, start_pos, segments)
+                h = layer(h, cos_local, sin_local, mask_local, start_pos, segments_local)
             else:
                 h = layer(h, cos, sin, mask, start_pos, segments)
         return self.norm(h)
