@@ -24,12 +24,13 @@ Batches (`Loader`), every tensor int64:
                           grouped by it, [2P] chosen then rejected
     sample_ids    [P]     dataset indices of the samples in this batch (pair indices for preference)
     tokens        []      the batch's tokens as the samples have them (a shared prompt counted in both sides)
-SFT padded: R = batch_size rows, T = the longest sample. Packed: R = batch_size rows of exactly max_seq_len
-tokens, documents never split. Preference padded: R = 2 * batch_size, rows [0, B) chosen and [B, 2B) rejected,
-so one forward serves both. Preference packed: rows of 2 * max_seq_len tokens (room for any pair), whole
-pairs, each as its chosen then its rejected document; with `share_prompt` the rejected document drops the
-prompt it shares with the chosen one (`shared_prefix_length`) and attends to the chosen document's copy,
-with positions continuing from the prompt's end, so each response sees exactly its unshared context.
+SFT padded: R = batch_size rows, T = the longest sample. Packed: R = batch_size rows of up to max_seq_len
+tokens, documents never split, T = the fullest row. Preference padded: R = 2 * batch_size, rows [0, B) chosen
+and [B, 2B) rejected, so one forward serves both. Preference packed: rows of up to 2 * max_seq_len tokens (room
+for any pair), whole pairs, each as its chosen then its rejected document; with `share_prompt` the rejected
+document drops the prompt it shares with the chosen one (`shared_prefix_length`) and attends to the chosen
+document's copy, with positions continuing from the prompt's end, so each response sees exactly its unshared
+context. An epoch's last step may hold fewer rows (one filler row with no trained token where a rank has none).
 """
 
 import argparse
@@ -635,8 +636,8 @@ class Loader:
     """Batches of a TokenizedDataset for one rank; iterating serves the rest of the current epoch, then moves
     to the next. An epoch's rows (one sample each, or packed) depend only on (seed, epoch), not on the world
     size, and each step deals the next batch_size * world_size of them round-robin to the ranks. So every rank
-    runs the same steps (filler rows with no trained token at an epoch's end), and state_dict() = (epoch, rows
-    consumed) resumes, on any number of ranks, with exactly the samples not yet seen."""
+    runs the same steps (an epoch's last may have fewer rows, or one filler row with no trained token), and
+    state_dict() = (epoch, rows consumed) resumes, on any number of ranks, with exactly the samples not yet seen."""
 
     def __init__(self, dataset: TokenizedDataset, batch_size: int, *, pack: bool = False, share_prompt: bool = False,
                  seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
@@ -679,7 +680,8 @@ class Loader:
         rows, size = self.rows(epoch), self.batch_size * self.world_size
         for a in range(start, len(rows), size):
             mine = rows[a:a + size][rank::self.world_size]
-            yield min(a + size, len(rows)), mine + [[]] * (self.batch_size - len(mine))  # [] = filler row
+            # A rank with no rows left still runs the step (its collectives must match): one filler row, [].
+            yield min(a + size, len(rows)), mine or [[]]
 
     def num_steps(self, epoch: int | None = None) -> int:
         """Steps in a whole epoch, the same on every rank (packed epochs vary a little with the order)."""
@@ -721,9 +723,10 @@ class Loader:
         return [[p for i in row for p in ((2 * i, 0), (2 * i + 1, int(self.shared[i])))] for row in rows]
 
     def _width(self, pieces: list[list[tuple[int, int]]]) -> int:
-        if self.pack:
-            return self.capacity
-        return max([int(self.ds.offsets[d + 1] - self.ds.offsets[d]) for row in pieces for d, _ in row] or [1])
+        """The longest row's tokens: padding after it would be computed and thrown away (packed rows hold at
+        most `capacity`)."""
+        used = [sum(int(self.ds.offsets[d + 1] - self.ds.offsets[d]) - skip for d, skip in row) for row in pieces]
+        return max(used + [1])
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rows of sample ids ([] = a filler row) -> the batch dict of the module doc."""
