@@ -375,8 +375,9 @@ class Transformer(nn.Module):
 
         position_ids [B, T] default to start_pos + arange(T). Attention is causal over each row, or, for
         packed rows, within each of the row's documents: `segments` [S, 5] (row, start, end, prefix_start,
-        prefix_end), see segment_attention; packed batches pass it with per-document positions. A boolean
-        `mask` [B, 1, T, T] (True = may attend) serves the tests as the dense reference.
+        prefix_end), see segment_attention (on CUDA: FlexAttention, segment_mask_mod); packed batches pass it
+        with per-document positions. A boolean `mask` [B, 1, T, T] (True = may attend) serves the tests as the
+        dense reference.
         `start_pos` is where these tokens go in the KV cache, when one is set up.
         Training passes labels: the log-probs are computed here, inside the model's forward, because under
         FSDP2 the output projection's weight is only gathered while the root module runs.
