@@ -696,13 +696,65 @@ def make_random_native(path: Path, shape: dict, device: str) -> int:
     return sum(v.numel() for v in state.values())
 
 
+def check_packed_attention(device: str, tol: float = 1e-4) -> dict:
+    """The attention packed rows take on `device` (FlexAttention on CUDA, SDPA per segment elsewhere) against
+    SDPA with the same rule spelled out as a dense mask, in fp32: logits and every gradient, on rows of several
+    documents, shared-prompt pairs and padding, with a sliding window on the local layers. On a GPU this is the
+    first check of FlexAttention's backward (the CPU has none); a difference above `tol` stops the bench."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from model import ModelArgs, Transformer, packed_kernel, segment_mask_mod
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, sliding_window=24,
+                     layer_types=["sliding_attention", "full_attention"], max_seq_len=512)
+    model = Transformer(args).to(device)
+    T, segments, positions = 256, [], torch.zeros(3, 256, dtype=torch.long)
+    for r, docs in enumerate([[256], [40, 1, 90, 60], [(30, 50, 20), (70, 40, 10)]]):
+        p = 0
+        for doc in docs:  # (length,) or a pair (prompt + chosen, rejected, shared prompt)
+            lc, lr, shared = doc if isinstance(doc, tuple) else (doc, 0, 0)
+            segments.append((r, p, p + lc, p, p))
+            positions[r, p:p + lc] = torch.arange(lc)
+            if lr:
+                segments.append((r, p + lc, p + lc + lr, p, p + shared))
+                positions[r, p + lc:p + lc + lr] = torch.arange(shared, shared + lr)
+            p += lc + lr
+    segments = torch.tensor(segments)
+    tokens = torch.randint(0, args.vocab_size, (3, T), device=device)
+    positions = positions.to(device)
+    real = (create_mask(segment_mask_mod(segments, 3, T, None, device), 3, 1, T, T, device=device).any(-1))[:, 0]
+    eye = torch.eye(T, dtype=torch.bool, device=device)  # a padding query sees itself: no NaN row in the reference
+
+    def dense(window):
+        return create_mask(segment_mask_mod(segments, 3, T, window, device), 3, 1, T, T, device=device) | eye
+
+    def run(forward):
+        model.zero_grad()
+        logits = forward()
+        (logits[real] * torch.linspace(-1, 1, args.vocab_size, device=device)).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+    packed, grads = run(lambda: model(tokens, positions, segments=segments))
+    reference, reference_grads = run(lambda: model.output(model.hidden_states(
+        tokens, positions, dense(None), mask_local=dense(args.sliding_window))))
+    logits_diff = (packed[real] - reference[real]).abs().max().item()
+    grads_diff = max(((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
+                     for g, r in zip(grads, reference_grads))
+    kernel = packed_kernel(torch.device(device))
+    print(f"packed attention on {device} ({kernel}) vs dense-mask SDPA, fp32: logits max diff {logits_diff:.1e}, "
+          f"gradients max rel. diff {grads_diff:.1e}")
+    if not logits_diff <= tol or not grads_diff <= tol:
+        raise RuntimeError(f"packed attention ({kernel}) differs from the dense reference by more than {tol}")
+    return {"kernel": kernel, "logits_diff": logits_diff, "grads_diff": grads_diff}
+
+
 def bench_gpu(shapes, device: str, nproc: int, steps: int, seq: int, micro: int) -> dict:
     """tokens/s, MFU and peak memory of train_sft.py per shape. MFU counts 6 N flops per token for the
     weights (embedding lookup excluded, the output projection included) plus 6 L d T for causal attention
     (T = the rows' length; packed documents attend less, so this slightly overstates the work)."""
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    results = {}
+    check, results = check_packed_attention(device), {}
     with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
         data = Path(tmp) / "sft.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in ultrachat_like(max(64, 4 * steps * micro * nproc))))
@@ -733,7 +785,7 @@ def bench_gpu(shapes, device: str, nproc: int, steps: int, seq: int, micro: int)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"| {shape} | {r['params'] / 1e9:.2f} B | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / nproc:.0f} | "
               f"{mfu} | {r['memory_gb']:.1f} GB |")
-    return results
+    return {**results, "packed_attention": check}
 
 
 def summary(results: dict) -> list[tuple[str, float, float | None]]:
