@@ -471,6 +471,21 @@ def test_packing_plan_keeps_documents_whole(sft):
         assert abs((docs == -1).float().mean().item() - want) < 1e-6
 
 
+def test_batches_compute_no_padding_column_and_no_spare_filler_row(sft):
+    """A batch ends at its fullest row (packed rows too: no column is padding in every row), and an epoch's
+    last step has only the rows left; a rank with none left gets one filler row with nothing trained."""
+    for loader in (Loader(sft, 4, pack=True, seed=3), Loader(sft, 5, seed=3)):
+        n, B = len(loader.rows(0)), loader.batch_size
+        batches = list(loader)
+        assert all((b["document_ids"] >= 0).any(0).all() for b in batches)
+        assert [len(b["input_ids"]) for b in batches] == [min(B, n - a) for a in range(0, n, B)]
+    assert len(sft) % 4 == 1  # with 2 ranks of 2 rows, the last step's one sample goes to rank 0
+    last = [list(Loader(sft, 2, seed=0, rank=r, world_size=2))[-1] for r in range(2)]
+    assert len(last[0]["input_ids"]) == 1 and last[0]["sample_ids"].numel() == 1
+    assert len(last[1]["input_ids"]) == 1 and last[1]["sample_ids"].numel() == 0
+    assert (last[1]["labels"] == -100).all()
+
+
 def test_preference_batch_is_chosen_then_rejected(tok, tmp_path):
     records = [{"prompt": f"q{i} " + "x " * i, "chosen": f"good {i}", "rejected": f"bad {i}" + " y" * i}
                for i in range(5)]
