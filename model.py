@@ -130,6 +130,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # Recomputed in backward from x, which the graph keeps anyway, instead of keeping the normalised
+            # x: one [N, dim] tensor less per norm, two per layer. The same ops run again, so the gradients are
+            # the same to the bit.
+            return torch.utils.checkpoint.checkpoint(self.normalise, x, use_reentrant=False, preserve_rng_state=False)
+        return self.normalise(x)
+
+    def normalise(self, x):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses precision otherwise.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -328,8 +336,47 @@ class FeedForward(nn.Module):
         self.gelu = args.activation == "gelu_tanh"
 
     def forward(self, x):
-        gate = F.gelu(self.w1(x), approximate="tanh") if self.gelu else F.silu(self.w1(x))
-        return self.w2(gate * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        if type(self.w2) is nn.Linear:  # a LoRA-wrapped w2 is a subclass: it gets the product as its input
+            return _GatedDown.apply(gate, up, self.w2.weight, self.gelu)
+        return self.w2(_activation(gate, self.gelu) * up)
+
+
+def _activation(x, gelu: bool):
+    return F.gelu(x, approximate="tanh") if gelu else F.silu(x)
+
+
+class _GatedDown(torch.autograd.Function):
+    """w2 (act(gate) * up), keeping only gate and up for backward. Autograd would also keep act(gate) and the
+    product: two more [N, hidden_dim] tensors per layer, over a quarter of a block's activations. Backward
+    recomputes both (two elementwise ops) and then runs autograd's own formulas for the same ops, with the same
+    operands in the same order, so the gradients equal the plain module's to the bit (tests/test_model.py
+    checks torch.equal, fp32 and bf16 autocast). Under autocast the weight is cast as autocast's F.linear
+    would cast it, and its gradient cast back."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, gelu: bool):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.gelu = gelu
+        with torch.autocast(gate.device.type, enabled=False):
+            return F.linear(_activation(gate, gelu) * up, weight.to(gate.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, weight = ctx.saved_tensors
+        act = _activation(gate, ctx.gelu)
+        product = act * up
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_weight = None
+        if ctx.needs_input_grad[2]:  # a frozen w2 (LoRA on the other projections) needs none
+            grad_weight = g.t().mm(product.reshape(-1, product.shape[-1])).to(weight.dtype)
+        grad_product = g.mm(weight.to(gate.dtype)).view(product.shape)
+        grad_act, grad_up = grad_product * up, grad_product * act
+        if ctx.gelu:
+            grad_gate = torch.ops.aten.gelu_backward(grad_act, gate, approximate="tanh")
+        else:
+            grad_gate = torch.ops.aten.silu_backward(grad_act, gate)
+        return grad_gate, grad_up, grad_weight, None
 
 
 class TransformerBlock(nn.Module):
@@ -467,7 +514,7 @@ class Transformer(nn.Module):
 
 IGNORE_INDEX = -100  # the label of a position that is not trained (as torch's cross_entropy default)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the command lines' names
-LOGITS_CHUNK_ELEMENTS = 1 << 25  # 128 MB of fp32 logits per chunk
+LOGITS_CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 logits per chunk
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

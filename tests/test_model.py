@@ -224,3 +224,58 @@ def test_token_logprobs_gradients_with_uneven_upstream_and_frozen_weight(monkeyp
     hidden.grad = weight.grad = None
     model_module.token_logprobs(hidden, weight, labels).sum().backward()
     assert hidden.grad is not None and weight.grad is None
+
+
+def saved_bytes(fn, params):
+    """Bytes of the distinct tensors autograd keeps for backward while fn() runs, parameters excluded."""
+    kept, excluded = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in excluded:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, kept
+
+
+@pytest.mark.parametrize("case", ["silu", "gelu_tanh", "silu_bf16_autocast", "frozen_w2", "norm_fp32_weight"])
+def test_lean_mlp_and_norm_give_autograd_gradients_to_the_bit(case):
+    """The MLP (_GatedDown) and RMSNorm keep fewer activations and recompute the rest in backward: outputs
+    and every gradient must equal plain autograd over the same ops exactly (torch.equal), under bf16
+    autocast too, and the tensors kept must be fewer: gate and up only for the MLP, the input for the norm."""
+    import torch.nn.functional as F
+    from model import FeedForward, RMSNorm
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16,
+                     activation="gelu_tanh" if case == "gelu_tanh" else "silu")
+    mlp = FeedForward(args)
+    norm = RMSNorm(32, 1e-6, unit_offset=case == "norm_fp32_weight", fp32_weight=case == "norm_fp32_weight")
+    with torch.no_grad():
+        norm.weight.normal_()
+    if case == "frozen_w2":
+        mlp.w2.weight.requires_grad_(False)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    upstream = torch.randn(3, 7, 32)
+    params = [p for p in (*mlp.parameters(), norm.weight) if p.requires_grad]
+
+    def plain():
+        n = norm.normalise(x)
+        gate = F.gelu(mlp.w1(n), approximate="tanh") if mlp.gelu else F.silu(mlp.w1(n))
+        return mlp.w2(gate * mlp.w3(n))
+
+    results = []
+    for fn in (lambda: mlp(norm(x)), plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.endswith("autocast")):
+            out, kept = saved_bytes(fn, [*mlp.parameters(), norm.weight])
+        grads = torch.autograd.grad((out.float() * upstream).sum(), [x, *params])
+        results.append((out, grads, kept))
+    (out, grads, kept), (ref, ref_grads, ref_kept) = results
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    hidden = 3 * 7 * args.hidden_dim * out.element_size()
+    # Plain autograd also keeps act(gate), the product ([N, hidden] each; the product only for w2's gradient)
+    # and the normalised x ([N, dim], fp32) with its scale ([N, 1]); under autocast also w2's bf16 copy.
+    products = 1 if case == "frozen_w2" else 2
+    assert sum(ref_kept.values()) - sum(kept.values()) >= products * hidden + 3 * 7 * 33 * 4
