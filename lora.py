@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer, load_state_dict, native_args, resolve_weights
+from model import Transformer, check_state_dict, load_state_dict, native_args, release_pages, resolve_weights
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # every attention and MLP projection
 ADAPTER_WEIGHTS = "adapter.pth"
@@ -149,20 +149,52 @@ def resolve(path) -> Path:
     return resolve_weights(path)
 
 
-def stacked_state(paths) -> dict:
-    """The state dict of a base checkpoint and its overlays, in order: a LoRA adapter merges into the weights
-    so far (in their dtype), any other overlay replaces the tensors it holds. Memory-mapped where untouched."""
+def stacked_source(paths) -> tuple[dict, callable]:
+    """A base checkpoint and its overlays, in order, one tensor at a time: (every tensor's name -> its last stored
+    version, memory-mapped, for shapes and dtypes; tensor(name) -> that tensor stacked). A LoRA adapter merges
+    into the weight so far (in its dtype), any other overlay replaces the tensors it holds. Nothing is merged
+    or read until asked for, so a process that needs only its FSDP shards reads only those rows."""
     weights = [resolve(p) for p in paths]
-    state = load_state_dict(weights[0])
+    base = load_state_dict(weights[0])
+    stored, layers = dict(base), []  # layers: (overlay, alpha / r for an adapter, None for plain tensors)
     for w in weights[1:]:
         overlay = load_state_dict(w)
+        scale = None
         if any(".lora_" in k for k in overlay):
             config = read_adapter_config(w)
-            check_adapter(state, overlay, w)
-            state = merged_state_dict({**state, **overlay}, config["rank"], config["alpha"])
-        else:
-            state.update(overlay)
-    return state
+            check_adapter(stored, overlay, w)
+            scale = config["alpha"] / config["rank"]
+        layers.append((overlay, scale))
+        stored.update({k: v for k, v in overlay.items() if ".lora_" not in k})
+
+    def tensor(name: str, rows: slice | None = None) -> torch.Tensor:
+        """rows None: the tensor as stored, a view of the mapping unless something merges into it (a parameter
+        may keep it: no copy). rows a slice of dim 0 (a process's FSDP shard, or all of them): a copy of those
+        rows, merged, with the mapping's pages given back, so reading a share of each tensor holds that share."""
+        mapped, prefix = [], name[: -len("weight")]
+
+        def read(t):
+            mapped.append(t if rows is None else t[rows])
+            return mapped[-1]
+        value = read(base[name]) if name in base else None
+        for overlay, scale in layers:
+            if name in overlay:
+                value = read(overlay[name])
+            elif scale is not None and name.endswith(".weight") and prefix + "lora_a" in overlay:
+                b = overlay[prefix + "lora_b"] if rows is None else overlay[prefix + "lora_b"][rows]
+                value = (value.float() + scale * (b.float() @ overlay[prefix + "lora_a"].float())).to(value.dtype)
+        if rows is not None:
+            value = value.clone() if any(value is t for t in mapped) else value
+            for t in mapped:
+                release_pages(t)
+        return value
+    return stored, tensor
+
+
+def stacked_state(paths) -> dict:
+    """The whole stacked state dict (see stacked_source): memory-mapped where untouched."""
+    stored, tensor = stacked_source(paths)
+    return {k: tensor(k) for k in stored}
 
 
 def check_adapter(state: dict, adapter: dict, source: Path):
@@ -174,6 +206,34 @@ def check_adapter(state: dict, adapter: dict, source: Path):
                 or (b.shape[0], a.shape[1]) != weight.shape:
             raise ValueError(f"LoRA adapter {source}: {prefix}lora_a {shape(a)} / lora_b {shape(b)} do not fit "
                              f"{prefix}weight {shape(weight)}; was it trained on another model?")
+
+
+def meta_model(paths) -> tuple[Transformer, callable]:
+    """A checkpoint (or a base with overlays, see stacked_source) as a Transformer on the meta device, checked
+    against the stored tensors' names and shapes before anything is allocated, and tensor(name) to fill it
+    (parallel.materialize): training builds, wraps and shards the model first, then each process reads its part."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("a model needs at least one checkpoint path")
+    weights = [resolve(p) for p in paths]
+    stored, tensor = stacked_source(weights)
+    with torch.device("meta"):
+        model = Transformer(native_args(weights[0]))
+    check_state_dict(model, dict(stored), ", ".join(str(w) for w in weights))
+    return model, tensor
+
+
+def initial_adapters(model: nn.Module) -> dict:
+    """The adapters apply_lora gives on a real device, for a model built on the meta device (whose LoRALinear
+    are left uninitialised): A as nn.Linear initialises it, B zero, drawn on the CPU in module order from the
+    global RNG, so every process draws the same full tensors whatever part it keeps."""
+    adapters = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            a = torch.empty(m.lora_a.shape)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"] = a, torch.zeros(m.lora_b.shape)
+    return adapters
 
 
 def load_model(paths, dtype: torch.dtype | None = None, device=None) -> Transformer:

@@ -14,6 +14,7 @@ global ones.
 import functools
 import json
 import math
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -151,8 +152,9 @@ def rope_frequencies(args: ModelArgs, local: bool = False) -> torch.Tensor:
     local: Gemma 3's sliding-window layers, which rotate with their own base and no scaling."""
     d = args.head_dim
     theta = args.rope_local_theta if local and args.rope_local_theta else args.rope_theta
-    # fp32 as Meta and transformers compute them: a float64 table would differ from both.
-    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
+    # fp32 as Meta and transformers compute them: a float64 table would differ from both. On the CPU even when
+    # the model is built on the meta device: the table is computed, never loaded.
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu")[: d // 2] / d))
     if not (args.use_scaled_rope or args.rope_scaling) or (local and args.layer_types is not None):
         return freqs
     if (args.rope_scaling or {}).get("rope_type") == "linear":  # Gemma 3's global layers: positions / factor
@@ -507,8 +509,6 @@ class Transformer(nn.Module):
         model.load_state_dict(state, assign=True, strict=True)
         if args.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
             model.output.weight = model.tok_embeddings.weight
-        model.inv_freq = rope_frequencies(args)  # built on meta above
-        model.inv_freq_local = rope_frequencies(args, local=True)
         return model.to(device=device, dtype=dtype)
 
 
@@ -617,6 +617,23 @@ def load_state_dict(path: Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors")
     return state
+
+
+def release_pages(t: torch.Tensor):
+    """Let the kernel take back the pages of a tensor memory-mapped by load_state_dict, once it has been copied
+    out: a mapping's pages otherwise stay in the process's resident set until the whole file is unmapped, so a
+    process that reads its FSDP shards out of a checkpoint would end up holding the file's share twice. Only for
+    pages never written (they are clean: touched again, they come back from the page cache); Linux and macOS,
+    a no-op elsewhere."""
+    if not t.numel() or not (sys.platform.startswith("linux") or sys.platform == "darwin"):
+        return
+    import ctypes
+    import mmap
+
+    start = t.data_ptr() - t.data_ptr() % mmap.PAGESIZE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    MADV_DONTNEED = 4
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def check_state_dict(model: nn.Module, state: dict, source: str):

@@ -149,6 +149,9 @@ def apply_fsdp(model, param_dtype: torch.dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if not model.args.tie_word_embeddings:  # a tied embedding is the output projection too: it stays in the root
+        # A unit of its own: gathered for the lookup and freed at once, not held whole through the step.
+        fully_shard(model.tok_embeddings, mp_policy=mp)
     for i, block in enumerate(model.layers):
         # The last block is gathered again at once for backward: keep it instead of resharding.
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
@@ -157,19 +160,56 @@ def apply_fsdp(model, param_dtype: torch.dtype):
 
 
 def parallelize(model, d: Dist, dp: str, param_dtype: torch.dtype, activation_checkpointing: bool,
-                compile: bool):
-    """Order matters: checkpoint wrappers and compiled blocks must exist before FSDP wraps the blocks."""
+                compile: bool, tensor):
+    """Wrap a model built on the meta device, then give it its weights (tensor(name) -> the full tensor, see
+    materialize). Order matters: checkpoint wrappers and compiled blocks must exist before FSDP wraps the blocks;
+    FSDP shards before anything is allocated, so each process holds only its shards, from load on; DDP copies
+    rank 0's weights when it wraps, so they must be there before. A model with nothing to train (DPO's reference)
+    is sharded under FSDP and a plain copy under DDP."""
     from torch.nn.parallel import DistributedDataParallel
 
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if not dist.is_initialized():
+    if dist.is_initialized() and dp == "fsdp":
+        apply_fsdp(model, param_dtype)
+    materialize(model, tensor, d.device)
+    if not dist.is_initialized() or dp == "fsdp" or not any(p.requires_grad for p in model.parameters()):
         return model
-    if dp == "fsdp":
-        return apply_fsdp(model, param_dtype)
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def materialize(model, tensor, device: torch.device):
+    """Fill a model built on the meta device from tensor(name, rows=None) (lora.stacked_source: the checkpoint,
+    memory-mapped). FSDP2's sharded parameters: each process allocates its own shards and copies in its rows of
+    each tensor, so it reads and holds its share only. Plain parameters take the tensor itself in their dtype
+    (no copy when the checkpoint's matches), swapped in place, so tied weights stay tied."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in checkpoint_parameters(model).items():
+            if not isinstance(p, DTensor):
+                torch.utils.swap_tensors(p, torch.nn.Parameter(tensor(name).to(device, p.dtype), p.requires_grad))
+                continue
+            # FSDP2 shards dim 0 as torch.chunk does: ceil(rows / N) each, the last ones shorter or empty.
+            assert p.placements[0].dim == 0, p.placements
+            n, rank, local = p.device_mesh.size(), p.device_mesh.get_local_rank(), p.to_local()
+            start = min(rank * -(-p.shape[0] // n), p.shape[0])
+            p.to_local().copy_(tensor(name, slice(start, start + local.shape[0])))
+
+
+def checkpoint_parameters(model) -> dict:
+    """named_parameters under the checkpoint's names: activation checkpointing's wrapper inserts its own
+    attribute into the path. A tied weight appears once, under its first name."""
+    return {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in model.named_parameters()}
+
+
+def full_tensor(p: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: gathered from every process's shard under FSDP2 (a collective: all must call it)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def autocast(d: Dist, dp: str, param_dtype: torch.dtype):
@@ -189,14 +229,17 @@ def reshard(model):
             m.reshard()
 
 
-def no_grad_sync(model, sync: bool):
-    """Gradient accumulation: reduce gradients across ranks only on the last micro-batch of a step."""
+def grad_sync(model, last: bool, fsdp_grad_sync: str):
+    """Gradient accumulation across the micro-batches of a step. DDP reduces on the last one only: its buckets
+    hold whole gradients either way. FSDP2 reduce-scatters after every micro-batch by default, so between them
+    each rank keeps only its shard of the gradients; --fsdp_grad_sync last reduces once per step (fewer
+    collectives), at the price of whole fp32 gradients, +4 bytes per trained parameter, on every rank."""
     import contextlib
 
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
+        model.set_requires_gradient_sync(last or fsdp_grad_sync == "every")
         return contextlib.nullcontext()
-    if hasattr(model, "no_sync") and not sync:  # DDP
+    if hasattr(model, "no_sync") and not last:  # DDP
         return model.no_sync()
     return contextlib.nullcontext()
 

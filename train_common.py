@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import lora
+import parallel
 from lora import DEFAULT_TARGETS as LORA_TARGETS
 from model import DTYPES, IGNORE_INDEX
 from parallel import (Dist, StopSignal, all_reduce_sum, any_rank, barrier, checkpoint_dirs, first_line,
@@ -72,6 +72,9 @@ class CommonArgs:
     train_steps: int = arg(None, help="optimizer steps; overrides --train_epochs when set")
     seed: int = arg(42, help="seed for data order, LoRA init and dropout")
     dp: str = arg("fsdp", help="data parallelism under torchrun", choices=["fsdp", "ddp"])
+    fsdp_grad_sync: str = arg("every", help="FSDP2 with --gradient_accum_steps > 1: every: reduce-scatter each "
+                              "micro-batch, gradients stay sharded; last: once per step, faster, but whole fp32 "
+                              "gradients (+4 bytes per trained parameter) on every GPU", choices=["every", "last"])
     param_dtype: str = arg("auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU); master weights stay fp32",
                            choices=["auto", "bf16", "fp32"])
     activation_checkpointing: bool = arg(False, help="recompute each block in backward to save memory")
@@ -337,26 +340,31 @@ def load_datasets(args, tokenizer, template, kind: str):
 
 
 def load_model(args, d: Dist):
-    """The policy on its device, with LoRA adapters if asked, then parallelized. Returns (the parallelized
-    model, the bare Transformer, the LoRA config or None, the input checkpoint's dtype)."""
-    model = lora.load_model(args.ckpt_paths)
-    input_dtype = model.tok_embeddings.weight.dtype
+    """The policy on its device, with LoRA adapters if asked, then parallelized. Built on the meta device and
+    wrapped first, then filled from the memory-mapped checkpoint: under FSDP2 each process reads and allocates
+    its own shards only (see parallel.parallelize). Returns (the parallelized model, the bare Transformer, the
+    LoRA config or None, the input checkpoint's dtype)."""
+    model, tensor = lora.meta_model(args.ckpt_paths)
+    input_dtype = tensor("tok_embeddings.weight").dtype
     param_dtype = resolve_dtype(args.param_dtype, d.device)
     # Trained weights are fp32 masters. A LoRA run's frozen base never takes an optimizer update, so it
     # stays in the compute dtype (bf16 on GPUs): half the memory of the largest part of the model.
-    model = model.to(device=d.device, dtype=param_dtype if args.lora else torch.float32)
-    lora_config = None
+    model = model.to(dtype=param_dtype if args.lora else torch.float32)
+    lora_config, adapters = None, {}
     if args.lora:
-        torch.manual_seed(args.seed)  # the same adapter init on every rank
         lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
         lora.mark_trainable(model, args.lora_unfrozen_params)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        torch.manual_seed(args.seed)  # the same adapter init on every rank
+        adapters = lora.initial_adapters(model)
         lora_config = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": list(args.lora_targets),
                        "unfrozen": [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]}
     print0(parameter_summary(model))
-    wrapped = parallelize(model, d, args.dp, param_dtype, args.activation_checkpointing, args.compile)
+    wrapped = parallelize(model, d, args.dp, param_dtype, args.activation_checkpointing, args.compile,
+                          lambda name, rows=None: adapters[name][rows or slice(None)] if name in adapters
+                          else tensor(name, rows))
     return wrapped, model, lora_config, input_dtype
 
 
@@ -390,6 +398,8 @@ def start(run: Run):
     run.log = MetricsLog(args.output_dir, run.d, run.steps, args.print_freq, start_step=run.step,
                          wandb_project=args.wandb_project if args.wandb else None, config=config_dict(args))
     run.stop = StopSignal()
+    print0(f"set-up peak memory {peak_memory_gb(run.d.device):.2f} GB (rank 0); the log's memory is training's")
+    reset_peak_memory(run.d.device)
     loader = run.loader  # the loader's own state marks the position for resume
     run.batches = (batch for _ in itertools.count() for batch in loader)
     run.model.train()
@@ -439,7 +449,11 @@ def val_due(run: Run) -> bool:
 def end_step(run: Run, metrics: dict) -> bool:
     """The step's line in metrics.jsonl and a checkpoint every --save_freq steps; True when the run must end
     now: a SIGTERM reached some rank, and the checkpoint to resume from is saved."""
-    run.log.log(run.step, metrics)
+    # Every process's peak since training began (set-up excluded): the largest is the one that decides.
+    peak = torch.tensor([peak_memory_gb(run.d.device)], device=run.d.device)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    run.log.log(run.step, {**metrics, "memory_gb": float(peak)})
 
     def checkpoint() -> Path:
         extra = {"step": run.step, "loader": run.loader.state_dict(), "rng": rng_state()}
@@ -540,16 +554,11 @@ def save_final(run: Run):
     dtype unless --save_dtype, params.json, tokenizer files, the template, train_args.json; LoRA runs also keep
     the adapter alone under adapter/ (with any --lora_unfrozen_params), so base + adapter loads as the trained
     model. Each file is written under a temp name and renamed, the weights last: a dir whose consolidated.00.pth
-    exists is complete, wherever a kill or a full disk stopped the save."""
+    exists is complete, wherever a kill or a full disk stopped the save. The weights go one tensor at a time,
+    gathered from the shards as they are written: no process ever holds the whole model."""
     args, d = run.args, run.d
-    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     save_dtype = run.input_dtype if args.save_dtype == "auto" else DTYPES[args.save_dtype]
-    error, needed = None, 0
-    if d.main:
-        try:
-            needed = write_model_dir(run, state, save_dtype)
-        except (OSError, RuntimeError) as e:  # lora.save_adapter writes through torch's own stream
-            error = e
+    error, needed = write_model_dir(run, save_dtype)
     if any_rank(error is not None, d):
         last = checkpoint_dirs(args.output_dir)
         raise OSError(write_failure("the final model", Path(args.output_dir) / "consolidated.00.pth", error, d, needed,
@@ -558,32 +567,105 @@ def save_final(run: Run):
     print0(f"saved {args.output_dir}")
 
 
-def write_model_dir(run: Run, state: dict, save_dtype: torch.dtype) -> int:
-    args, output_dir, lora_config = run.args, Path(run.args.output_dir), run.lora_config
-    output_dir.mkdir(parents=True, exist_ok=True)
+def write_model_dir(run: Run, save_dtype: torch.dtype) -> tuple:
+    """Every process takes part (a full fine-tune's tensors are gathered from all of them); rank 0 writes. A write
+    that fails on rank 0 (a full disk) ends its writing, not its part in the gathers, so no process waits
+    forever. Returns (rank 0's error or None, the bytes the weights need)."""
+    args, d, output_dir, lora_config = run.args, run.d, Path(run.args.output_dir), run.lora_config
+    params = parallel.checkpoint_parameters(run.bare_model)
+    error = None
+
+    def on_main(write):
+        nonlocal error
+        if d.main and error is None:
+            try:
+                write()
+            except (OSError, RuntimeError) as e:  # torch.save writes through its own stream: a RuntimeError
+                error = e
+
     weights = output_dir / "consolidated.00.pth"
-    weights.unlink(missing_ok=True)  # from here until the end, the dir is visibly incomplete
+    on_main(lambda: output_dir.mkdir(parents=True, exist_ok=True))
+    on_main(lambda: weights.unlink(missing_ok=True))  # from here until the end, the dir is visibly incomplete
     if lora_config:
-        adapter = {k: v.float() for k, v in state.items() if ".lora_" in k or k in lora_config["unfrozen"]}
-        lora.save_adapter(output_dir / "adapter", adapter, lora_config["rank"], lora_config["alpha"],
-                          lora_config["targets"])
+        adapter = {k: parallel.full_tensor(p).float() for k, p in params.items()
+                   if ".lora_" in k or k in lora_config["unfrozen"]}
+        on_main(lambda: lora.save_adapter(output_dir / "adapter", adapter, lora_config["rank"], lora_config["alpha"],
+                                          lora_config["targets"]))
         # Merged into the input checkpoint as read, not into the copy that trained: that frozen base may have
-        # been cast to bf16 for compute, and saving it would round every untrained weight.
-        state = lora.merged_state_dict({**lora.stacked_state(args.ckpt_paths), **adapter}, lora_config["rank"],
-                                       lora_config["alpha"])
+        # been cast to bf16 for compute, and saving it would round every untrained weight. Rank 0's work alone.
+        stored, base = lora.stacked_source(args.ckpt_paths)
+        shapes = {k: v.shape for k, v in stored.items()} if d.main else {}
+
+        def tensor(name):
+            value, prefix = adapter[name] if name in adapter else base(name, slice(None)), name[: -len("weight")]
+            layer = {name: value, **({prefix + "lora_a": adapter[prefix + "lora_a"],
+                                      prefix + "lora_b": adapter[prefix + "lora_b"]}
+                                     if name.endswith(".weight") and prefix + "lora_a" in adapter else {})}
+            return lora.merged_state_dict(layer, lora_config["rank"], lora_config["alpha"])[name]
+    else:
+        shapes = {k: p.shape for k, p in params.items()}
+
+        def tensor(name):
+            return parallel.full_tensor(params[name])
     if run.bare_model.args.tie_word_embeddings:
-        state.pop("output.weight", None)
-    state = {k: v.to(save_dtype) for k, v in state.items()}
-    params = json.dumps(run.bare_model.args.to_json(), indent=2) + "\n"
-    atomic_write(output_dir / "params.json", lambda f: f.write(params.encode()))
+        shapes.pop("output.weight", None)
+    texts = {"params.json": json.dumps(run.bare_model.args.to_json(), indent=2) + "\n",
+             "train_args.json": json.dumps(config_dict(args), indent=2, default=str) + "\n"}
     ckpt_dir = native_dir(args.ckpt_paths[0])
     copies = [] if ckpt_dir.resolve() == output_dir.resolve() else [ckpt_dir / n for n in TOKENIZER_FILES]
     for src in [p for p in copies if p.is_file()] + [Path(run.template.path)]:
-        atomic_write(output_dir / src.name, lambda f: f.write(src.read_bytes()))
-    record = json.dumps(config_dict(args), indent=2, default=str) + "\n"
-    atomic_write(output_dir / "train_args.json", lambda f: f.write(record.encode()))
-    atomic_write(weights, lambda f: torch.save(state, f))
-    return state_bytes(state)
+        texts[src.name] = src.read_bytes()
+    for name, text in texts.items():
+        data = text.encode() if isinstance(text, str) else text
+        on_main(lambda: atomic_write(output_dir / name, lambda f: f.write(data)))
+    if d.main and error is None:
+        on_main(lambda: atomic_write(weights, lambda f: save_streamed(f, shapes, tensor, save_dtype)))
+    else:
+        save_streamed(None, shapes, tensor, save_dtype)
+    return error, sum(torch.Size(shape).numel() for shape in shapes.values()) * save_dtype.itemsize
+
+
+def save_streamed(f, shapes: dict, tensor, dtype: torch.dtype):
+    """torch.save({name: tensor(name).to(dtype)}, f) one tensor at a time: first the file's layout
+    (torch.serialization.skip_data: the pickle, and room for every tensor's bytes), then each tensor's bytes at
+    its place in the zip archive; torch.load reads the result as it reads any torch.save file. Every process
+    calls tensor(name) (it may gather from the others); the one writing passes its file, the others None. A
+    failed write stops the writing, not the calls, and is raised at the end."""
+    import zipfile
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    error, places = None, {}
+    if f is not None:
+        try:
+            with FakeTensorMode():
+                layout = {k: torch.empty(shape, dtype=dtype) for k, shape in shapes.items()}
+            with torch.serialization.skip_data(materialize_fake_tensors=True):
+                torch.save(layout, f)
+            f.flush()
+            # torch.save numbers the storages in the order it pickles them, the dict's: tensor i is data/i. A
+            # stored zip entry's bytes follow its local header (30 bytes, then its name and extra field).
+            with zipfile.ZipFile(f.name) as z, open(f.name, "rb") as raw:
+                records = {i.filename.rsplit("/data/", 1)[-1]: i for i in z.infolist() if "/data/" in i.filename}
+                for i, name in enumerate(shapes):
+                    info = records[str(i)]
+                    raw.seek(info.header_offset + 26)
+                    skip = int.from_bytes(raw.read(2), "little") + int.from_bytes(raw.read(2), "little")
+                    places[name] = info.header_offset + 30 + skip, info.file_size
+        except (OSError, RuntimeError) as e:
+            error = e
+    for name in shapes:
+        t = tensor(name).detach().to("cpu", dtype).contiguous()
+        if f is None or error is not None:
+            continue
+        offset, size = places[name]
+        assert t.nbytes == size, f"{name}: {t.nbytes} bytes for a place of {size}"
+        try:
+            os.pwrite(f.fileno(), t.view(torch.uint8).numpy(), offset)
+        except OSError as e:
+            error = e
+    if error is not None:
+        raise error
 
 
 def atomic_write(path: Path, write):
@@ -601,9 +683,27 @@ def atomic_write(path: Path, write):
 
 # -- logging ---------------------------------------------------------------------------------------------------
 def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory since reset_peak_memory: CUDA's peak allocation, or on the CPU the peak
+    resident set (VmHWM, which the kernel lets a process reset; ru_maxrss where there is no /proc)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024**2  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def reset_peak_memory(device: torch.device):
+    """From here on, peak_memory_gb measures training, not loading: the peak so far becomes the current use."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets VmHWM to the current resident set
+    except OSError:
+        pass  # then the peak includes set-up
 
 
 class MetricsLog:
@@ -642,7 +742,6 @@ class MetricsLog:
             return
         if self.start_step is None:
             self.start_step = step - 1
-        metrics = {**metrics, "memory_gb": peak_memory_gb(self.d.device)}  # rank 0's peak so far
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:

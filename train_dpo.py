@@ -107,13 +107,9 @@ def adapters_off(model, enabled: bool):
 def load_reference_model(args, d: parallel.Dist, param_dtype: torch.dtype):
     """A frozen copy in the compute dtype (nothing updates it, so no fp32 master), in eval mode, without
     activation checkpointing; FSDP2-sharded like the policy (DDP has nothing to synchronise: a plain copy)."""
-    model = lora.load_model(args.ref_ckpt_paths or args.ckpt_paths, dtype=param_dtype, device=d.device)
-    model.requires_grad_(False).eval()
-    if args.compile:
-        parallel.apply_compile(model)
-    if torch.distributed.is_initialized() and args.dp == "fsdp":
-        parallel.apply_fsdp(model, param_dtype)
-    return model
+    model, tensor = lora.meta_model(args.ref_ckpt_paths or args.ckpt_paths)
+    model = model.to(dtype=param_dtype).requires_grad_(False).eval()
+    return parallel.parallelize(model, d, args.dp, param_dtype, False, args.compile, tensor)
 
 
 @torch.no_grad()
@@ -205,8 +201,9 @@ def train(args: DPOArgs, d: parallel.Dist):
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
             ref = reference(batch, "train")
-            last = i == len(micro_batches) - 1  # gradients sync across ranks on the last micro-batch only
-            with parallel.no_grad_sync(run.model, last), parallel.autocast(d, args.dp, run.param_dtype):
+            last = i == len(micro_batches) - 1
+            with parallel.grad_sync(run.model, last, args.fsdp_grad_sync), \
+                    parallel.autocast(d, args.dp, run.param_dtype):
                 s, n = tc.response_logps(run.model, batch, d.device)
                 losses, *logged = dpo_loss(s, ref, n, args.dpo_beta, args.dpo_label_smoothing, args.dpo_loss)
                 loss = losses.sum() / max(pairs, 1)

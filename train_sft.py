@@ -82,8 +82,9 @@ def train(args: SFTArgs, d: parallel.Dist):
         units, tokens = parallel.all_reduce_sum(counts).tolist()
         loss_total = torch.zeros((), device=d.device)
         for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1  # gradients sync across ranks on the last micro-batch only
-            with parallel.no_grad_sync(run.model, last), parallel.autocast(d, args.dp, run.param_dtype):
+            last = i == len(micro_batches) - 1
+            with parallel.grad_sync(run.model, last, args.fsdp_grad_sync), \
+                    parallel.autocast(d, args.dp, run.param_dtype):
                 lp = tc.forward_logprobs(run.model, batch, d.device)
                 loss = sft_loss_sum(lp, batch["labels"].to(d.device), batch["document_ids"].to(d.device),
                                     args.loss_reduction) / max(units, 1)

@@ -77,8 +77,9 @@ def train(args: SimPOArgs, d: parallel.Dist):
         pairs, chosen_tokens, tokens = tc.preference_counts(micro_batches, d)
         totals = torch.zeros(1 + len(tc.PAIR_METRICS), device=d.device)  # loss, then the metrics' sums
         for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1  # gradients sync across ranks on the last micro-batch only
-            with parallel.no_grad_sync(run.model, last), parallel.autocast(d, args.dp, run.param_dtype):
+            last = i == len(micro_batches) - 1
+            with parallel.grad_sync(run.model, last, args.fsdp_grad_sync), \
+                    parallel.autocast(d, args.dp, run.param_dtype):
                 s, n = tc.response_logps(run.model, batch, d.device)
                 losses, *logged = simpo_loss(s, n, args.simpo_beta, args.simpo_gamma)
                 loss = losses.sum() / max(pairs, 1)
