@@ -254,6 +254,75 @@ def segment_mask_mod(segments: torch.Tensor, rows: int, T: int, window: int | No
     return mask_mod
 
 
+def segment_block_mask(segments: torch.Tensor, rows: int, T: int, window: int | None = None, device=None,
+                       block: int = 128):
+    """segment_mask_mod's FlexAttention BlockMask, built from the segment table. Each (row, query block, key
+    block) tile is full (every pair may attend: the kernel skips mask_mod), partial (mask_mod decides pair by
+    pair) or empty (skipped). create_block_mask would evaluate mask_mod on all [rows, T, T] pairs (GBs at 16k
+    tokens). Here the queries of one segment within one query block are a piece, and a query's keys are two
+    intervals (the prefix's, and its own segment's up to itself), so a piece meets, or covers, at most two runs
+    of key blocks: O(pieces + rows x blocks^2) small integers. Assumes, as segment_attention does, disjoint
+    segments and a prefix outside its segment."""
+    seg = segments.detach().to("cpu", torch.long).reshape(-1, 5)
+    seg = seg[seg[:, 2] > seg[:, 1]]  # a segment without queries attends nothing
+    if len(seg) and (seg[:, 0].max() >= rows or seg[:, 2].max() > T):
+        raise ValueError(f"a segment lies outside the batch's {rows} rows of {T} tokens: {seg.tolist()}")
+    n = (T + block - 1) // block  # query blocks, and key blocks
+    r, a, b, pa, pb = seg.unbind(1)
+    first = a // block
+    count = (b - 1) // block - first + 1  # the query blocks each segment spans
+    idx = torch.repeat_interleave(torch.arange(len(seg)), count)
+    qb = first[idx] + torch.arange(len(idx)) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    r, a, b, pa, pb = r[idx], a[idx], b[idx], pa[idx], pb[idx]
+    q_first, q_last = torch.maximum(a, qb * block), torch.minimum(b, (qb + 1) * block) - 1
+    tile = r * n + qb
+    W = window or 2 * T  # no window: a bound beyond any distance in document order (< 2T)
+
+    def own(q):  # the keys of its own segment that query q sees, inclusive: from the window's edge to itself
+        return torch.maximum(a, q - W + 1), q
+
+    def prefix(q):  # the prefix's keys that q sees: in document order the prefix runs just before the segment
+        return torch.maximum(pa, pb + q - a - W + 1), pb - 1
+
+    def blocks(lo, hi, inside=False):  # the key blocks meeting [lo, hi], or lying inside it: first, last
+        first, last = ((lo + block - 1) // block, (hi + 1) // block - 1) if inside else (lo // block, hi // block)
+        return first, torch.where(lo <= hi, last, first - 1)
+
+    def per_tile(*runs):  # for each tile and key block, how many pieces' runs hold it: [rows * n, n]
+        diff = torch.zeros(rows * n, n + 1, dtype=torch.long)
+        for first, last in runs:
+            keep = first <= last
+            diff.index_put_((tile[keep], first[keep]), torch.tensor(1), accumulate=True)
+            diff.index_put_((tile[keep], last[keep] + 1), torch.tensor(-1), accumulate=True)
+        return diff.cumsum(1)[:, :n]
+
+    # Over a piece's queries, both ends of both intervals only move right. So some query sees the keys from the
+    # first query's lower ends to the last query's upper ends, and every query sees those from the last query's
+    # lower ends to the first query's upper ends (the prefix's upper end is fixed).
+    some = per_tile(blocks(own(q_first)[0], q_last), blocks(*prefix(q_first))) > 0
+    (o_lo, _), (p_lo, p_hi), o_hi = own(q_last), prefix(q_last), q_first
+    # A prefix that ends where its segment starts: the key block across the seam is seen whole too.
+    touch = (o_lo <= o_hi) & (p_lo <= p_hi) & (p_lo <= o_hi + 1) & (o_lo <= p_hi + 1)
+    o_lo = torch.where(touch, torch.minimum(o_lo, p_lo), o_lo)  # one run, their hull
+    o_hi = torch.where(touch, torch.maximum(o_hi, p_hi), o_hi)
+    p_hi = torch.where(touch, p_lo - 1, p_hi)
+    every = per_tile(blocks(o_lo, o_hi, inside=True), blocks(p_lo, p_hi, inside=True))
+    pieces = torch.zeros(rows * n, dtype=torch.long).index_add_(0, tile, torch.ones_like(tile))
+    queries = torch.zeros(rows * n, dtype=torch.long).index_add_(0, tile, q_last - q_first + 1)
+    # Full: every piece sees the key block whole, and the pieces fill the query block (padding queries see
+    # nothing, and a block reaching past T is never whole, as in create_block_mask).
+    full = (every == pieces[:, None]) & (queries == block)[:, None]
+    partial = some & ~full
+
+    def ordered(dense):  # [rows * n, n] -> per query block, how many, and their indices first (ascending)
+        dense = dense.view(rows, 1, n, n).to(torch.int32)
+        order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(-1, dtype=torch.int32).to(device), order.to(device, torch.int32)
+    from torch.nn.attention.flex_attention import BlockMask
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, seq_lengths=(T, T),
+                                    mask_mod=segment_mask_mod(segments, rows, T, window, device))
+
+
 def packed_kernel(device: torch.device) -> str:
     """Which attention packed rows take. CUDA: FlexAttention, one compiled kernel per layer that skips the
     blocks no query may see, with the block mask built once per batch. Elsewhere: segment_attention, because
@@ -274,13 +343,8 @@ def packed_layouts(segments: torch.Tensor, rows: int, T: int, args: "ModelArgs",
     if packed_kernel(device) != "flex":
         tuples = tuple(map(tuple, segments.tolist()))
         return tuples, tuples
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def block_mask(window):
-        return create_block_mask(segment_mask_mod(segments, rows, T, window, device), rows, None, T, T,
-                                 device=device)
-    full = block_mask(None)
-    return full, (block_mask(args.sliding_window) if args.sliding_window else full)
+    full = segment_block_mask(segments, rows, T, None, device)
+    return full, (segment_block_mask(segments, rows, T, args.sliding_window, device) if args.sliding_window else full)
 
 
 class Attention(nn.Module):
