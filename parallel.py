@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from model import DTYPES
 
@@ -250,25 +250,38 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(root.glob("step_*")) if root.exists() else []
 
 
+def trainable_state(model, optimizer) -> dict:
+    """What a step checkpoint holds: the model's state dict less its frozen parameters, and the optimizer's state
+    (only trained parameters have one). A full fine-tune's is everything; a LoRA run's is the adapters and any
+    --lora_unfrozen_params: its frozen base is rebuilt from --ckpt_paths at resume, as at the start (train_common
+    checks those files did not change), where saving it would add 32 GB to every checkpoint of an 8B model.
+    Frozen keys come from the parameters themselves: DCP's ignore_frozen_params names each parameter once, so it
+    would keep a tied output.weight."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    frozen = {k for k, v in getattr(model, "module", model).state_dict(keep_vars=True).items()  # inside DDP
+              if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
+    return {"model": {k: v for k, v in model_sd.items() if k not in frozen}, "optim": optim_sd}
+
+
 def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, d: Dist, keep: int) -> Path:
-    """A resumable checkpoint: sharded model and optimizer state (torch.distributed.checkpoint, each rank
-    writes its own shards), plus each rank's small state (loader position, RNG, step). Written under a temp
-    name and renamed, so a `checkpoints/step_*` dir is always complete, whenever the process dies; the
-    oldest beyond --max_checkpoints are renamed to a temp name before they are deleted, for the same reason,
-    and a step saved twice keeps its first copy. Temp dirs left by a kill go at the next start. A failed
-    write (a full disk) is one OSError on every rank, its temp dir removed."""
+    """A resumable checkpoint: the sharded state of what trains, model and optimizer (see trainable_state; with
+    torch.distributed.checkpoint each rank writes its own shards), plus each rank's small state (loader position,
+    RNG, step, the base's fingerprints). Written under a temp name and renamed, so a `checkpoints/step_*` dir is
+    always complete, whenever the process dies; the oldest beyond --max_checkpoints are renamed to a temp name
+    before they are deleted, for the same reason, and a step saved twice keeps its first copy. Temp dirs left by a
+    kill go at the next start. A failed write (a full disk) is one OSError on every rank, its temp dir removed."""
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = trainable_state(model, optimizer)
     # Without a process group DCP warns that it assumes one process: that is the case here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     error = None
     try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        dcp.save(state, checkpoint_id=tmp)
         with open(tmp / f"extra_rank{d.rank}.pt", "wb") as f:  # a file object: a failed write is an OSError
             torch.save(extra, f)
     except (OSError, RuntimeError, CheckpointException) as e:  # DCP reports a failed write as either
@@ -278,7 +291,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, d: Dis
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space; it was never taken for complete
         previous = checkpoint_dirs(output_dir)
         raise OSError(write_failure(f"the step {step} checkpoint", tmp, error, d,
-                                    (state_bytes(model_sd) + state_bytes(optim_sd)) * d.world_size,
+                                    state_bytes(state),
                                     f"the previous checkpoint {previous[-1]} is intact: free space and rerun "
                                     f"with --resume" if previous else "no earlier checkpoint exists"))
     barrier()
@@ -309,10 +322,10 @@ def write_failure(what: str, where: Path, error, d: Dist, needed: int, intact: s
 
 
 def state_bytes(obj) -> int:
-    """Bytes of the tensors in a nested state dict, this rank's shards only."""
+    """Bytes of the tensors in a nested state dict as written: a sharded tensor (DTensor) whole, all its ranks'
+    shards; a replicated one once (DCP writes one copy)."""
     if isinstance(obj, torch.Tensor):
-        t = obj.to_local() if hasattr(obj, "to_local") else obj
-        return t.numel() * t.element_size()
+        return obj.numel() * obj.element_size()  # a DTensor's numel is its global one
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
     return sum(state_bytes(v) for v in values)
 
@@ -345,8 +358,8 @@ def check_checkpoint_files(path: Path):
             raise ValueError(f"{damaged}: {path / name} is {found}; {fix}")
 
 
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
-    check_checkpoint_files(path)
+def load_extra(path: Path, d: Dist) -> dict:
+    """This rank's small state in a step checkpoint: loader position, RNG, step, the base's fingerprints."""
     extra_path = Path(path) / f"extra_rank{d.rank}.pt"
     if not extra_path.exists():
         raise ValueError(f"{path} was written by a run with fewer processes (no {extra_path.name}); resume "
@@ -356,12 +369,20 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     except Exception as e:
         raise ValueError(f"resume: checkpoint {path} is damaged: cannot load {extra_path} ({first_line(e)}); "
                          f"delete the dir to resume from the one before it") from None
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    return extra
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+    """Restore what trains (see trainable_state) into a model built from --ckpt_paths; returns this rank's extra.
+    DCP refuses a checkpoint that lacks a trained tensor; strict=False lets set_state_dict leave the frozen ones."""
+    check_checkpoint_files(path)
+    extra = load_extra(path, d)
+    state = trainable_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=path)
     except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
         raise ValueError(f"cannot resume from {path}: it does not fit this model and optimizer ({first_line(e)}); "
                          f"resume with the --ckpt_paths and LoRA flags the run started with") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     return extra

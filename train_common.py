@@ -27,8 +27,8 @@ import parallel
 from lora import DEFAULT_TARGETS as LORA_TARGETS
 from model import DTYPES, IGNORE_INDEX
 from parallel import (Dist, StopSignal, all_reduce_sum, any_rank, barrier, checkpoint_dirs, first_line,
-                      load_checkpoint, parallelize, print0, resolve_dtype, rng_state, save_checkpoint, set_rng_state,
-                      setup_distributed, state_bytes, teardown_distributed, write_failure)
+                      load_checkpoint, load_extra, parallelize, print0, resolve_dtype, rng_state, save_checkpoint,
+                      set_rng_state, setup_distributed, state_bytes, teardown_distributed, write_failure)
 from tokenize_chat import TOKENIZER_FILES
 
 
@@ -290,6 +290,7 @@ class Run:
     batches: object = None  # micro-batches across epoch boundaries
     log: "MetricsLog" = None
     stop: StopSignal = None
+    base: list = None  # (file, fingerprint) of what --ckpt_paths loaded (lora.fingerprints), kept in checkpoints
 
 
 def setup(args, d: Dist, kind: str) -> Run:
@@ -302,8 +303,10 @@ def setup(args, d: Dist, kind: str) -> Run:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    for path in args.ckpt_paths:  # fail before any data work when a checkpoint is missing
-        lora.resolve(path)
+    # What the run starts from (step checkpoints keep it); fails before any data work when a checkpoint is missing.
+    base = lora.fingerprints(args.ckpt_paths)
+    if args.resume and args.lora:
+        check_base_unchanged(load_extra(checkpoint_dirs(args.output_dir)[-1], d).get("base"), base, d)
     tokenizer = load_tokenizer(native_dir(args.ckpt_paths[0]))
     template = load_template(args.template_config, tokenizer)
     train_set, val_set = load_datasets(args, tokenizer, template, kind)
@@ -318,7 +321,24 @@ def setup(args, d: Dist, kind: str) -> Run:
     print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation x "
            f"{d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size} "
            f"{unit} per step; {run.steps} steps")
+    run.base = base
     return run
+
+
+def check_base_unchanged(started: list | None, now: list, d: Dist):
+    """A LoRA run's step checkpoints hold only what trains (parallel.trainable_state): --resume rebuilds the frozen
+    base from --ckpt_paths, which must still be the files the run started from (`started`, from the checkpoint)."""
+    problem = None
+    started = now if started is None else started  # a checkpoint from before the record: nothing to compare
+    for (was, a), (file, b) in itertools.zip_longest(started, now, fillvalue=(None, None)):
+        if a != b:  # a file's fingerprint; a file moved (same fingerprint, another path) is the same file
+            why = ("its size, modification time or sampled bytes differ" if file == was else
+                   f"--ckpt_paths now load {file or 'nothing'} in place of {was or 'nothing'}")
+            problem = (f"resume: {file or was} changed since the run started ({why}); the checkpoint holds only "
+                       f"what trains: resume with the weights the run started from")
+            break
+    if any_rank(problem is not None, d):  # every rank leaves together
+        raise ValueError(problem or "resume: another process found its --ckpt_paths changed since the run started")
 
 
 def load_datasets(args, tokenizer, template, kind: str):
@@ -456,7 +476,7 @@ def end_step(run: Run, metrics: dict) -> bool:
     run.log.log(run.step, {**metrics, "memory_gb": float(peak)})
 
     def checkpoint() -> Path:
-        extra = {"step": run.step, "loader": run.loader.state_dict(), "rng": rng_state()}
+        extra = {"step": run.step, "loader": run.loader.state_dict(), "rng": rng_state(), "base": run.base}
         return save_checkpoint(run.args.output_dir, run.step, run.model, run.optimizer, extra, run.d,
                                run.args.max_checkpoints)
 

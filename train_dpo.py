@@ -23,7 +23,6 @@ The reference (--ref_ckpt_paths, default --ckpt_paths) comes from one of:
       base).
 """
 
-import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,25 +72,6 @@ def dpo_loss(policy_logps, reference_logps, lengths, beta: float, label_smoothin
 
 
 # -- the reference ---------------------------------------------------------------------------------------------
-def weights_fingerprint(paths, dtype: torch.dtype) -> str:
-    """Names a reference: each weights file's path, size, modification time and 16 sampled 64 KiB blocks,
-    params.json and any adapter config, and the compute dtype. Rewriting a checkpoint changes it, so a cache
-    made from the old weights is never reused; hashing a whole 16 GB file on every start would be too slow."""
-    h = hashlib.sha256(str(dtype).encode())
-    for path in paths:
-        weights = lora.resolve(path).resolve()
-        for f in (weights, weights.parent / "params.json", weights.parent / lora.ADAPTER_CONFIG):
-            if not f.is_file():
-                continue
-            stat = f.stat()
-            h.update(f"{f}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-            with open(f, "rb") as fh:
-                for i in range(16):
-                    fh.seek(stat.st_size * i // 16)
-                    h.update(fh.read(1 << 16))
-    return h.hexdigest()[:16]
-
-
 @contextmanager
 def adapters_off(model, enabled: bool):
     """The LoRA policy with its adapters disabled is the base model: the reference without a second copy."""
@@ -145,7 +125,7 @@ def build_reference(run: tc.Run):
     args, d, model, param_dtype = run.args, run.d, run.model, run.param_dtype
     same_base = not args.ref_ckpt_paths or list(map(str, args.ref_ckpt_paths)) == list(map(str, args.ckpt_paths))
     if args.reference == "precompute":
-        fingerprint = weights_fingerprint(args.ref_ckpt_paths or args.ckpt_paths, param_dtype)
+        fingerprint = lora.weights_fingerprint(args.ref_ckpt_paths or args.ckpt_paths, param_dtype)
         ref_model = model if same_base else load_reference_model(args, d, param_dtype)
         with adapters_off(run.bare_model, args.lora and same_base):
             tables = {split: precompute_reference(ref_model, ds, args, d, param_dtype, run.pad_id, fingerprint)

@@ -103,14 +103,18 @@ def test_two_processes_fsdp_and_ddp_match_one(setup, tmp_path):
             assert all(close(a[k], b[k]) for k in ("loss", *PAIR_KEYS)), (name, a, b)
 
 
-def test_resume_reproduces_and_reuses_the_reference_cache(setup, tmp_path, capsys):
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_resume_reproduces_and_reuses_the_reference_cache(setup, tmp_path, capsys, use_lora):
+    """With LoRA the step checkpoint holds the adapters alone; the base, and so the adapters-off reference, come
+    from --ckpt_paths again."""
     out = tmp_path / "run"
+    lora = {"lora": True, "lora_rank": 4, "lora_alpha": 8, "lr": 1e-2} if use_lora else {}
     full = run(setup, out, train_steps=6, save_freq=3, micro_batch_size_per_gpu=2,
-               val_data_paths=f"jsonl:{setup['data']}", val_freq=3)
+               val_data_paths=f"jsonl:{setup['data']}", val_freq=3, **lora)
     assert "val/rewards/accuracies" in full[2] and "val/loss" in full[5]
     capsys.readouterr()
     resumed = run(setup, out, train_steps=6, save_freq=3, micro_batch_size_per_gpu=2, resume=True,
-                  val_data_paths=f"jsonl:{setup['data']}", val_freq=3)
+                  val_data_paths=f"jsonl:{setup['data']}", val_freq=3, **lora)
     log = capsys.readouterr().out
     assert "resumed from" in log and "(cached)" in log and "one pass over" not in log
     assert [m["step"] for m in resumed] == list(range(1, 7))
