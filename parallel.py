@@ -198,7 +198,7 @@ def materialize(model, tensor, device: torch.device):
             assert p.placements[0].dim == 0, p.placements
             n, rank, local = p.device_mesh.size(), p.device_mesh.get_local_rank(), p.to_local()
             start = min(rank * -(-p.shape[0] // n), p.shape[0])
-            p.to_local().copy_(tensor(name, slice(start, start + local.shape[0])))
+            local.copy_(tensor(name, slice(start, start + local.shape[0])))
 
 
 def checkpoint_parameters(model) -> dict:
