@@ -456,6 +456,8 @@ def optimizer_step(run: Run, loss: float, tokens: float) -> dict:
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.d.device.type == "cuda":  # the step's kernels are queued, not done: time them done
+        torch.cuda.synchronize(run.d.device)
     run.step += 1
     return {"loss": loss, "lr": run.lr, "grad_norm": grad_norm, "tokens": int(tokens),
             "tokens_per_s": tokens / (time.perf_counter() - run.t0), "epoch": run.loader.epoch}

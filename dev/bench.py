@@ -675,45 +675,47 @@ GPU_SHAPES = {
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense
 
 
-def make_random_native(path: Path, shape: dict, device: str) -> int:
-    """A native dir of random bf16 weights in a Llama 3.2 shape, with Llama 3's real tokenizer. Returns the
-    parameter count."""
-    from model import ModelArgs, Transformer
+def make_random_native(path: Path, shape: dict) -> int:
+    """A native dir of random bf16 weights in a Llama 3.2 shape, with Llama 3's real tokenizer, made on the CPU (a
+    GPU copy in this process would hold memory the training child needs). Returns the parameter count."""
+    from model import ModelArgs
     from dev.assets import LLAMA3_TOKENIZER, asset
 
     args = ModelArgs(vocab_size=128256, multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
                      rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192},
                      tie_word_embeddings=True, max_seq_len=131072, **shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(args)
-        for p in model.parameters():  # Llama's initializer_range: logits near uniform, loss near ln V
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=0.02)
-        model = model.to(torch.bfloat16)
-    state = {k: v.cpu() for k, v in model.state_dict().items() if k != "output.weight"}
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path / "consolidated.00.pth")
-    (path / "params.json").write_text(json.dumps(args.to_json()))
     shutil.copy(asset(*LLAMA3_TOKENIZER), path / "tokenizer.model")
+    return write_random_native(path, args, torch.bfloat16)
+
+
+def write_random_native(root: Path, args, dtype: torch.dtype = torch.float32, seed: int = 0) -> int:
+    """Random weights of a ModelArgs shape as a native checkpoint, straight from tensors (no init pass): normal with
+    Llama's initializer_range 0.02 (logits near uniform, loss near ln V), norms 1. Returns the parameter count."""
+    from model import Transformer
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    if args.tie_word_embeddings:
+        shapes.pop("output.weight")
+    g = torch.Generator().manual_seed(seed)
+    state = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(dtype)
+             for k, s in shapes.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(state, root / "consolidated.00.pth")
+    (root / "params.json").write_text(json.dumps(args.to_json()))
     return sum(v.numel() for v in state.values())
 
 
-def write_random_native(root: Path, dim: int, n_layers: int, seed: int = 0) -> Path:
-    """A random Llama-shaped fp32 native checkpoint written straight from tensors (no HF model, no init pass), with
-    the bench's tokenizer (SmolLM2's chat format, 4,096 ids): weights that dominate a process's memory, in seconds."""
-    from model import ModelArgs, Transformer
+def bench_native(root: Path, dim: int, n_layers: int) -> Path:
+    """An fp32 Llama of the given width and depth with the bench's tokenizer (SmolLM2's chat format, 4,096 ids): a
+    model whose weights dominate a process's memory, written in seconds."""
+    from model import ModelArgs
 
     bench_tokenizer(root)
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=dim // 64, n_kv_heads=dim // 128, vocab_size=4096,
-                     multiple_of=256, max_seq_len=256)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
-    torch.save(state, root / "consolidated.00.pth")
-    (root / "params.json").write_text(json.dumps(args.to_json()))
+    write_random_native(root, ModelArgs(dim=dim, n_layers=n_layers, n_heads=dim // 64, n_kv_heads=dim // 128,
+                                        vocab_size=4096, multiple_of=256, max_seq_len=256))
     return root
 
 
@@ -748,7 +750,7 @@ def bench_ranks(root: Path, dim: int = 1024, layers: int = 24) -> list[dict]:
     training peak (metrics.jsonl), for 1 process and 2 FSDP processes, LoRA and full, accumulation 1 and 4, on a
     random fp32 Llama whose weights dominate (dim 1024, 24 layers: 1.2 GiB). Same global batch throughout: one
     process takes micro-batches of 2, each of two takes 1."""
-    native = write_random_native(root / "base", dim, layers)
+    native = bench_native(root / "base", dim, layers)
     data = write_bench_sft(root / "chat.jsonl", 32)
     rows = []
     print("| processes | training | accumulation | whole-run peak RSS | training peak |\n|---|---|---|---|---|")
@@ -834,31 +836,36 @@ def bench_gpu(shapes, device: str, nproc: int, steps: int, seq: int, micro: int)
         data.write_text("".join(json.dumps(r) + "\n" for r in ultrachat_like(max(64, 4 * steps * micro * nproc))))
         for shape in shapes:
             ckpt, out = Path(tmp) / shape, Path(tmp) / f"out_{shape}"
-            n_params = make_random_native(ckpt, GPU_SHAPES[shape], device)
+            n_params = make_random_native(ckpt, GPU_SHAPES[shape])
             flags = ["--pack_samples", "--dp", "fsdp", "--activation_checkpointing", "--compile", "--param_dtype", "bf16"]
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    str(REPO / "train_sft.py"), "--ckpt_paths", str(ckpt), "--template_config", "llama3_instruct",
                    "--train_data_paths", f"jsonl:{data}", "--output_dir", str(out), "--max_seq_len", str(seq),
                    "--micro_batch_size_per_gpu", str(micro), "--train_steps", str(steps), "--lr", "1e-5",
                    "--print_freq", "1", "--data_cache_dir", str(Path(tmp) / "cache"), *flags]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_LOGS": "recompiles"})
             if proc.returncode != 0:
                 raise RuntimeError(f"{shape} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][3:]  # compile
-            tokens_per_s = sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens_per_s"] for r in rows)
+            # The median step: a step that recompiled (a new shape) would otherwise count its Triton builds as
+            # training time; the recompiles are counted apart.
+            tokens_per_s = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
+            recompiles = proc.stderr.count("Recompiling function")
             s = GPU_SHAPES[shape]
             # Tied embeddings: the one [V, d] matrix is a lookup (free) going in and a matmul coming out.
             flops_per_token = 6 * n_params + 6 * s["n_layers"] * s["dim"] * seq
             mfu = tokens_per_s * flops_per_token / (nproc * peak) if peak else None
             results[shape] = {"params": n_params, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                              "memory_gb": max(r["memory_gb"] for r in rows)}
+                              "memory_gb": max(r["memory_gb"] for r in rows), "recompiles": recompiles}
     print(f"GPU training ({name} x {nproc}): train_sft.py, bf16, packed rows of {seq}, micro batch {micro}, "
           f"FSDP2, compile, activation checkpointing, {steps} steps (first 3 not timed)")
-    print("| model | parameters | tokens/s | tokens/s per GPU | MFU | peak memory |\n|---|---|---|---|---|---|")
+    print("| model | parameters | tokens/s (median step) | tokens/s per GPU | MFU | training peak memory | "
+          "recompiles |\n|---|---|---|---|---|---|---|")
     for shape, r in results.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"| {shape} | {r['params'] / 1e9:.2f} B | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / nproc:.0f} | "
-              f"{mfu} | {r['memory_gb']:.1f} GB |")
+              f"{mfu} | {r['memory_gb']:.1f} GB | {r['recompiles']} |")
     return {**results, "packed_attention": check}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dev.bench import run_peak, write_random_native
+from dev.bench import bench_native, run_peak
 from sft_fixtures import metrics, to_argv, write_chat_data
 
 
@@ -29,7 +29,7 @@ def test_lora_rank_holds_its_share_at_load_training_and_save(tmp_path, data):
     """LoRA on a 2.4 GB (fp32) base: weights dominate. Each of 2 FSDP ranks reads, holds and saves through its half;
     one process maps the whole file. Before sharded load and save, the largest rank of 2 peaked at 1.15x the one
     process (each loaded everything, then rank 0 gathered it all to save)."""
-    native = write_random_native(tmp_path / "base", dim=1024, n_layers=48)
+    native = bench_native(tmp_path / "base", dim=1024, n_layers=48)
     lora = {"lora": True, "lora_rank": 8}
     one = run(native, tmp_path / "one", data, 1, micro_batch_size_per_gpu=2, **lora)
     two = run(native, tmp_path / "two", data, 2, micro_batch_size_per_gpu=1, **lora)
@@ -48,7 +48,7 @@ def test_accumulation_keeps_gradients_sharded(tmp_path, data):
     """Full fine-tune, 2 FSDP ranks: gradient accumulation over 4 micro-batches costs no more than 1 (10%), since each
     micro-batch's gradients are reduce-scattered at once; --fsdp_grad_sync last keeps whole fp32 gradients between
     micro-batches (+4 bytes per parameter), and computes the same losses."""
-    native = write_random_native(tmp_path / "base", dim=1024, n_layers=12)
+    native = bench_native(tmp_path / "base", dim=1024, n_layers=12)
     peaks, losses = {}, {}
     for name, flags in {"accum1": {"gradient_accum_steps": 1}, "accum4": {"gradient_accum_steps": 4},
                         "last": {"gradient_accum_steps": 4, "fsdp_grad_sync": "last"}}.items():
