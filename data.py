@@ -56,10 +56,12 @@ import numpy as np
 import torch
 
 from model import IGNORE_INDEX
-from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
-                           record_conversations, tokenize_conversation)
+from tokenize_chat import (ConversationError, TemplateError, TokenizerError, empty_reply, load_template,
+                           load_tokenizer, record_conversations, tokenize_conversation,
+                           tokenize_response)
 
-FORMAT_VERSION = 2  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them)
+FORMAT_VERSION = 3  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them); 3: empty
+#                    replies dropped (an older cache holds them, trained as a lone end-of-turn token)
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
 CHUNK = 256  # records per worker task: big enough to amortise pickling, small enough for a smooth progress bar
 PACK_WINDOW = 1024  # documents packed together: ~1% padding on ultrachat-like lengths, and still shuffled
@@ -250,27 +252,24 @@ def _records(src: Source, payload):
 
 
 # -- records -> token ids and loss mask (runs inside the worker processes) ----------------------------------
-def _tokenize_record(record, src_type: str, kind: str, tokenizer, template) -> list[tuple[list, list]]:
-    """(ids, mask) per document of the record: one for SFT, chosen then rejected for preference."""
+def _tokenize_record(record, src_type: str, kind: str, tokenizer, template):
+    """-> (docs, drop): (ids, mask) per document of the record (one for SFT, chosen then rejected for
+    preference), and None or why the record is dropped whatever its length ('empty_reply')."""
     if src_type == "text":
         bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # as the tokenizer opens plain text
         eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
         ids = bos + tokenizer.encode(record) + eos
-        return [(ids, [0] + [1] * (len(ids) - 1))]  # the first token is never a target
-    docs = []
-    for conv in record_conversations(record, kind):
+        return [(ids, [0] + [1] * (len(ids) - 1))], None  # the first token is never a target
+    docs, convs = [], record_conversations(record, kind)
+    for conv in convs:
         if not any(m["role"] in template.trained_roles for m in conv):
             docs.append(([], []))  # nothing to train: the length policy drops it and counts it
             continue
-        ids, mask = tokenize_conversation(conv, tokenizer, template)
-        if kind == "preference":
-            # Train only the final response: mask what the prompt (with the generation prompt) tokenizes
-            # to. Their common prefix, so a token straddling the boundary stays trained.
-            prompt, _ = tokenize_conversation(conv[:-1], tokenizer, template, add_generation_prompt=True)
-            n = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
-            mask = [0] * n + mask[n:]
-        docs.append((ids, mask))
-    return docs
+        tokenize = tokenize_response if kind == "preference" else tokenize_conversation
+        docs.append(tokenize(conv, tokenizer, template))  # first, so a malformed record is an error, not a drop
+    # A trained turn with nothing to say would teach the model to answer with its end-of-turn token alone.
+    empty = any(empty_reply(conv, template, final_only=kind == "preference") is not None for conv in convs)
+    return docs, "empty_reply" if empty else None
 
 
 def _length_policy(ids: list, mask: list, max_seq_len: int):
@@ -307,11 +306,11 @@ def _tokenize_task(task):
     for loc, record in _records(src, payload):
         counts["samples"] += 1
         try:
-            docs = _tokenize_record(record, src.type, kind, tokenizer, template)
+            docs, drop = _tokenize_record(record, src.type, kind, tokenizer, template)
         except ConversationError as e:
             raise DataError(f"{loc}: {e}") from None
         docs = [_length_policy(i, m, max_seq_len) + (len(i),) for i, m in docs]
-        dropped = [d[2] for d in docs if d[0] is None]
+        dropped = [drop] if drop else [d[2] for d in docs if d[0] is None]
         if dropped:
             counts[f"dropped:{dropped[0]}"] += 1
             continue
@@ -505,7 +504,8 @@ def _build(final: Path, sources: list[Source], key_info: dict, tokenizer, templa
         dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
         if counts["kept"] == 0:
             raise DataError(f"every one of the {counts['samples']} samples in {[s.spec for s in sources]} was "
-                            f"dropped: {dropped} (no_trained_tokens: no assistant turn to train; too_long: all "
+                            f"dropped: {dropped} (no_trained_tokens: no assistant turn to train; empty_reply: an "
+                            f"assistant turn with no content and no tool call; too_long: all "
                             f"trained tokens lie beyond --max_seq_len {max_seq_len}; raise it?)")
         lengths = np.concatenate(lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

@@ -20,7 +20,8 @@ import torch
 
 import lora
 from model import DTYPES, Transformer, generate, sample
-from tokenize_chat import ConversationError, load_template, load_tokenizer, stop_token_ids, tokenize_conversation
+from tokenize_chat import (ConversationError, load_template, load_tokenizer, record_conversations, stop_token_ids,
+                           tokenize_conversation)
 
 
 # -- batched generation -------------------------------------------------------------------------------------
@@ -142,8 +143,9 @@ def find_template(weights: list[Path]) -> Path:
 
 def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                       enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
-    """Each non-empty line: {"prompt": str} or {"messages": [...]} ending with a user turn. Every line is
-    checked before anything is generated; an error names the file and line."""
+    """Each non-empty line: {"prompt": str | [...]}, {"messages": [...]} or ShareGPT {"conversations": [...]},
+    ending with a user turn. Every line is checked before anything is generated; an error names the file and
+    line."""
     records, prompt_ids = [], []
     if not path.is_file():
         raise ValueError(f"--prompts_file {path} not found")
@@ -164,20 +166,10 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template,
             except UnicodeEncodeError:
                 raise ValueError(f"{where}: holds an unpaired surrogate escape (such as \"\\ud83d\"): "
                                     f"not valid Unicode text") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected an object with 'prompt' or 'messages', "
-                                    f"got {type(record).__name__}")
-            if "messages" in record:
-                messages = record["messages"]
-            elif isinstance(record.get("prompt"), str):
-                messages = [{"role": "user", "content": record["prompt"]}]
-            else:
-                raise ValueError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}, "
-                                    f"got keys {sorted(record)}")
-            if system is not None and isinstance(messages, list) and messages \
-                    and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
-                messages = [{"role": "system", "content": system}] + messages
-            try:
+            try:  # read as training records are: OpenAI messages, text parts, ShareGPT
+                messages = record_conversations(record, "prompt")[0]
+                if system is not None and messages[0]["role"] != "system":
+                    messages = [{"role": "system", "content": system}] + messages
                 ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True,
                                                enable_thinking=enable_thinking)
             except ConversationError as e:

@@ -9,8 +9,9 @@ A chat template is a YAML file of strings (`templates/*.yaml`, schema in the REA
 under `special_tokens` become control tokens; everything else, and every message, is plain text: a user
 who types "<|eot_id|>" gets the characters, never the control token.
 
-What a training record may look like (`record_conversations`) is decided here too, so data.py and the
-visualiser read records alike:
+What a record may look like (`record_conversations`: OpenAI messages, text parts, ShareGPT, all read into
+OpenAI-form messages by `normalize_messages`) is decided here too, so data.py, generate.py and the visualiser
+read records alike:
 
     python tokenize_chat.py --ckpt_dir DIR --template_config llama3_instruct --show data.jsonl --n 3
 """
@@ -458,69 +459,204 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 # Records and conversations
 #
-# A record is what one jsonl line (or dataset row) holds: SFT {"messages": [{"role", "content"}, ...]};
-# preference {"chosen": [...], "rejected": [...]} (full conversations sharing a prompt) or {"prompt": str | [...],
-# "chosen": str | [...], "rejected": ...}. Its errors name the record's keys; a conversation's errors (checked
-# against the template when it is tokenized) name its messages by number.
+# A record is what one jsonl line (or dataset row) holds: SFT {"messages": [...]} or ShareGPT {"conversations":
+# [{"from", "value"}, ...], "system"?}; preference {"chosen": [...], "rejected": [...]} (full conversations sharing
+# a prompt), {"prompt": str | [...], "chosen": str | [...], "rejected": ...} or ShareGPT ranking {"conversations"
+# (the prompt), "chosen": {"from", "value"}, "rejected": ...}; a generation prompt {"prompt": str | [...]},
+# {"messages": [...]} or {"conversations": [...]}. Each is read into OpenAI-form messages first (`normalize_messages`):
+# content a string, other keys (tool_calls, tool_call_id, name, reasoning_content) as given. Its errors name the
+# record's keys; a conversation's errors (checked against the template when it is tokenized) name its messages by
+# number.
 
-def _check_shape(messages, key: str):
-    """The record's `key` holds a non-empty list of {role, content} objects with string values."""
+def _content_text(content, where: str) -> str:
+    """A message's content as one string: a string as is; a list of text parts joined with nothing between
+    them, as the official templates that read parts render them (Qwen2.5-VL, Qwen3.5 and Gemma 3 write each
+    text part in turn). Anything but text is an error: this repo trains text models."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ConversationError(f"{where}.content must be a string or a list of text parts, got "
+                                f"{type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ConversationError(f"{where}.content[{j}] is a {kind!r} part: only text parts are read (this "
+                                    f"repo trains text models); drop the record or the part")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            got = json.dumps(part, default=str)[:80] if isinstance(part, dict) else type(part).__name__
+            raise ConversationError(f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}}, "
+                                    f"got {got}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _normalize_message(m, where: str) -> dict:
+    if not isinstance(m, dict):
+        raise ConversationError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
+    if not isinstance(m.get("role"), str):
+        raise ConversationError(f"{where}.role must be a string, got "
+                                f"{'nothing' if 'role' not in m else type(m['role']).__name__}")
+    content = m.get("content")
+    if content is None:  # OpenAI: content may be null (or absent) on an assistant message that calls tools
+        if not m.get("tool_calls"):
+            raise ConversationError(f"{where}.content must be a string (or a list of text parts; null only beside "
+                                    f"tool_calls), got {'nothing' if 'content' not in m else 'null'}")
+        content = ""
+    return {**m, "content": _content_text(content, where)}
+
+
+def normalize_messages(messages, key: str) -> list[dict]:
+    """The record's `key` as OpenAI-form messages: new dicts, each with a string `role` and a string `content`
+    (text parts joined; null beside `tool_calls` read as ""), every other key as the record has it. Which roles
+    and keys a template can render is checked when it is tokenized."""
     if not isinstance(messages, list) or not messages:
         raise ConversationError(f"{key!r} must be a non-empty list of {{'role', 'content'}} messages, "
-                                f"got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ConversationError(f"{key}[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
-        for k in ("role", "content"):
-            if not isinstance(m.get(k), str):
-                raise ConversationError(f"{key}[{i}].{k} must be a string, got "
-                                        f"{'nothing' if k not in m else type(m[k]).__name__}")
+                                f"got {type(messages).__name__}{' (empty)' if messages == [] else ''}")
+    return [_normalize_message(m, f"{key}[{i}]") for i, m in enumerate(messages)]
+
+
+# ShareGPT roles as LLaMA-Factory's default tags map them (human, gpt, system, function_call, observation), and
+# "tool" as an observation; other names pass through for the template to judge.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "tool", "tool": "tool"}
+
+
+def _sharegpt_tool_calls(value, where: str) -> list[dict]:
+    """A function_call turn's value, JSON of {"name", "arguments"} or a list of them (parallel calls), as
+    OpenAI tool_calls. The arguments stay as given: an object or a JSON string."""
+    calls = value
+    if isinstance(value, str):
+        try:
+            calls = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConversationError(f"{where}: a function_call value must be JSON of {{'name', 'arguments'}} (or a "
+                                    f"list of them), got {value[:60]!r} ({e.msg})") from None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in calls):
+        raise ConversationError(f"{where}: a function_call value must be {{'name': str, 'arguments': ...}} or a "
+                                f"non-empty list of them, got {json.dumps(calls, default=str)[:80]}")
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+
+
+def _sharegpt_message(turn, where: str) -> dict:
+    """One ShareGPT turn ({"from", "value"}, or {"role", "content"} with ShareGPT's role names) as a message."""
+    if not isinstance(turn, dict):
+        raise ConversationError(f"{where} must be an object with 'from' and 'value', got {type(turn).__name__}")
+    if "from" in turn:
+        if not isinstance(turn["from"], str):
+            raise ConversationError(f"{where}.from must be a string, got {type(turn['from']).__name__}")
+        role, content = turn["from"], turn.get("value")
+        if content is None:
+            raise ConversationError(f"{where}.value must be a string, got "
+                                    f"{'nothing' if 'value' not in turn else 'null'}")
+        message = {"role": SHAREGPT_ROLES.get(role, role), "content": content}
+    else:
+        role = turn.get("role")
+        message = {**turn, "role": SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role}
+        content = turn.get("content")
+    if role == "function_call":
+        message.update(content="", tool_calls=_sharegpt_tool_calls(content, where))
+    return _normalize_message(message, where)
+
+
+def sharegpt_messages(record, key: str = "conversations") -> list[dict]:
+    """A ShareGPT record's turns as messages; its top-level "system" becomes the system message (a system turn
+    in the conversation says the same thing or the record is refused)."""
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise ConversationError(f"{key!r} must be a non-empty list of {{'from', 'value'}} turns, got "
+                                f"{type(turns).__name__}{' (empty)' if turns == [] else ''}")
+    messages = [_sharegpt_message(t, f"{key}[{i}]") for i, t in enumerate(turns)]
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ConversationError(f"'system' must be a string, got {type(system).__name__}")
+    if system:  # LLaMA-Factory reads "" as no system prompt (the template's default, if it has one)
+        if messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        elif messages[0]["content"] != system:
+            raise ConversationError(f"a 'system' key and a different system turn {key}[0]: keep one")
+    return messages
+
+
+def _response(value, key: str, sharegpt: bool) -> list[dict]:
+    """A preference side: a string (the response), one message object (LLaMA-Factory's ranking format) or a
+    list of messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    one = isinstance(value, dict)
+    if sharegpt or one:
+        value = [value] if one else value
+        if not isinstance(value, list) or not value:
+            raise ConversationError(f"{key!r} must be a string, a message or a non-empty list of messages, "
+                                    f"got {type(value).__name__}")
+        return [_sharegpt_message(t, key if one else f"{key}[{i}]") for i, t in enumerate(value)]
+    return normalize_messages(value, key)
+
+
+# What a message renders from: the keys two sides of a pair must agree on before their responses.
+_RENDERED_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning")
 
 
 def record_conversations(record, kind: str) -> list[list[dict]]:
-    """The conversations of one record: [messages] for SFT, [chosen, rejected] for preference, each ending
-    with its response. DPO and SimPO compare two answers to one prompt: everything before them must match."""
+    """The conversations of one record, as OpenAI-form messages: [messages] for SFT and for a generation prompt
+    (kind 'prompt'), [chosen, rejected] for preference, each ending with its response. DPO and SimPO compare two
+    answers to one prompt: everything before them must match."""
     if not isinstance(record, dict):
         hint = "; a JSON array? jsonl holds one object per line" if isinstance(record, list) else ""
         raise ConversationError(f"expected a JSON object, got {type(record).__name__}{hint}")
-    if kind == "sft":
-        if "messages" not in record:
-            hint = "; this looks like preference data: use kind='preference'" if "chosen" in record else ""
-            raise ConversationError(f"missing key 'messages' (keys: {sorted(record)}){hint}")
-        _check_shape(record["messages"], "messages")
-        return [record["messages"]]
+    if kind in ("sft", "prompt"):
+        if "messages" in record:
+            return [normalize_messages(record["messages"], "messages")]
+        if "conversations" in record:
+            return [sharegpt_messages(record)]
+        if kind == "prompt" and "prompt" in record:
+            prompt = record["prompt"]
+            return [[{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                    else normalize_messages(prompt, "prompt")]
+        hint = "; this looks like preference data: use kind='preference'" if "chosen" in record else ""
+        wanted = "'messages'" + (", 'prompt'" if kind == "prompt" else "") + " or ShareGPT 'conversations'"
+        raise ConversationError(f"missing key 'messages' (keys: {sorted(record)}); expected {wanted}{hint}")
     for k in ("chosen", "rejected"):
         if k not in record:
             raise ConversationError(f"missing key {k!r} (keys: {sorted(record)}); preference records are "
-                                    f"{{'chosen', 'rejected'}} or {{'prompt', 'chosen', 'rejected'}}")
-    prompt = record.get("prompt")
+                                    f"{{'chosen', 'rejected'}}, {{'prompt', 'chosen', 'rejected'}} or ShareGPT "
+                                    f"{{'conversations', 'chosen', 'rejected'}}")
+    sharegpt = "conversations" in record
+    prompt = sharegpt_messages(record) if sharegpt else record.get("prompt")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     convs = []
     for k in ("chosen", "rejected"):
-        conv = record[k]
-        if isinstance(conv, str):
-            conv = [{"role": "assistant", "content": conv}]
-        _check_shape(conv, k)
+        conv = _response(record[k], k, sharegpt)
         # A full conversation (ultrafeedback style) already carries the prompt; a bare response does not.
-        if prompt is not None and all(m["role"] == "assistant" for m in conv):
-            _check_shape(prompt, "prompt")
-            conv = list(prompt) + conv
+        if prompt is not None and not any(m["role"] == "user" for m in conv):
+            conv = normalize_messages(prompt, "prompt") + conv
         if conv[-1]["role"] != "assistant":
             raise ConversationError(f"{k!r} must end with an assistant message (the response), ends with "
                                     f"{conv[-1]['role']!r}")
         if len(conv) == 1:
             raise ConversationError(f"{k!r} has a response but no prompt; add a 'prompt' key or the user turn")
-        if not conv[-1]["content"].strip():
-            raise ConversationError(f"the {k!r} response is empty; a preference pair needs two real responses "
-                                    f"(drop the record)")
         convs.append(conv)
-    chosen, rejected = ([(m["role"], m["content"]) for m in c[:-1]] for c in convs)
+    chosen, rejected = ([{key: m[key] for key in _RENDERED_KEYS if key in m} for m in c[:-1]] for c in convs)
     if chosen != rejected:
         i = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
         raise ConversationError(f"'chosen' and 'rejected' have different prompts (they differ at message {i}); "
                                 f"a pair must share everything before its final assistant message")
     return convs
+
+
+def empty_reply(messages, template, final_only: bool = False) -> int | None:
+    """The index of the first trained turn that says nothing (whitespace at most, no tool calls), or None;
+    with final_only (a preference pair trains its response alone) only the last message is looked at.
+    data.py drops such a record and counts it: trained, it would teach the model to answer with an
+    end-of-turn token alone."""
+    for i in [len(messages) - 1] if final_only else range(len(messages)):
+        m = messages[i]
+        if m["role"] in template.trained_roles and not m["content"].strip() and not m.get("tool_calls"):
+            return i
+    return None
 
 
 def _check_messages(messages, template, training):
@@ -649,6 +785,16 @@ def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_gener
     return _encode_parts(parts, tokenizer)
 
 
+def tokenize_response(messages, tokenizer, template):
+    """A preference side's ids and mask: only its final response (with its end-of-turn) trained. The mask
+    drops what the prompt with the generation prompt tokenizes to, their common prefix, so a token that
+    straddles the boundary stays trained."""
+    ids, mask = tokenize_conversation(messages, tokenizer, template)
+    prompt, _ = tokenize_conversation(messages[:-1], tokenizer, template, add_generation_prompt=True)
+    n = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
+    return ids, [0] * n + mask[n:]
+
+
 def _encode_parts(parts, tokenizer):
     ids, mask = [], []
     run = []  # consecutive text parts tokenized as one string
@@ -710,7 +856,8 @@ def main(argv=None):
                                  "(between [[ ]] when not a terminal), masked ones dim.")
     ap.add_argument("--ckpt_dir", required=True, help="dir with tokenizer.model / tokenizer.json")
     ap.add_argument("--template_config", required=True, help="template name in templates/ or a YAML path")
-    ap.add_argument("--show", required=True, help="jsonl of {'messages': [...]} (or chosen/rejected)")
+    ap.add_argument("--show", required=True, help="jsonl of training records: {'messages': [...]}, ShareGPT "
+                    "{'conversations': [...]}, or preference pairs (both sides shown)")
     ap.add_argument("--n", type=int, default=3, help="how many samples to show")
     ap.add_argument("--add_generation_prompt", action="store_true", help="render as an inference prompt")
     args = ap.parse_args(argv)
@@ -721,29 +868,45 @@ def main(argv=None):
     except (TokenizerError, TemplateError, OSError, UnicodeDecodeError) as e:
         sys.exit(f"error: {e}")
     color = sys.stdout.isatty()
-    shown = 0
+    shown, bad = 0, 0
     for lineno, line in enumerate(lines, 1):
         if shown >= args.n:
             break
         if not line.strip():
             continue
         where = f"{args.show}:{lineno}"
-        try:  # as data.py reads it: SFT messages, or the chosen side of a preference pair in either format
+        try:  # as data.py reads it: SFT messages (or ShareGPT), or both sides of a preference pair
             record = json.loads(line)
             kind = "preference" if isinstance(record, dict) and "chosen" in record else "sft"
-            ids, mask = tokenize_conversation(record_conversations(record, kind)[0], tokenizer, template,
-                                              args.add_generation_prompt)
+            convs = record_conversations(record, kind)
+            if not args.add_generation_prompt and not any(m["role"] in template.trained_roles for m in convs[0]):
+                print(f"{where}: data.py drops this record: no {'/'.join(template.trained_roles)} turn to train")
+                continue
+            if args.add_generation_prompt:
+                docs = [tokenize_conversation(c, tokenizer, template, True) for c in convs]
+            else:
+                docs = [(tokenize_response if kind == "preference" else tokenize_conversation)(c, tokenizer, template)
+                        for c in convs]
         except json.JSONDecodeError as e:
             print(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            bad += 1
             continue
         except ConversationError as e:
             print(f"{where}: {e}")
+            bad += 1
             continue
-        print(f"--- {where}  trained {sum(mask)} / {len(ids)} tokens")
-        print(render_tokens(ids, mask, tokenizer, color))
+        empty = [empty_reply(c, template, final_only=kind == "preference") for c in convs]
+        for side, conv, (ids, mask), e in zip(("chosen", "rejected") if kind == "preference" else ("",),
+                                              convs, docs, empty):
+            print(f"--- {where}{'  ' + side if side else ''}  trained {sum(mask)} / {len(ids)} tokens")
+            if e is not None and not args.add_generation_prompt:
+                print(f"(data.py drops this record: message {e} is an empty {conv[e]['role']} reply)")
+            print(render_tokens(ids, mask, tokenizer, color))
         shown += 1
     if not color:
         print("(trained tokens are between [[ ]])")
+    if bad:
+        sys.exit(f"error: {bad} bad record{'s' if bad > 1 else ''} in {args.show} (above); data.py refuses them")
 
 
 if __name__ == "__main__":

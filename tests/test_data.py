@@ -264,6 +264,57 @@ def test_preference_formats_mask_only_the_final_response(tok, tmp_path):
     assert (len(ds), ds.stats["truncated"], ds.stats["dropped"]) == (2, 1, {"too_long": 1})
 
 
+def test_empty_replies_are_dropped_and_counted(tok, tmp_path):
+    """A trained assistant turn with no content and no tool call would train the end-of-turn token alone
+    (the model learns to answer with nothing): the record is dropped and counted, never kept."""
+    u, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "fine"}
+    sft = [{"messages": [u, {"role": "assistant", "content": ""}]},
+           {"messages": [u, {"role": "assistant", "content": [{"type": "text", "text": " \n"}]}]},
+           {"messages": [u, {"role": "assistant", "content": " "}, u, a]},  # an empty turn mid-conversation
+           {"messages": [u, a]}]
+    ds = prep(tok, f"jsonl:{write_jsonl(tmp_path / 's.jsonl', sft)}", tmp_path)
+    assert (ds.stats["samples_in"], len(ds), ds.stats["dropped"]) == (4, 1, {"empty_reply": 3})
+    assert ds.doc(0)[0].tolist() == tokenize_conversation([u, a], *tok)[0]
+    assert "samples: 1 kept of 4; truncated 0; dropped 3 {'empty_reply': 3}" in data.format_stats("train", ds)
+    with pytest.raises(DataError, match=r"every one of the 1 samples.*\{'empty_reply': 1\} \(.*empty_reply: an "
+                                        r"assistant turn with no content and no tool call"):
+        prep(tok, f"jsonl:{write_jsonl(tmp_path / 'e.jsonl', sft[:1])}", tmp_path)
+
+    # preference: only the final response is trained, so only it must say something
+    pairs = [{"prompt": "q", "chosen": "", "rejected": "no"}, {"prompt": "q", "chosen": "yes", "rejected": "\t"},
+             {"chosen": [u, {"role": "assistant", "content": ""}, u, a],
+              "rejected": [u, {"role": "assistant", "content": ""}, u, {"role": "assistant", "content": "bad"}]}]
+    ds = prep(tok, f"jsonl:{write_jsonl(tmp_path / 'p.jsonl', pairs)}", tmp_path, kind="preference")
+    assert (len(ds), ds.stats["dropped"]) == (1, {"empty_reply": 2})
+
+
+def test_record_shapes_build_the_same_cache(tok, tmp_path):
+    """ShareGPT records and content parts give the cache exactly what the plain message records give."""
+    plain = conversations(6)
+
+    def sharegpt(r):
+        roles = {"system": "system", "user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in r["messages"]]}
+
+    def parts(r):  # each content cut in two text parts, mid-word: they join with nothing between them
+        return {"messages": [{**m, "content": [{"type": "text", "text": t} for t in (c[:len(c) // 2], c[len(c) // 2:])]}
+                             for m in r["messages"] for c in [m["content"]]]}
+    mixed = [sharegpt(r) if i % 2 else parts(r) for i, r in enumerate(plain)]
+    want = prep(tok, f"jsonl:{write_jsonl(tmp_path / 'plain.jsonl', plain)}", tmp_path)
+    got = prep(tok, f"jsonl:{write_jsonl(tmp_path / 'mixed.jsonl', mixed)}", tmp_path)
+    assert len(got) == len(want) == 6
+    for i in range(6):
+        assert [x.tolist() for x in got.doc(i)] == [x.tolist() for x in want.doc(i)]
+
+    pair = {"conversations": [{"from": "human", "value": "2 + 2?"}], "chosen": {"from": "gpt", "value": "4."},
+            "rejected": {"from": "gpt", "value": "5."}}
+    ranking = prep(tok, f"jsonl:{write_jsonl(tmp_path / 'r.jsonl', [pair])}", tmp_path, kind="preference")
+    strings = {"prompt": "2 + 2?", "chosen": "4.", "rejected": "5."}
+    strings = prep(tok, f"jsonl:{write_jsonl(tmp_path / 's.jsonl', [strings])}", tmp_path, kind="preference")
+    for d in range(2):
+        assert [x.tolist() for x in ranking.doc(d)] == [x.tolist() for x in strings.doc(d)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input: each error names the place and the fix; nothing is left in the cache
 

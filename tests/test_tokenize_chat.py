@@ -541,6 +541,169 @@ def test_load_template_by_name_path_and_fingerprint(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Record shapes: OpenAI messages, content parts, null content, ShareGPT -> the same messages and tokens
+
+PLAIN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+         {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
+         {"role": "assistant", "content": "Rome, since 1871."}]
+
+
+def _parts(*texts):
+    return [{"type": "text", "text": t} for t in texts]
+
+
+SFT_SHAPES = {
+    "content parts": {"messages": [PLAIN[0], {"role": "user", "content": _parts("Capital ", "of France?")},
+                                   {"role": "assistant", "content": _parts("Paris.")}, PLAIN[3],
+                                   {"role": "assistant", "content": _parts("Rome,", " since ", "1871.")}]},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."},
+                                   {"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."},
+                                   {"from": "human", "value": "And of Italy?"},
+                                   {"from": "gpt", "value": "Rome, since 1871."}]},
+    "sharegpt, top-level system": {"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."},
+        {"from": "human", "value": "And of Italy?"}, {"from": "gpt", "value": _parts("Rome, since 1871.")}]},
+    "sharegpt with role/content keys": {"system": "Be brief.", "conversations": [
+        {"role": "human", "content": "Capital of France?"}, {"role": "gpt", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome, since 1871."}]},
+}
+
+
+@pytest.mark.parametrize("shape", list(SFT_SHAPES))
+@pytest.mark.parametrize("template_name,tok_name", [("llama3_instruct", "llama3"), ("chatml", "smollm2"),
+                                                    ("mistral_instruct", "mistral_v3")])
+def test_record_shapes_read_as_the_plain_record(toks, shape, template_name, tok_name):
+    tok = toks[tok_name]
+    template = tc.load_template(template_name, tok)
+    [conv] = tc.record_conversations(SFT_SHAPES[shape], "sft")
+    [plain] = tc.record_conversations({"messages": PLAIN}, "sft")
+    assert conv == plain == PLAIN
+    assert tc.tokenize_conversation(conv, tok, template) == tc.tokenize_conversation(PLAIN, tok, template)
+
+
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}}
+CALL2 = {"type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}
+TOOL_CHAT = [{"role": "user", "content": "Weather and time in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL, CALL2]},
+             {"role": "tool", "content": '{"temp": 21}'}, {"role": "tool", "content": "14:05"},
+             {"role": "assistant", "content": "21 °C at 14:05."}]
+
+
+def test_null_content_and_sharegpt_tool_turns_read_as_openai_messages():
+    """null (or absent) content beside tool_calls reads as ""; ShareGPT's function_call (one call or a list,
+    LLaMA-Factory's JSON of {name, arguments}) becomes an assistant message with OpenAI tool_calls, and
+    observation / tool turns the tool role. Keys the template renders (tool_calls, tool_call_id, name) stay."""
+    null = [TOOL_CHAT[0], {"role": "assistant", "content": None, "tool_calls": [CALL, CALL2]}, *TOOL_CHAT[2:]]
+    absent = [TOOL_CHAT[0], {"role": "assistant", "tool_calls": [CALL, CALL2]}, *TOOL_CHAT[2:]]
+    calls = json.dumps([c["function"] for c in (CALL, CALL2)], ensure_ascii=False)
+    sharegpt = {"conversations": [{"from": "human", "value": TOOL_CHAT[0]["content"]},
+                                  {"from": "function_call", "value": calls},
+                                  {"from": "observation", "value": '{"temp": 21}'}, {"from": "tool", "value": "14:05"},
+                                  {"from": "gpt", "value": "21 °C at 14:05."}], "tools": "[]"}
+    for record in ({"messages": null}, {"messages": absent}, sharegpt):
+        assert tc.record_conversations(record, "sft") == [TOOL_CHAT]
+    one = {"conversations": [{"from": "human", "value": "hi"},
+                             {"from": "function_call", "value": json.dumps(CALL["function"])}]}
+    assert tc.record_conversations(one, "sft")[0][1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    kept = {"role": "tool", "content": _parts("14:05"), "tool_call_id": "abc123xyz", "name": "get_time"}
+    assert tc.normalize_messages([kept], "messages") == [{**kept, "content": "14:05"}]
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                                {"type": "image_url", "image_url": {"url": "x.png"}}]}]},
+     r"messages\[0\]\.content\[1\] is a 'image_url' part: only text parts are read"),
+    ({"messages": [{"role": "user", "content": _parts("hi")}, {"role": "assistant", "content": [
+        {"type": "input_audio", "input_audio": {}}]}]}, r"messages\[1\]\.content\[0\] is a 'input_audio' part"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]},
+     r"messages\[0\]\.content\[0\] must be a text part .* got str"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+     r"messages\[1\]\.content must be a string \(or a list of text parts; null only beside tool_calls\), got null"),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, r"messages\[0\]\.content must be a string or a list"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "get_weather(Paris)"}]},
+     r"conversations\[1\]: a function_call value must be JSON"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": '{"name": "f"}'}]},
+     r"conversations\[1\]: a function_call value must be \{'name': str, 'arguments': \.\.\.\}"),
+    ({"conversations": [{"from": "human"}]}, r"conversations\[0\]\.value must be a string, got nothing"),
+    ({"conversations": []},
+     r"'conversations' must be a non-empty list of \{'from', 'value'\} turns, got list \(empty\)"),
+    ({"system": "A", "conversations": [{"from": "system", "value": "B"}, {"from": "human", "value": "hi"}]},
+     r"a 'system' key and a different system turn conversations\[0\]: keep one"),
+    ({"conversation": []}, r"missing key 'messages' \(keys: \['conversation'\]\); expected 'messages' or ShareGPT"),
+])
+def test_bad_record_shapes_name_the_message_and_part(record, match):
+    with pytest.raises(tc.ConversationError, match=match):
+        tc.record_conversations(record, "sft")
+
+
+def test_preference_and_prompt_shapes_read_alike():
+    plain = tc.record_conversations({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+                                    "preference")
+    ranking = {"conversations": [{"from": "human", "value": "Capital of France?"}],  # LLaMA-Factory's ranking format
+               "chosen": {"from": "gpt", "value": "Paris."}, "rejected": {"from": "gpt", "value": _parts("Lyon.")}}
+    parts = {"prompt": [{"role": "user", "content": _parts("Capital of ", "France?")}],
+             "chosen": [{"role": "assistant", "content": _parts("Paris.")}],
+             "rejected": {"role": "assistant", "content": "Lyon."}}
+    full = {"chosen": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
+            "rejected": [{"role": "user", "content": _parts("Capital of France?")},
+                         {"role": "assistant", "content": "Lyon."}]}
+    for record in (ranking, parts, full):
+        assert tc.record_conversations(record, "preference") == plain
+    # a response that calls a tool before it answers is still a bare response: the prompt goes before it
+    call = [{"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "content": "21"},
+            {"role": "assistant", "content": "21 °C."}]
+    chosen, rejected = tc.record_conversations({"prompt": "Weather?", "chosen": call,
+                                                "rejected": call[:2] + [{"role": "assistant", "content": "Cold."}]},
+                                               "preference")
+    assert [m["role"] for m in chosen] == ["user", "assistant", "tool", "assistant"] and chosen[1]["content"] == ""
+    assert rejected[:3] == chosen[:3] and rejected[3]["content"] == "Cold."
+    with pytest.raises(tc.ConversationError, match="different prompts"):  # tool calls are part of the prompt
+        tc.record_conversations({"chosen": [*TOOL_CHAT[:4], {"role": "assistant", "content": "a"}],
+                                 "rejected": [TOOL_CHAT[0], {**TOOL_CHAT[1], "tool_calls": [CALL]}, TOOL_CHAT[2],
+                                              TOOL_CHAT[3], {"role": "assistant", "content": "b"}]}, "preference")
+
+    prompt = [[{"role": "user", "content": "Capital of France?"}]]
+    for record in ({"prompt": "Capital of France?"},
+                   {"prompt": [{"role": "user", "content": _parts("Capital of France?")}]},
+                   {"messages": [{"role": "user", "content": _parts("Capital of", " France?")}]},
+                   {"conversations": [{"from": "human", "value": "Capital of France?"}]}):
+        assert tc.record_conversations(record, "prompt") == prompt
+
+
+def test_prompts_file_reads_record_shapes(toks, tmp_path):
+    """generate.py's prompts file reads its records as training does (record_conversations, kind 'prompt')."""
+    import generate
+
+    tok = toks["smollm2"]
+    template = tc.load_template("chatml", tok)
+    lines = [{"prompt": "Capital of France?"}, {"prompt": [{"role": "user", "content": _parts("Capital of France?")}]},
+             {"messages": [{"role": "user", "content": _parts("Capital", " of France?")}], "id": 7},
+             {"conversations": [{"from": "human", "value": "Capital of France?"}]}]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records, ids = generate.read_prompts_file(src, "Be brief.", tok, template)
+    want = tc.tokenize_conversation(PLAIN[:2], tok, template, add_generation_prompt=True)[0]
+    assert records == lines and ids == [want] * 4
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: messages\[0\]\.content\[0\] is a 'image_url' part"):
+        generate.read_prompts_file(src, None, tok, template)
+
+
+def test_empty_reply_finds_trained_turns_with_nothing_to_say(l3):
+    _, template = l3
+    u = {"role": "user", "content": "q"}
+    assert tc.empty_reply([u, {"role": "assistant", "content": "a"}], template) is None
+    assert tc.empty_reply([u, {"role": "assistant", "content": " \n\t"}], template) == 1
+    assert tc.empty_reply([u, {"role": "assistant", "content": ""}, u, {"role": "assistant", "content": "a"}],
+                          template) == 1
+    assert tc.empty_reply([u, {"role": "assistant", "content": ""}, u, {"role": "assistant", "content": "a"}],
+                          template, final_only=True) is None  # a preference pair trains its final response alone
+    assert tc.empty_reply([u, {"role": "assistant", "content": "", "tool_calls": [CALL]}], template) is None
+    assert tc.empty_reply([{"role": "system", "content": ""}, u, {"role": "assistant", "content": "a"}],
+                          template) is None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Visualiser
 
 def test_visualiser_main(llama3_dir, tmp_path, capsys):
@@ -550,6 +713,28 @@ def test_visualiser_main(llama3_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("---") == 2 and "data.jsonl:1  trained 3 / " in out
     assert "[[Paris.<|eot_id|>]]" in out and "<|start_header_id|>user<|end_header_id|>" in out
+
+
+def test_visualiser_shows_both_sides_and_fails_on_bad_records(llama3_dir, tmp_path, capsys):
+    pair = {"conversations": [{"from": "human", "value": "2 + 2?"}], "chosen": {"from": "gpt", "value": "4."},
+            "rejected": {"from": "gpt", "value": "5."}}
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}
+    data = tmp_path / "data.jsonl"
+    args = ["--ckpt_dir", str(llama3_dir), "--template_config", "llama3_instruct", "--show", str(data)]
+    data.write_text(json.dumps(pair) + "\n" + json.dumps(empty) + "\n")
+    tc.main(args)  # an empty reply is data.py's counted drop, not an error
+    out = capsys.readouterr().out
+    assert "data.jsonl:1  chosen  trained 3 / " in out and "data.jsonl:1  rejected  trained 3 / " in out
+    assert "[[4.<|eot_id|>]]" in out and "[[5.<|eot_id|>]]" in out and "2 + 2?<|eot_id|>" in out
+    assert "(data.py drops this record: message 1 is an empty assistant reply)" in out
+
+    data.write_text(json.dumps(pair) + "\n{broken\n" + json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}) + "\n")
+    with pytest.raises(SystemExit) as exc:
+        tc.main(args)
+    assert exc.value.code == f"error: 2 bad records in {data} (above); data.py refuses them"
+    out = capsys.readouterr().out
+    assert "data.jsonl:2: not valid JSON" in out and "data.jsonl:3: messages[0].content[0] is a 'image_url' part" in out
 
 
 def test_mask_equals_transformers_assistant_mask(references, toks):

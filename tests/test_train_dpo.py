@@ -151,7 +151,6 @@ def test_identical_responses_are_reported(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad,message", [
-    (pair("What is 2 plus 2?", "", "5."), "line 2: the 'chosen' response is empty"),
     (pair("What is 2 plus 2?", "4.", "5.", rejected_prompt="What is 2 plus 3?"),
      "line 2: 'chosen' and 'rejected' have different prompts"),
 ])
