@@ -131,11 +131,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def apply_activation_checkpointing(model):
-    """Recompute each block's activations in backward: memory of one block instead of all of them."""
+    """Recompute each block's activations in backward: memory of one block instead of all of them.
+    The recomputation must draw the random numbers the forward drew (LoRA dropout's masks), or the gradients are
+    those of other masks than the loss's: a block that draws any keeps the RNG state of its forward (the CPU's
+    and, on a GPU, the device's, saved per block and restored for the recomputation). The others need none, so
+    they skip that save and restore, per block and step: it costs little, but nothing is the right price."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        draws = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in block.modules())
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=draws)
 
 
 def apply_compile(model):

@@ -97,11 +97,17 @@ def test_gradient_accumulation_invariance(setup, tmp_path, reduction):
         assert abs(ref - reference_first_step_loss(setup, micro=4, reduction="tokens")) > 1e-4
 
 
-def test_activation_checkpointing_changes_nothing(setup, tmp_path):
+@pytest.mark.parametrize("flags", [{}, {"lora": True, "lora_rank": 4, "lora_dropout": 0.2, "lr": 1e-2}],
+                         ids=["full", "lora_dropout"])
+def test_activation_checkpointing_changes_nothing(setup, tmp_path, flags):
+    """The same losses and gradient norms with blocks recomputed in backward; with LoRA dropout the
+    recomputation draws the forward's masks (it kept the RNG state), so the gradients are the loss's."""
     a, b = tmp_path / "plain", tmp_path / "ac"
-    run_inprocess(base_args(setup, a))
-    run_inprocess(base_args(setup, b, activation_checkpointing=True))
+    run_inprocess(base_args(setup, a, **flags))
+    run_inprocess(base_args(setup, b, activation_checkpointing=True, **flags))
     assert rel_close(losses(a), losses(b), tol=1e-6)
+    norms = [[m["grad_norm"] for m in metrics(out)] for out in (a, b)]
+    assert rel_close(*norms, tol=1e-6), norms
 
 
 def test_packed_loss_equals_each_document_alone_in_transformers(setup, tmp_path):
