@@ -150,16 +150,22 @@ def apply_compile(model):
 
 def apply_fsdp(model, param_dtype: torch.dtype):
     """FSDP2: shard each block, then the root (embeddings, final norm, output). Master weights stay fp32;
-    compute runs in param_dtype and gradients are reduced in fp32 (bf16 reductions lose DPO-sized updates)."""
+    compute runs in param_dtype and gradients are reduced in fp32 (bf16 reductions lose DPO-sized updates).
+    The blocks do not cast their inputs: FSDP2 would round every floating one to param_dtype, the rotary cos
+    and sin tables included (each off by up to 2^-9 in bf16), where Meta's reference and torchtitan rotate in
+    fp32 (a complex64 table, which FSDP2 leaves alone), as DDP and one process do here under autocast. The
+    hidden state needs no cast: it enters the first block in param_dtype, the embedding's output, and each block
+    returns it so. The masks and segment tables are integers or booleans, which FSDP2 never casts."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if not model.args.tie_word_embeddings:  # a tied embedding is the output projection too: it stays in the root
         # A unit of its own: gathered for the lookup and freed at once, not held whole through the step.
         fully_shard(model.tok_embeddings, mp_policy=mp)
     for i, block in enumerate(model.layers):
         # The last block is gathered again at once for backward: keep it instead of resharding.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+        fully_shard(block, mp_policy=block_mp, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mp_policy=mp)
     return model
 

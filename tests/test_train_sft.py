@@ -14,7 +14,8 @@ import torch
 import lora
 import parallel
 import train_sft
-from sft_fixtures import REPO, env, free_port, metrics, tiny_chat_model, to_argv, torchrun, write_chat_data
+from sft_fixtures import (REPO, env, free_port, metrics, tiny_chat_model, to_argv, torchrun, torchrun_patched,
+                          write_chat_data)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,47 @@ def test_activation_checkpointing_changes_nothing(setup, tmp_path, flags):
     assert rel_close(losses(a), losses(b), tol=1e-6)
     norms = [[m["grad_norm"] for m in metrics(out)] for out in (a, b)]
     assert rel_close(*norms, tol=1e-6), norms
+
+
+ROTARY_PROBE = """
+    import json, os
+    import train_common
+    from model import Attention
+
+    parallelize = train_common.parallelize
+
+    def probe(model, *args, **kwargs):  # records the dtypes attention receives: x, cos, sin
+        def record(module, inputs):
+            path = os.environ["PROBE"] + f".rank{os.environ['RANK']}"
+            if not os.path.exists(path):
+                open(path, "w").write(json.dumps([str(t.dtype) for t in inputs[:3]]))
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.register_forward_pre_hook(record)
+        return parallelize(model, *args, **kwargs)
+
+    train_common.parallelize = probe
+"""
+
+
+def test_fsdp_and_ddp_agree_in_bf16_with_fp32_rotary(setup, tmp_path, monkeypatch):
+    """--param_dtype bf16: FSDP2 casts parameters (and would cast every floating block input, the rotary cos
+    and sin too), DDP runs under autocast. Attention receives fp32 cos and sin either way (Meta's reference
+    rotates in fp32), the hidden state in the compute dtype under FSDP2, and the first losses agree to bf16's
+    precision. Seen on CPU: step-1/2 losses within 3e-4 (relative) of each other, before and after the rotary
+    fix alike (a bf16 residual stream under FSDP2, fp32 under autocast, is most of that); the probe pins the fix."""
+    runs = {}
+    for dp in ("fsdp", "ddp"):
+        out = tmp_path / dp
+        monkeypatch.setenv("PROBE", str(tmp_path / f"probe_{dp}"))
+        torchrun_patched(tmp_path, ROTARY_PROBE, "train_sft.py",
+                         base_args(setup, out, param_dtype="bf16", dp=dp, micro_batch_size_per_gpu=2, train_steps=2))
+        runs[dp] = losses(out)
+        for rank in (0, 1):
+            x, cos, sin = json.loads((tmp_path / f"probe_{dp}.rank{rank}").read_text())
+            assert (cos, sin) == ("torch.float32", "torch.float32"), (dp, cos, sin)
+            assert x == ("torch.bfloat16" if dp == "fsdp" else "torch.float32"), (dp, x)  # autocast: fp32 stream
+    assert rel_close(runs["fsdp"], runs["ddp"], tol=1e-3), runs
 
 
 def test_packed_loss_equals_each_document_alone_in_transformers(setup, tmp_path):
