@@ -323,6 +323,44 @@ def test_lora_fsdp_two_processes(setup, tmp_path):
         assert torch.equal(merged.tok_embeddings.weight, base.tok_embeddings.weight)  # frozen
 
 
+SLOW_RANK0 = """
+    import os, time
+    import data, train_common
+
+    def slowly(f, when=lambda *args: True):  # rank 0 takes $SLOW seconds longer: beyond --dist_timeout
+        def slow(*args, **kwargs):
+            if os.environ["RANK"] == "0" and when(*args):
+                time.sleep(float(os.environ["SLOW"]))
+            return f(*args, **kwargs)
+        return slow
+"""
+
+
+def test_rank0_work_outlasts_dist_timeout(setup, tmp_path, monkeypatch):
+    """--dist_timeout 0.05 (3 s): rank 0 takes 4 s more to build the data cache and 4 s more to write the merged
+    LoRA model; the other rank waits outside the collectives, so the run completes (it gave up in the cache's
+    all_gather_object before). A collective left waiting that long, inside a step, ends the run with the
+    one-line message (and the flag is seen to reach the process group)."""
+    monkeypatch.setenv("SLOW", "4")
+    flags = dict(dist_timeout=0.05, lora=True, lora_rank=4, micro_batch_size_per_gpu=2, train_steps=2)
+    own_work = SLOW_RANK0 + """
+    data._find_or_build = slowly(data._find_or_build)  # the cache build
+    train_common.atomic_write = slowly(train_common.atomic_write,  # the merged model's write
+                                       when=lambda path, write: path.name == "consolidated.00.pth")
+"""
+    out = tmp_path / "slow"
+    torchrun_patched(tmp_path, own_work, "train_sft.py", base_args(setup, out, **flags))
+    assert len(metrics(out)) == 2 and (out / "consolidated.00.pth").is_file()
+    in_step = SLOW_RANK0 + """
+    train_common.optimizer_step = slowly(train_common.optimizer_step)
+"""
+    result = torchrun_patched(tmp_path, in_step, "train_sft.py", base_args(setup, tmp_path / "stuck", **flags),
+                              check=False)
+    assert result.returncode != 0
+    assert "train_sft.py: error (rank 1): lost another process of this run" in result.stderr, result.stderr[-3000:]
+    assert "raise --dist_timeout 0.05 min" in result.stderr and "[rank1]: Traceback" not in result.stderr
+
+
 def test_overfits_and_output_dir_is_a_native_checkpoint(setup, tmp_path):
     import convert
     from model import Transformer
@@ -481,7 +519,7 @@ def test_lora_output_adapter_and_frozen_weights(setup, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("gradient_accum_steps", 0), ("train_epochs", 0), ("train_steps", -3),
-                                        ("warmup_steps", -2), ("lora_dropout", 1.0)])
+                                        ("warmup_steps", -2), ("lora_dropout", 1.0), ("dist_timeout", 0.0)])
 def test_out_of_range_flags(setup, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         run_inprocess(base_args(setup, tmp_path / "o", **{flag: value}))
