@@ -564,9 +564,9 @@ def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str =
     """Tokenize `paths` into the cache once (or find it there) and memory-map it. `splits` and `num_samples`
     (a count, a fraction or 'all', drawn with `seed`) take one value for every path or one per path.
 
-    Under torch.distributed, rank 0 builds and the others wait for it (in a collective: with NCCL, set
-    the CUDA device first, and prepare a large dataset ahead with `python data.py` if a build could
-    outlast the process group's timeout); a node that cannot see rank 0's cache (no shared filesystem)
+    Under torch.distributed, rank 0 builds and the others wait for it, outside any collective and without a
+    deadline (parallel.wait_for_all: a build may outlast the process group's timeout), then all exchange the
+    path (with NCCL, set the CUDA device first); a node that cannot see rank 0's cache (no shared filesystem)
     builds its own copy on its local rank 0."""
     if kind not in ("sft", "preference"):
         raise DataError(f"kind must be 'sft' or 'preference', got {kind!r}")
@@ -577,6 +577,8 @@ def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str =
     d = _dist()
     if d is None:
         return TokenizedDataset.open(*_find_or_build(*args))
+    from parallel import wait_for_all  # the processes' plumbing; imported only when there are several
+
     rank, local_rank, world = d
     path, built = None, False
     for builds_here in (rank == 0, local_rank == 0):
@@ -587,8 +589,9 @@ def prepare_dataset(paths, tokenizer, template, max_seq_len: int, *, kind: str =
             except Exception as e:
                 error = e
         message = None if error is None else f"{type(error).__name__}: {error}"
+        wait_for_all()
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (path, message))  # doubles as the barrier
+        torch.distributed.all_gather_object(gathered, (path, message))
         if error is not None:
             raise error
         failed = [(r, m) for r, (_, m) in enumerate(gathered) if m is not None]

@@ -4,6 +4,7 @@ applies them), and step checkpoints that resume exactly (sharded with torch.dist
 loader position and RNG beside them, every dir complete or absent). train_common.py builds a run out of these.
 """
 
+import datetime
 import errno
 import gc
 import os
@@ -11,6 +12,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +40,15 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
+def setup_distributed(timeout_minutes: float = 60.0) -> Dist:
     """One process per GPU (or CPU process) as torchrun starts them: nccl on GPUs, gloo on CPU.
-    A plain `python train_sft.py` runs as a world of one without a process group."""
+    A plain `python train_sft.py` runs as a world of one without a process group.
+
+    timeout_minutes (--dist_timeout): how long a collective waits for a late process before the run fails.
+    Work that one process does alone is waited for outside the collectives, without a deadline (wait_for_all),
+    so the timeout bounds only the lateness of a running step: a step checkpoint's slowest shard write, one
+    tensor of the final save. NCCL's 10 minutes would end a run whose shards go to a slow shared filesystem;
+    an hour covers that, and a hung process still ends the run within the hour."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -51,7 +59,16 @@ def setup_distributed() -> Dist:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         exit_with_launcher()
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            # On a timeout or a failed peer, NCCL's watchdog thread takes the process down by default (mode 3):
+            # an abort below Python, no message, no way back named. Mode 2 aborts the communicators only: the
+            # main thread's next collective raises ("NCCL communicator was aborted"), and train_common.main
+            # prints its one line as on gloo; the step in flight is lost either way (resume from the last
+            # checkpoint). Should the abort itself hang, the heartbeat monitor still ends the process
+            # (TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC). A user's own setting wins.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank, local_rank, world, device)
 
 
@@ -80,10 +97,43 @@ def barrier():
         dist.barrier()
 
 
+_waits = 0  # wait_for_all calls so far: every process makes the same calls in the same order
+
+
+def wait_for_all():
+    """A barrier without a deadline, outside the collectives, after work one process does alone (rank 0 building
+    the data cache, writing the merged model, deleting old checkpoints): in a collective the others would give
+    up after --dist_timeout, and under NCCL its watchdog would end them. Each process counts itself in on the
+    process group's key-value store (torchrun's TCP store) and polls the count. A process that dies meanwhile
+    leaves the others polling until torchrun stops them, as it stops every process of a run when one fails."""
+    global _waits
+    if not dist.is_initialized():
+        return
+    store = dist.distributed_c10d._get_default_store()  # torch has no public accessor for it
+    _waits += 1
+    key = f"wait_for_all/{_waits}"
+    store.add(key, 1)
+    pause = 0.001
+    while store.add(key, 0) < dist.get_world_size():
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
+    if dist.get_rank() == 0 and _waits > 2:  # every process has left wait n - 2: it counted itself in at n - 1
+        store.delete_key(f"wait_for_all/{_waits - 2}")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+def collective_failed(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed: another process died, or did not answer within --dist_timeout.
+    torch raises DistError's subclasses for most; gloo's transport errors name their source file, and NCCL's
+    watchdog timeout and aborted communicator (see setup_distributed) may come as plain RuntimeErrors."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("/gloo/", "NCCL communicator was aborted", "Watchdog caught collective operation"))
 
 
 def any_rank(flag: bool, d: Dist) -> bool:
@@ -131,11 +181,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def apply_activation_checkpointing(model):
-    """Recompute each block's activations in backward: memory of one block instead of all of them."""
+    """Recompute each block's activations in backward: memory of one block instead of all of them.
+    The recomputation must draw the random numbers the forward drew (LoRA dropout's masks), or the gradients are
+    those of other masks than the loss's: a block that draws any keeps the RNG state of its forward (the CPU's
+    and, on a GPU, the device's, saved per block and restored for the recomputation). The others need none, so
+    they skip that save and restore, per block and step: it costs little, but nothing is the right price."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        draws = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in block.modules())
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=draws)
 
 
 def apply_compile(model):
@@ -145,16 +200,22 @@ def apply_compile(model):
 
 def apply_fsdp(model, param_dtype: torch.dtype):
     """FSDP2: shard each block, then the root (embeddings, final norm, output). Master weights stay fp32;
-    compute runs in param_dtype and gradients are reduced in fp32 (bf16 reductions lose DPO-sized updates)."""
+    compute runs in param_dtype and gradients are reduced in fp32 (bf16 reductions lose DPO-sized updates).
+    The blocks do not cast their inputs: FSDP2 would round every floating one to param_dtype, the rotary cos
+    and sin tables included (each off by up to 2^-9 in bf16), where Meta's reference and torchtitan rotate in
+    fp32 (a complex64 table, which FSDP2 leaves alone), as DDP and one process do here under autocast. The
+    hidden state needs no cast: it enters the first block in param_dtype, the embedding's output, and each block
+    returns it so. The masks and segment tables are integers or booleans, which FSDP2 never casts."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if not model.args.tie_word_embeddings:  # a tied embedding is the output projection too: it stays in the root
         # A unit of its own: gathered for the lookup and freed at once, not held whole through the step.
         fully_shard(model.tok_embeddings, mp_policy=mp)
     for i, block in enumerate(model.layers):
         # The last block is gathered again at once for backward: keep it instead of resharding.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+        fully_shard(block, mp_policy=block_mp, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mp_policy=mp)
     return model
 
@@ -275,7 +336,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, d: Dis
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
+    wait_for_all()
     state = trainable_state(model, optimizer)
     # Without a process group DCP warns that it assumes one process: that is the case here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -305,7 +366,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, d: Dis
             trash = root / f".tmp_step_{step:08d}_old{i}"
             os.replace(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
-    barrier()
+    wait_for_all()  # deleting a full fine-tune's checkpoint can take a while on a network filesystem
     return final
 
 

@@ -78,6 +78,8 @@ class CommonArgs:
                               "gradients (+4 bytes per trained parameter) on every GPU", choices=["every", "last"])
     param_dtype: str = arg("auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU); master weights stay fp32",
                            choices=["auto", "bf16", "fp32"])
+    dist_timeout: float = arg(60.0, help="minutes a collective waits for a late process before the run fails; "
+                              "rank 0's own work (the data cache, the final save) is waited for without a limit")
     activation_checkpointing: bool = arg(False, help="recompute each block in backward to save memory")
     compile: bool = arg(False, help="torch.compile each block")
     lora: bool = arg(False, help="train LoRA adapters instead of all weights")
@@ -144,7 +146,7 @@ VALUE_RULES = [
       "print_freq"), (lambda v: v > 0, "a positive integer")),
     (("lr", "warmup_steps", "wd", "eps", "clip_grad_norm", "save_freq", "val_freq", "sft_weight",
       "dpo_label_smoothing", "max_checkpoints"), (lambda v: v >= 0, "zero or more")),
-    (("lora_alpha", "dpo_beta", "simpo_beta"), (lambda v: v > 0, "positive")),
+    (("lora_alpha", "dpo_beta", "simpo_beta", "dist_timeout"), (lambda v: v > 0, "positive")),
     (("lora_dropout",), (lambda v: 0 <= v < 1, "in [0, 1)")),
 ]
 
@@ -191,7 +193,7 @@ def prepare_output_dir(args, d: Dist):
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:  # the record of how the run started; a resumed run is checked against it
             record.write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
-    barrier()
+    parallel.wait_for_all()  # deleting another run's checkpoints can take a while
 
 
 def lock_output_dir(out: Path, d: Dist):
@@ -582,6 +584,9 @@ def save_final(run: Run):
     args, d = run.args, run.d
     save_dtype = run.input_dtype if args.save_dtype == "auto" else DTYPES[args.save_dtype]
     error, needed = write_model_dir(run, save_dtype)
+    # A LoRA run's merged weights are rank 0's work alone (the others are done once the adapters are gathered):
+    # wait for it outside the collectives, however long the write takes.
+    parallel.wait_for_all()
     if any_rank(error is not None, d):
         last = checkpoint_dirs(args.output_dir)
         raise OSError(write_failure("the final model", Path(args.output_dir) / "consolidated.00.pth", error, d, needed,
@@ -808,7 +813,7 @@ def main(train, args_class, argv=None):
     """A trainer's main(): parse the flags, start the process group, train(args, d); bad input exits 1 with the
     message (no traceback), and the process group always closes."""
     args = parse_args(args_class, argv)
-    d = setup_distributed()
+    d = setup_distributed(args.dist_timeout)
     name = Path(sys.modules[train.__module__].__file__).name
     try:
         train(args, d)
@@ -816,13 +821,15 @@ def main(train, args_class, argv=None):
         print(f"{name}: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except RuntimeError as e:
-        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+        if not parallel.collective_failed(e):
             raise
-        # A collective failed: another process of the run died (killed, out of memory, a lost node). torchrun
-        # stops the rest; what this rank can add is one line and the way back, not gloo's traceback.
+        # A collective failed: another process of the run died (killed, out of memory, a lost node) or did not
+        # answer within --dist_timeout. torchrun stops the rest; what this rank can add is one line and the way
+        # back, not gloo's traceback or NCCL's watchdog dump (see parallel.setup_distributed).
         last = checkpoint_dirs(args.output_dir)
         print(f"{name}: error (rank {d.rank}): lost another process of this run ({first_line(e)[:160]}); see "
-              f"its log for why. Rerun with --resume: the last complete checkpoint is "
+              f"its log for why (or raise --dist_timeout {args.dist_timeout:g} min if it was only slow). Rerun "
+              f"with --resume: the last complete checkpoint is "
               f"{last[-1] if last else 'none (no --save_freq): rerun from the start'}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:

@@ -115,7 +115,7 @@ def precompute_reference(model, dataset, args, d: parallel.Dist, param_dtype, pa
     values = parallel.all_reduce_sum(values).float().cpu()  # each pair was computed by one rank, zeros elsewhere
     if d.main:
         tc.atomic_write(path, lambda f: np.save(f, values.numpy()))
-    parallel.barrier()
+    parallel.wait_for_all()
     return values
 
 

@@ -95,6 +95,18 @@ def torchrun(script: str, args: list, nproc: int = 1, port: int = 29500, check: 
     return result
 
 
+def torchrun_patched(tmp: Path, prelude: str, script: str, args: list, nproc: int = 2, **kwargs):
+    """torchrun of a trainer whose processes first run `prelude`: test code (a probe, a slowed-down step) in
+    each process, never in the product. The trainer's main() then reads the flags as usual."""
+    import textwrap
+
+    module = Path(script).stem
+    wrapper = Path(tmp) / f"patched_{module}.py"
+    wrapper.write_text(f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+                       f"{textwrap.dedent(prelude)}\nimport {module}\n{module}.main()\n")
+    return torchrun(str(wrapper), args, nproc=nproc, port=free_port(), **kwargs)
+
+
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
 

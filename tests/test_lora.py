@@ -112,3 +112,25 @@ def test_adapter_of_another_model_is_an_error(native, tmp_path):
     lora.save_adapter(tmp_path / "bad", state, 2, 2, lora.DEFAULT_TARGETS)
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.lora_a \(2, 7\) / lora_b \(\d+, 2\) do not fit"):
         lora.load_model([native, tmp_path / "bad"])
+
+
+def test_dropout_gradients_equal_with_activation_checkpointing(native):
+    """LoRA dropout draws a mask in forward; activation checkpointing runs each block's forward again in
+    backward, which must draw the same mask (the RNG state restored), or the adapters' gradients are those of
+    another mask than the loss's. Same seed, with and without checkpointing: the same gradients."""
+    import parallel
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same A
+        model = trained_adapters(lora.apply_lora(Transformer.from_pretrained(native), rank=4, alpha=8, dropout=0.2))
+        if checkpointing:
+            parallel.apply_activation_checkpointing(model)
+        torch.manual_seed(3)
+        model(TOKENS).logsumexp(-1).mean().backward()
+        grads.append({k.replace("_checkpoint_wrapped_module.", ""): p.grad for k, p in model.named_parameters()
+                      if ".lora_" in k})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * 7 * 2
+    worst = max((plain[k] - checkpointed[k]).abs().max() / plain[k].abs().max() for k in plain)
+    assert worst <= 1e-6, worst

@@ -14,7 +14,8 @@ import torch
 import lora
 import parallel
 import train_sft
-from sft_fixtures import REPO, env, free_port, metrics, tiny_chat_model, to_argv, torchrun, write_chat_data
+from sft_fixtures import (REPO, env, free_port, metrics, tiny_chat_model, to_argv, torchrun, torchrun_patched,
+                          write_chat_data)
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +98,58 @@ def test_gradient_accumulation_invariance(setup, tmp_path, reduction):
         assert abs(ref - reference_first_step_loss(setup, micro=4, reduction="tokens")) > 1e-4
 
 
-def test_activation_checkpointing_changes_nothing(setup, tmp_path):
+@pytest.mark.parametrize("flags", [{}, {"lora": True, "lora_rank": 4, "lora_dropout": 0.2, "lr": 1e-2}],
+                         ids=["full", "lora_dropout"])
+def test_activation_checkpointing_changes_nothing(setup, tmp_path, flags):
+    """The same losses and gradient norms with blocks recomputed in backward; with LoRA dropout the
+    recomputation draws the forward's masks (it kept the RNG state), so the gradients are the loss's."""
     a, b = tmp_path / "plain", tmp_path / "ac"
-    run_inprocess(base_args(setup, a))
-    run_inprocess(base_args(setup, b, activation_checkpointing=True))
+    run_inprocess(base_args(setup, a, **flags))
+    run_inprocess(base_args(setup, b, activation_checkpointing=True, **flags))
     assert rel_close(losses(a), losses(b), tol=1e-6)
+    norms = [[m["grad_norm"] for m in metrics(out)] for out in (a, b)]
+    assert rel_close(*norms, tol=1e-6), norms
+
+
+ROTARY_PROBE = """
+    import json, os
+    import train_common
+    from model import Attention
+
+    parallelize = train_common.parallelize
+
+    def probe(model, *args, **kwargs):  # records the dtypes attention receives: x, cos, sin
+        def record(module, inputs):
+            path = os.environ["PROBE"] + f".rank{os.environ['RANK']}"
+            if not os.path.exists(path):
+                open(path, "w").write(json.dumps([str(t.dtype) for t in inputs[:3]]))
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.register_forward_pre_hook(record)
+        return parallelize(model, *args, **kwargs)
+
+    train_common.parallelize = probe
+"""
+
+
+def test_fsdp_and_ddp_agree_in_bf16_with_fp32_rotary(setup, tmp_path, monkeypatch):
+    """--param_dtype bf16: FSDP2 casts parameters (and would cast every floating block input, the rotary cos
+    and sin too), DDP runs under autocast. Attention receives fp32 cos and sin either way (Meta's reference
+    rotates in fp32), the hidden state in the compute dtype under FSDP2, and the first losses agree to bf16's
+    precision. Seen on CPU: step-1/2 losses within 3e-4 (relative) of each other, before and after the rotary
+    fix alike (a bf16 residual stream under FSDP2, fp32 under autocast, is most of that); the probe pins the fix."""
+    runs = {}
+    for dp in ("fsdp", "ddp"):
+        out = tmp_path / dp
+        monkeypatch.setenv("PROBE", str(tmp_path / f"probe_{dp}"))
+        torchrun_patched(tmp_path, ROTARY_PROBE, "train_sft.py",
+                         base_args(setup, out, param_dtype="bf16", dp=dp, micro_batch_size_per_gpu=2, train_steps=2))
+        runs[dp] = losses(out)
+        for rank in (0, 1):
+            x, cos, sin = json.loads((tmp_path / f"probe_{dp}.rank{rank}").read_text())
+            assert (cos, sin) == ("torch.float32", "torch.float32"), (dp, cos, sin)
+            assert x == ("torch.bfloat16" if dp == "fsdp" else "torch.float32"), (dp, x)  # autocast: fp32 stream
+    assert rel_close(runs["fsdp"], runs["ddp"], tol=1e-3), runs
 
 
 def test_packed_loss_equals_each_document_alone_in_transformers(setup, tmp_path):
@@ -275,6 +323,44 @@ def test_lora_fsdp_two_processes(setup, tmp_path):
         assert torch.equal(merged.tok_embeddings.weight, base.tok_embeddings.weight)  # frozen
 
 
+SLOW_RANK0 = """
+    import os, time
+    import data, train_common
+
+    def slowly(f, when=lambda *args: True):  # rank 0 takes $SLOW seconds longer: beyond --dist_timeout
+        def slow(*args, **kwargs):
+            if os.environ["RANK"] == "0" and when(*args):
+                time.sleep(float(os.environ["SLOW"]))
+            return f(*args, **kwargs)
+        return slow
+"""
+
+
+def test_rank0_work_outlasts_dist_timeout(setup, tmp_path, monkeypatch):
+    """--dist_timeout 0.05 (3 s): rank 0 takes 4 s more to build the data cache and 4 s more to write the merged
+    LoRA model; the other rank waits outside the collectives, so the run completes (it gave up in the cache's
+    all_gather_object before). A collective left waiting that long, inside a step, ends the run with the
+    one-line message (and the flag is seen to reach the process group)."""
+    monkeypatch.setenv("SLOW", "4")
+    flags = dict(dist_timeout=0.05, lora=True, lora_rank=4, micro_batch_size_per_gpu=2, train_steps=2)
+    own_work = SLOW_RANK0 + """
+    data._find_or_build = slowly(data._find_or_build)  # the cache build
+    train_common.atomic_write = slowly(train_common.atomic_write,  # the merged model's write
+                                       when=lambda path, write: path.name == "consolidated.00.pth")
+"""
+    out = tmp_path / "slow"
+    torchrun_patched(tmp_path, own_work, "train_sft.py", base_args(setup, out, **flags))
+    assert len(metrics(out)) == 2 and (out / "consolidated.00.pth").is_file()
+    in_step = SLOW_RANK0 + """
+    train_common.optimizer_step = slowly(train_common.optimizer_step)
+"""
+    result = torchrun_patched(tmp_path, in_step, "train_sft.py", base_args(setup, tmp_path / "stuck", **flags),
+                              check=False)
+    assert result.returncode != 0
+    assert "train_sft.py: error (rank 1): lost another process of this run" in result.stderr, result.stderr[-3000:]
+    assert "raise --dist_timeout 0.05 min" in result.stderr and "[rank1]: Traceback" not in result.stderr
+
+
 def test_overfits_and_output_dir_is_a_native_checkpoint(setup, tmp_path):
     import convert
     from model import Transformer
@@ -433,7 +519,7 @@ def test_lora_output_adapter_and_frozen_weights(setup, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("gradient_accum_steps", 0), ("train_epochs", 0), ("train_steps", -3),
-                                        ("warmup_steps", -2), ("lora_dropout", 1.0)])
+                                        ("warmup_steps", -2), ("lora_dropout", 1.0), ("dist_timeout", 0.0)])
 def test_out_of_range_flags(setup, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         run_inprocess(base_args(setup, tmp_path / "o", **{flag: value}))
