@@ -57,7 +57,7 @@ import torch
 
 from model import IGNORE_INDEX
 from tokenize_chat import (ConversationError, TemplateError, TokenizerError, load_template, load_tokenizer,
-                           record_conversations, tokenize_conversation)
+                           record_conversations, record_tools, tokenize_conversation)
 
 FORMAT_VERSION = 2  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them)
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_DATA_CACHE", Path(__file__).resolve().parent / ".cache" / "data"))
@@ -258,15 +258,17 @@ def _tokenize_record(record, src_type: str, kind: str, tokenizer, template) -> l
         ids = bos + tokenizer.encode(record) + eos
         return [(ids, [0] + [1] * (len(ids) - 1))]  # the first token is never a target
     docs = []
+    tools = record_tools(record)  # the record's tool definitions, for every conversation in it
     for conv in record_conversations(record, kind):
         if not any(m["role"] in template.trained_roles for m in conv):
             docs.append(([], []))  # nothing to train: the length policy drops it and counts it
             continue
-        ids, mask = tokenize_conversation(conv, tokenizer, template)
+        ids, mask = tokenize_conversation(conv, tokenizer, template, tools=tools)
         if kind == "preference":
             # Train only the final response: mask what the prompt (with the generation prompt) tokenizes
             # to. Their common prefix, so a token straddling the boundary stays trained.
-            prompt, _ = tokenize_conversation(conv[:-1], tokenizer, template, add_generation_prompt=True)
+            prompt, _ = tokenize_conversation(conv[:-1], tokenizer, template, add_generation_prompt=True,
+                                              tools=tools)
             n = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
             mask = [0] * n + mask[n:]
         docs.append((ids, mask))
