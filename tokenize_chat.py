@@ -371,7 +371,9 @@ _TOOLS_KEYS = {
     "calls": (str, "{calls}"),            # all the calls of one assistant message
     "call_join": (bool, True),            # false: each call tokenized on its own (Meta's ChatFormat)
     "call_ensure_ascii": (bool, False),   # \uXXXX escapes in the arguments' JSON (Meta's json.dumps)
-    "call_end": ((str, type(None)), None),  # the end of a turn with tool calls, instead of roles.assistant.end
+    "builtin_calls": (dict, {}),          # name -> how a call of that built-in tool renders: {arg} is that
+    #                                       argument's string value (Llama 3.1: '<|python_tag|>{code}')
+    "builtin_call_end": ((str, type(None)), None),  # the end of a turn with a built-in call, not roles.assistant.end
     "content_with_calls": (bool, True),   # false: an assistant message with tool calls must have no content
     "result": (str, "{content}"),         # one tool message's content, inside roles.tool's start and end
 }
@@ -436,9 +438,11 @@ def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
             raise TemplateError(f"{path}: key 'tools' lacks 'call' (how one tool call renders)")
         if "tool" not in roles:
             raise TemplateError(f"{path}: key 'tools' needs a 'tool' role under 'roles' (how tool results render)")
+        if not all(isinstance(v, str) for v in t.tools["builtin_calls"].values()):
+            raise TemplateError(f"{path}: key 'tools.builtin_calls' maps tool names to strings")
         if "tool" in t.trained_roles:
             raise TemplateError(f"{path}: key 'trained_roles' names 'tool': tool results are never trained")
-        for k in ("system", "user"):  # folded into message text, which never holds control tokens
+        for k in ("system", "user", "result"):  # message text, which never holds control tokens
             if any(s in t.tools[k] for s in t.special_tokens):
                 raise TemplateError(f"{path}: key 'tools.{k}' holds a special token; it becomes message text")
     if t.system_placement != "message" and "user" not in roles:
@@ -481,8 +485,8 @@ def _plan(tokenizer, template: ChatTemplate) -> dict:
     plan = {"bos": split(template.bos), "generation_prompt": split(template.generation_prompt), "split": split}
     if template.thinking:
         plan["generation_prompt_off"] = split(template.thinking["generation_prompt_off"])
-    if template.tools and template.tools["call_end"] is not None:
-        plan["call_end"] = split(template.tools["call_end"])
+    if template.tools and template.tools["builtin_call_end"] is not None:
+        plan["builtin_call_end"] = split(template.tools["builtin_call_end"])
     for role, fmt in template.roles.items():
         plan[role] = (split(fmt.start), split(fmt.end), split(fmt.after),
                       split(fmt.after if fmt.after_last is None else fmt.after_last))
@@ -631,7 +635,14 @@ def _tool_calls(m, i, template) -> list[dict]:
         if call_id is None and "{id}" in template.tools["call"]:
             raise ConversationError(f"{where}: tool_calls[{j}] ({f['name']}) has no 'id'; template "
                                     f"{template.name} renders each call's id")
-        out.append({"name": f["name"], "arguments": args, "id": call_id})
+        builtin = template.tools["builtin_calls"].get(f["name"])
+        if builtin is not None:
+            need = set(_PLACEHOLDER.findall(builtin))
+            if not all(isinstance(args.get(k), str) for k in need):
+                raise ConversationError(f"{where}: tool_calls[{j}] calls the built-in tool {f['name']}, which "
+                                        f"template {template.name} writes as {builtin!r}: its arguments need "
+                                        f"{sorted(need)} as strings, got {json.dumps(args)[:200]}")
+        out.append({"name": f["name"], "arguments": args, "id": call_id, "builtin": builtin is not None})
     if m["content"] and not template.tools["content_with_calls"]:
         raise ConversationError(f"{where}: content beside tool_calls; template {template.name} renders an "
                                 f"assistant message as text or as tool calls, not both (drop the content)")
@@ -802,7 +813,7 @@ def _messages_to_render(messages, template, tools=None) -> list[dict]:
         turn = turns[users[0] if t["user_placement"] == "first_user" else users[-1]]
         if t["user"]:
             turn["content"] = _fill(t["user"], {"definitions": defs, "content": turn["content"]})
-        turn["before"] = _fill(t["before_user"], {"definitions": defs})
+        turn["before"] = defs if t["before_user"] else ""  # filled in when tokenized: its control tokens
     if not template.strip_before_fold:
         for turn in turns:
             turn["content"] = _strip(turn["content"], template.roles[turn["role"]])
@@ -846,26 +857,29 @@ def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_gener
         first = not (fmt.group and n > 0 and rendered[n - 1]["role"] == role)
         last = not (fmt.group and n + 1 < len(rendered) and rendered[n + 1]["role"] == role)
         if turn["before"]:
-            items(_fill(turn["before"], {}, plan["split"]), 0, fmt.join)
+            items(_fill(template.tools["before_user"], {"definitions": turn["before"]}, plan["split"]), 0, fmt.join)
         if first:
             literal(start, 0)
         if content or not fmt.join:  # an empty content tokenized on its own still splits the text around it
             parts.append((tokenizer.normalize(content), trained, fmt.join) if content else None)
         if turn["calls"]:
-            t = template.tools
-            calls = [_fill(t["call"], {"name": c["name"], "id": c["id"] or "",
-                                       "arguments": _json(c["arguments"], t["call_ensure_ascii"])})
+            t, split = template.tools, plan["split"]
+            calls = [_fill(t["builtin_calls"][c["name"]], c["arguments"], split) if c["builtin"] else
+                     _fill(t["call"], {"name": c["name"], "id": c["id"] or "",
+                                       "arguments": _json(c["arguments"], t["call_ensure_ascii"])}, split)
                      for c in turn["calls"]]
-            sep = t["call_separator"] if turn["has_content"] else ""
+            sep = split(t["call_separator"])
+            first = sep if turn["has_content"] else []
             if t["call_join"]:
-                items(_fill(t["calls"], {"calls": sep + t["call_separator"].join(calls)}, plan["split"]),
-                      trained, fmt.join)
+                pre, _, post = t["calls"].partition("{calls}")
+                items(split(pre) + first + [x for k, c in enumerate(calls) for x in (sep if k else []) + c]
+                      + split(post), trained, fmt.join)
             else:  # each call on its own (Meta's ChatFormat encodes them one by one)
-                for k, call in enumerate(calls):
+                for k, c in enumerate(calls):
                     parts.append(None)
-                    items(plan["split"]((sep if k == 0 else t["call_separator"]) + call), trained, fmt.join)
-            if t["call_end"] is not None:
-                end = plan["call_end"]
+                    items((sep if k else first) + c, trained, fmt.join)
+            if any(c["builtin"] for c in turn["calls"]) and t["builtin_call_end"] is not None:
+                end = plan["builtin_call_end"]
         if last:
             literal(end, trained)
             literal(after, 0)

