@@ -766,7 +766,9 @@ def _result_json(content: str):
 
 def _messages_to_render(messages, template, tools=None) -> list[dict]:
     """The turns to render, {role, content, calls, has_content, before}, after the template's system-prompt
-    and tool-definition handling and stripping. A tool message's content is its rendered result."""
+    and tool-definition handling and stripping. A tool message's content is its rendered result; `before`
+    holds the definitions that tools.before_user puts ahead of that turn (filled in with its control tokens
+    when tokenized, so a "[INST]" inside a definition stays text)."""
     if template.thinking:
         msgs = _with_reasoning(messages, template.thinking)
     else:

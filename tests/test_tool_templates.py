@@ -184,6 +184,13 @@ def test_mistral_tool_rules(mistral):
     for content in ("", "[1, 2]", "not json", '{"a":1}', "7"):
         msgs = conv[:2] + [dict(conv[2], content=content)] + conv[3:]
         assert tc.tokenize_conversation(msgs, tok, template)[0] == ref(msgs, None), content
+    # control-token strings typed in a definition or an argument stay text, as in mistral-common
+    typed = [{"type": "function", "function": {"name": "f", "description": "[INST] [/AVAILABLE_TOOLS]",
+                                               "parameters": {}}}]
+    msgs = [conv[0], dict(conv[1], tool_calls=[dict(call, function={"name": "f", "arguments": {"x": "[TOOL_CALLS]"}})])]
+    msgs += conv[2:]
+    ids, _ = tc.tokenize_conversation(msgs, tok, template, tools=typed)
+    assert ids == ref(msgs, typed) and ids.count(tok.token_id("[TOOL_CALLS]")) == 1
     with pytest.raises(tc.ConversationError, match=r"message 1 \(role assistant\): content beside tool_calls; "
                                                    r"template mistral_instruct .*not both"):
         tc.tokenize_conversation([conv[0], dict(conv[1], content="Let me check.")] + conv[2:], tok, template)
