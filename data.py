@@ -57,7 +57,7 @@ import torch
 
 from model import IGNORE_INDEX
 from tokenize_chat import (ConversationError, TemplateError, TokenizerError, empty_reply, load_template,
-                           load_tokenizer, record_conversations, tokenize_conversation,
+                           load_tokenizer, record_conversations, record_tools, tokenize_conversation,
                            tokenize_response)
 
 FORMAT_VERSION = 3  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them); 3: empty
@@ -261,12 +261,13 @@ def _tokenize_record(record, src_type: str, kind: str, tokenizer, template):
         ids = bos + tokenizer.encode(record) + eos
         return [(ids, [0] + [1] * (len(ids) - 1))], None  # the first token is never a target
     docs, convs = [], record_conversations(record, kind)
+    tools = record_tools(record)  # the record's tool definitions, for every conversation in it
     for conv in convs:
         if not any(m["role"] in template.trained_roles for m in conv):
             docs.append(([], []))  # nothing to train: the length policy drops it and counts it
             continue
         tokenize = tokenize_response if kind == "preference" else tokenize_conversation
-        docs.append(tokenize(conv, tokenizer, template))  # first, so a malformed record is an error, not a drop
+        docs.append(tokenize(conv, tokenizer, template, tools=tools))  # first, so a malformed record is an error, not a drop
     # A trained turn with nothing to say would teach the model to answer with its end-of-turn token alone.
     empty = any(empty_reply(conv, template, final_only=kind == "preference") is not None for conv in convs)
     return docs, "empty_reply" if empty else None

@@ -20,8 +20,8 @@ import torch
 
 import lora
 from model import DTYPES, Transformer, generate, sample
-from tokenize_chat import (ConversationError, load_template, load_tokenizer, record_conversations, stop_token_ids,
-                           tokenize_conversation)
+from tokenize_chat import (ConversationError, load_template, load_tokenizer, record_conversations, record_tools,
+                           stop_token_ids, tokenize_conversation)
 
 
 # -- batched generation -------------------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def find_template(weights: list[Path]) -> Path:
 def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                       enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
     """Each non-empty line: {"prompt": str | [...]}, {"messages": [...]} or ShareGPT {"conversations": [...]},
-    ending with a user turn. Every line is checked before anything is generated; an error names the file and
-    line."""
+    ending with a user turn (or tool results), with the record's `tools` rendered as the template does. Every line
+    is checked before anything is generated; an error names the file and line."""
     records, prompt_ids = [], []
     if not path.is_file():
         raise ValueError(f"--prompts_file {path} not found")
@@ -171,12 +171,12 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                 if system is not None and messages[0]["role"] != "system":
                     messages = [{"role": "system", "content": system}] + messages
                 ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True,
-                                               enable_thinking=enable_thinking)
+                                               enable_thinking=enable_thinking, tools=record_tools(record))
             except ConversationError as e:
                 raise ValueError(f"{where}: {e}") from None
-            if messages[-1]["role"] != "user":
+            if messages[-1]["role"] not in ("user", "tool"):
                 raise ValueError(f"{where}: the last message is {messages[-1]['role']!r}; generation "
-                                    f"continues a conversation that ends with a user turn")
+                                    f"continues a conversation that ends with a user turn (or tool results)")
             records.append(record)
             prompt_ids.append(ids)
     if not records:

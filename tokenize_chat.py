@@ -320,6 +320,7 @@ class RoleFormat:
     join: bool = True  # True: content is tokenized together with the template text around it, as
     #                    transformers does with a rendered Jinja string; False: on its own, as Meta's
     #                    ChatFormat and mistral-common do
+    group: bool = False  # consecutive messages of this role share one start and end (Qwen's tool results)
 
 
 @dataclass
@@ -342,17 +343,44 @@ class ChatTemplate:
     # carries start + its reasoning + end before its content (the final turn always, an empty block when it
     # has no reasoning); earlier turns lose their reasoning. generation_prompt_off: the prompt with thinking off.
     thinking: dict | None = None
+    # Tool use (see _TOOLS_KEYS and the README): how tool definitions, assistant tool calls and tool results
+    # render. None: the template has no tool format and refuses tools, tool calls and tool messages.
+    tools: dict | None = None
 
 
 _TOP_KEYS = {"name": str, "special_tokens": list, "bos": str, "generation_prompt": str, "stop": list,
              "trained_roles": list, "system_placement": str, "system_fold": str, "drop_empty_system": bool,
              "default_system": (str, type(None)), "roles": dict, "strip_before_fold": bool,
-             "thinking": (dict, type(None))}
+             "thinking": (dict, type(None)), "tools": (dict, type(None))}
 _ROLE_KEYS = {"start": str, "end": str, "after": str, "after_last": (str, type(None)), "strip": str,
-              "strip_chars": (str, type(None)), "join": bool}
+              "strip_chars": (str, type(None)), "join": bool, "group": bool}
 _THINKING_KEYS = {"start": str, "end": str, "generation_prompt_off": str}
+# tools: {key: (type, default)}. Placeholders: {tool} (one definition's JSON), {definitions} (all of them),
+# {system}, {tools}, {content}; a call: {name}, {arguments} (JSON), {id}; a result: {content}, {content_json}
+# (the result parsed as JSON when it is JSON, as mistral-common does), {id} (tool_call_id), {name}.
+_TOOLS_KEYS = {
+    "definition": (str, "{tool}"),        # one tool definition
+    "definition_separator": (str, ""),    # between definitions
+    "definition_indent": ((int, type(None)), None),  # JSON indent of a definition (json.dumps' indent)
+    "system": (str, ""),                  # text added to the system prompt when a conversation has tools
+    "system_fold": (str, "{system}\n\n{tools}"),  # how `system` joins a system prompt (else: alone)
+    "user": (str, ""),                    # what the chosen user message's content becomes: {definitions}, {content}
+    "before_user": (str, ""),             # text before the chosen user message's turn (masked)
+    "user_placement": (str, "first_user"),  # the chosen user message: first_user | last_user
+    "call": (str, None),                  # one tool call (required)
+    "call_separator": (str, ""),          # between calls, and between a non-empty content and the first call
+    "calls": (str, "{calls}"),            # all the calls of one assistant message
+    "call_join": (bool, True),            # false: each call tokenized on its own (Meta's ChatFormat)
+    "call_ensure_ascii": (bool, False),   # \uXXXX escapes in the arguments' JSON (Meta's json.dumps)
+    "builtin_calls": (dict, {}),          # name -> how a call of that built-in tool renders: {arg} is that
+    #                                       argument's string value (Llama 3.1: '<|python_tag|>{code}')
+    "builtin_call_end": ((str, type(None)), None),  # the end of a turn with a built-in call, not roles.assistant.end
+    "content_with_calls": (bool, True),   # false: an assistant message with tool calls must have no content
+    "result": (str, "{content}"),         # one tool message's content, inside roles.tool's start and end
+}
 _STRIP = {"none": lambda s, chars: s, "both": str.strip, "left": str.lstrip, "right": str.rstrip}
-_CHOICES = {"system_placement": ("message", "first_user", "last_user"), "strip": tuple(_STRIP)}
+_CHOICES = {"system_placement": ("message", "first_user", "last_user"), "strip": tuple(_STRIP),
+            "user_placement": ("first_user", "last_user")}
 
 
 def _resolve_template(name_or_path) -> Path:
@@ -404,6 +432,20 @@ def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
         check(t.thinking, _THINKING_KEYS, "thinking.")
         if missing := [k for k in _THINKING_KEYS if k not in t.thinking]:
             raise TemplateError(f"{path}: key 'thinking' lacks {', '.join(missing)}")
+    if t.tools is not None:
+        check(t.tools, {k: typ for k, (typ, _) in _TOOLS_KEYS.items()}, "tools.")
+        t.tools = {k: t.tools.get(k, default) for k, (_, default) in _TOOLS_KEYS.items()}
+        if t.tools["call"] is None:
+            raise TemplateError(f"{path}: key 'tools' lacks 'call' (how one tool call renders)")
+        if "tool" not in roles:
+            raise TemplateError(f"{path}: key 'tools' needs a 'tool' role under 'roles' (how tool results render)")
+        if not all(isinstance(v, str) for v in t.tools["builtin_calls"].values()):
+            raise TemplateError(f"{path}: key 'tools.builtin_calls' maps tool names to strings")
+        if "tool" in t.trained_roles:
+            raise TemplateError(f"{path}: key 'trained_roles' names 'tool': tool results are never trained")
+        for k in ("system", "user", "result"):  # message text, which never holds control tokens
+            if any(s in t.tools[k] for s in t.special_tokens):
+                raise TemplateError(f"{path}: key 'tools.{k}' holds a special token; it becomes message text")
     if t.system_placement != "message" and "user" not in roles:
         raise TemplateError(f"{path}: key 'system_placement' folds the system prompt into a user turn: "
                             "'roles' needs 'user'")
@@ -441,9 +483,11 @@ def _plan(tokenizer, template: ChatTemplate) -> dict:
         parts = splitter.split(s) if splitter else [s]
         return [ids[p] if p in ids else tokenizer.normalize(p) for p in parts if p]
 
-    plan = {"bos": split(template.bos), "generation_prompt": split(template.generation_prompt)}
+    plan = {"bos": split(template.bos), "generation_prompt": split(template.generation_prompt), "split": split}
     if template.thinking:
         plan["generation_prompt_off"] = split(template.thinking["generation_prompt_off"])
+    if template.tools and template.tools["builtin_call_end"] is not None:
+        plan["builtin_call_end"] = split(template.tools["builtin_call_end"])
     for role, fmt in template.roles.items():
         plan[role] = (split(fmt.start), split(fmt.end), split(fmt.after),
                       split(fmt.after if fmt.after_last is None else fmt.after_last))
@@ -467,6 +511,10 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
 # content a string, other keys (tool_calls, tool_call_id, name, reasoning_content) as given. Its errors name the
 # record's keys; a conversation's errors (checked against the template when it is tokenized) name its messages by
 # number.
+# Tool use, in OpenAI's form: an assistant message may carry "tool_calls" ([{"id", "type": "function",
+# "function": {"name", "arguments"}}], arguments a dict or a JSON string), a {"role": "tool", "content",
+# "tool_call_id", "name"} message holds a result, and the record's top-level "tools" (`record_tools`) lists the
+# definitions (JSON-schema function specs, as apply_chat_template(tools=) takes them).
 
 def _content_text(content, where: str) -> str:
     """A message's content as one string: a string as is; a list of text parts joined with nothing between
@@ -659,11 +707,94 @@ def empty_reply(messages, template, final_only: bool = False) -> int | None:
     return None
 
 
-def _check_messages(messages, template, training):
-    """A conversation as tokenize_conversation takes it, from a record or built by a caller (generate.py)."""
+def record_tools(record) -> list[dict] | None:
+    """The tool definitions of a record: its top-level `tools` (JSON-schema function specs, what
+    transformers' apply_chat_template(tools=) takes), or None."""
+    tools = record.get("tools") if isinstance(record, dict) else None
+    if tools is None:
+        return None
+    if isinstance(tools, str):  # some datasets store the list as a JSON string
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise ConversationError(f"'tools' is a string that is not valid JSON ({e})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ConversationError(f"'tools' must be a list of tool definitions (JSON objects such as "
+                                f"{{'type': 'function', 'function': {{'name', 'description', 'parameters'}}}}), "
+                                f"got {type(tools).__name__}")
+    return tools or None
+
+
+def _templates_with_tools() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.yaml") if re.search(r"^tools:", p.read_text(), re.M))
+
+
+def _no_tool_format(template, what) -> ConversationError:
+    return ConversationError(f"{what}, but template {template.name} ({template.path}) has no tool format; "
+                             f"templates with one: {', '.join(_templates_with_tools())}")
+
+
+def _tool_calls(m, i, template) -> list[dict]:
+    """An assistant message's tool calls as {name, arguments (a dict), id}: OpenAI's {"id", "type": "function",
+    "function": {"name", "arguments"}} (or the flat {"name", "arguments"}), arguments a dict or a JSON string."""
+    calls = m.get("tool_calls")
+    if calls is None or calls == []:
+        return []
+    where = f"message {i} (role {m['role']})"
+    if template.tools is None:
+        raise _no_tool_format(template, f"{where} has tool_calls")
+    if m["role"] != "assistant":
+        raise ConversationError(f"{where}: only an assistant message may have tool_calls")
+    if not isinstance(calls, list):
+        raise ConversationError(f"{where}: tool_calls must be a list, got {type(calls).__name__}")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise ConversationError(f"{where}: tool_calls[{j}] must be {{'type': 'function', 'function': "
+                                    f"{{'name': str, 'arguments': ...}}}}, got {json.dumps(c)[:200]}")
+        args = f.get("arguments")
+        if args is None or args == "":  # mistral-common reads an empty string as {}
+            args = {}
+        elif isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError as e:
+                raise ConversationError(f"{where}: tool_calls[{j}] ({f['name']}): arguments is a string that is "
+                                        f"not valid JSON ({e}): {args[:200]!r}") from None
+        if not isinstance(args, dict):
+            raise ConversationError(f"{where}: tool_calls[{j}] ({f['name']}): arguments must be a JSON object, "
+                                    f"got {type(args).__name__}")
+        call_id = c.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ConversationError(f"{where}: tool_calls[{j}].id must be a string, got {type(call_id).__name__}")
+        if call_id is None and "{id}" in template.tools["call"]:
+            raise ConversationError(f"{where}: tool_calls[{j}] ({f['name']}) has no 'id'; template "
+                                    f"{template.name} renders each call's id")
+        builtin = template.tools["builtin_calls"].get(f["name"])
+        if builtin is not None:
+            need = set(_PLACEHOLDER.findall(builtin))
+            if not all(isinstance(args.get(k), str) for k in need):
+                raise ConversationError(f"{where}: tool_calls[{j}] calls the built-in tool {f['name']}, which "
+                                        f"template {template.name} writes as {builtin!r}: its arguments need "
+                                        f"{sorted(need)} as strings, got {json.dumps(args)[:200]}")
+        out.append({"name": f["name"], "arguments": args, "id": call_id, "builtin": builtin is not None})
+    if m["content"] and not template.tools["content_with_calls"]:
+        raise ConversationError(f"{where}: content beside tool_calls; template {template.name} renders an "
+                                f"assistant message as text or as tool calls, not both (drop the content)")
+    return out
+
+
+def _check_messages(messages, template, training, tools=None) -> list[dict]:
+    """A conversation as tokenize_conversation takes it, from a record or built by a caller (generate.py).
+    Returns it checked: copies of the messages, content "" for a null content beside tool calls, and the
+    assistant's tool calls parsed under "calls"."""
     if not isinstance(messages, list) or not messages:
         raise ConversationError("empty message list" if isinstance(messages, list) else
                                 f"'messages' must be a list of {{role, content}}, got {type(messages).__name__}")
+    if tools and template.tools is None:
+        raise _no_tool_format(template, f"the conversation has tool definitions ('tools', {len(tools)})")
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ConversationError(f"message {i} is a {type(m).__name__}, not a {{role, content}} object")
@@ -671,9 +802,14 @@ def _check_messages(messages, template, training):
         if not isinstance(role, str):
             raise ConversationError(f"message {i}: role must be a string, got {type(role).__name__}" if "role" in m
                                     else f"message {i} has no 'role'")
+        if role == "tool" and template.tools is None:
+            raise _no_tool_format(template, f"message {i} is a tool result (role 'tool')")
         if role not in template.roles and not (role == "system" and template.system_placement != "message"):
             known = sorted(set(template.roles) | {"system"})
             raise ConversationError(f"message {i}: unknown role {role!r} (template {template.name} knows {known})")
+        m = dict(m)
+        if m.get("content") is None and m.get("tool_calls"):
+            m["content"] = ""
         if not isinstance(m.get("content"), str):
             raise ConversationError(f"message {i} (role {role}): content must be a string, got "
                                     f"{type(m['content']).__name__}" if "content" in m
@@ -686,26 +822,35 @@ def _check_messages(messages, template, training):
                                     f"text") from None
         if role == "system" and i > 0:
             raise ConversationError(f"message {i}: a system message may only come first")
-        for key in ("reasoning", "reasoning_content"):
+        for key in ("reasoning", "reasoning_content") + (("tool_call_id", "name") if role == "tool" else ()):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise ConversationError(f"message {i} (role {role}): {key} must be a string, "
                                         f"got {type(m[key]).__name__}")
-    if training and not any(m["role"] in template.trained_roles for m in messages):
+        if role == "tool" and m.get("tool_call_id") is None and "{id}" in template.tools["result"]:
+            raise ConversationError(f"message {i} (role tool) has no 'tool_call_id'; template {template.name} "
+                                    f"renders the id of the call each result answers")
+        m["calls"] = _tool_calls(m, i, template)
+        out.append(m)
+    if training and not any(m["role"] in template.trained_roles for m in out):
         raise ConversationError(f"no {'/'.join(template.trained_roles)} turn: this conversation would train nothing")
+    return out
 
 
-def _with_reasoning(messages, thinking: dict) -> list[tuple[str, str]]:
-    """(role, content) pairs with Qwen3's reasoning convention, as its official template renders them: the
-    reasoning comes from `reasoning_content` (or `reasoning`), else from a <think>...</think> already in the
-    content; assistant turns after the last user message show it in the thinking block (the last turn always,
-    empty if need be), earlier turns drop it."""
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+def _with_reasoning(messages, thinking: dict) -> list[tuple[str, str, bool]]:
+    """(role, content, has_content) with Qwen3's reasoning convention, as its official template renders them:
+    the reasoning comes from `reasoning_content` (or `reasoning`), else from a <think>...</think> already in
+    the content; assistant turns after the last user message show it in the thinking block (the last turn
+    always, empty if need be), earlier turns drop it. A user message that is a whole <tool_response> block
+    is not a query. has_content: the content without its reasoning is not empty (a tool call after it is
+    then preceded by the call separator)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"
+             and not (m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))]
     last_query = users[-1] if users else len(messages) - 1
     out = []
     for i, m in enumerate(messages):
         content = m["content"]
         if m["role"] != "assistant":
-            out.append((m["role"], content))
+            out.append((m["role"], content, bool(content)))
             continue
         reasoning = m.get("reasoning_content", m.get("reasoning"))
         if not isinstance(reasoning, str):
@@ -713,9 +858,10 @@ def _with_reasoning(messages, thinking: dict) -> list[tuple[str, str]]:
             if "</think>" in content:
                 reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
                 content = content.split("</think>")[-1].lstrip("\n")
+        has_content = bool(content)
         if i > last_query and (i == len(messages) - 1 or reasoning):
             content = thinking["start"] + reasoning.strip("\n") + thinking["end"] + content.lstrip("\n")
-        out.append(("assistant", content))
+        out.append(("assistant", content, has_content))
     return out
 
 
@@ -723,74 +869,170 @@ def _strip(content: str, fmt: RoleFormat) -> str:
     return _STRIP[fmt.strip](content, fmt.strip_chars)
 
 
-def _messages_to_render(messages, template):
-    """(role, content) pairs after the template's system-prompt handling and stripping."""
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _fill(fmt: str, values: dict, split=None):
+    """fmt with its {placeholders} that `values` names replaced, in one pass (a value is never searched for
+    placeholders, so a "{content}" inside a message stays text). With `split`: a list of items, the
+    template's own text split into control-token ids and text, each value as text."""
+    items, pos = [], 0
+    for m in _PLACEHOLDER.finditer(fmt):
+        if m.group(1) in values:
+            items += (split(fmt[pos:m.start()]) if split else [fmt[pos:m.start()]]) + [values[m.group(1)]]
+            pos = m.end()
+    items += split(fmt[pos:]) if split else [fmt[pos:]]
+    return items if split else "".join(items)
+
+
+def _json(x, ensure_ascii=False, indent=None) -> str:
+    """JSON as transformers' `tojson` filter and mistral-common write it: json.dumps' separators, key order kept."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent)
+
+
+def _result_json(content: str):
+    """A tool result as mistral-common puts it in its JSON: parsed when it is JSON, {} when empty."""
+    if not content:
+        return {}
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return content
+
+
+def _messages_to_render(messages, template, tools=None) -> list[dict]:
+    """The turns to render, {role, content, calls, has_content, before}, after the template's system-prompt
+    and tool-definition handling and stripping. A tool message's content is its rendered result; `before`
+    holds the definitions that tools.before_user puts ahead of that turn (filled in with its control tokens
+    when tokenized, so a "[INST]" inside a definition stays text)."""
     if template.thinking:
         msgs = _with_reasoning(messages, template.thinking)
     else:
-        msgs = [(m["role"], m["content"]) for m in messages]
+        msgs = [(m["role"], m["content"], bool(m["content"])) for m in messages]
+    turns = [{"role": r, "content": c, "has_content": h, "calls": m["calls"], "before": ""}
+             for (r, c, h), m in zip(msgs, messages)]
+    t = template.tools
+    for turn, m in zip(turns, messages):
+        if turn["role"] == "tool":
+            turn["content"] = _fill(t["result"], {"content": m["content"], "id": m.get("tool_call_id") or "",
+                                                  "name": m.get("name") or "",
+                                                  "content_json": _json(_result_json(m["content"]))})
     if template.strip_before_fold:
-        msgs = [(r, _strip(c, template.roles[r]) if r in template.roles else c) for r, c in msgs]
+        for turn in turns:
+            if turn["role"] in template.roles:
+                turn["content"] = _strip(turn["content"], template.roles[turn["role"]])
+    defs = None
+    if tools:
+        defs = t["definition_separator"].join(_fill(t["definition"], {"tool": _json(tool, indent=t["definition_indent"])})
+                                              for tool in tools)
     system = None
-    if msgs[0][0] == "system":
-        system = msgs.pop(0)[1]
+    if turns[0]["role"] == "system":
+        system = turns.pop(0)["content"]
     elif template.default_system is not None:
         system = template.default_system
+    if defs is not None and t["system"]:
+        text = _fill(t["system"], {"definitions": defs})
+        system = text if system is None else _fill(t["system_fold"], {"system": system, "tools": text})
+    users = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
     if system is not None and not (template.drop_empty_system and system == ""):
         if template.system_placement == "message":
-            msgs.insert(0, ("system", system))
+            turns.insert(0, {"role": "system", "content": system, "has_content": True, "calls": [], "before": ""})
+            users = [i + 1 for i in users]
         else:
-            users = [i for i, (r, _) in enumerate(msgs) if r == "user"]
             if not users:
                 raise ConversationError(f"a system prompt but no user message to fold it into "
                                         f"(template {template.name} puts it in the {template.system_placement} turn)")
-            i = users[0] if template.system_placement == "first_user" else users[-1]
-            fold = template.system_fold
-            s, c = fold.index("{system}"), fold.index("{content}")
-            msgs[i] = ("user", fold[:s] + system + fold[s + 8:c] + msgs[i][1] + fold[c + 9:])
-    if template.strip_before_fold:
-        return msgs
-    return [(role, _strip(content, template.roles[role])) for role, content in msgs]
+            turn = turns[users[0] if template.system_placement == "first_user" else users[-1]]
+            turn["content"] = _fill(template.system_fold, {"system": system, "content": turn["content"]})
+    if defs is not None and (t["user"] or t["before_user"]):
+        if not users:
+            raise ConversationError(f"tool definitions but no user message to put them in (template "
+                                    f"{template.name} puts them in the {t['user_placement']} message)")
+        turn = turns[users[0] if t["user_placement"] == "first_user" else users[-1]]
+        if t["user"]:
+            turn["content"] = _fill(t["user"], {"definitions": defs, "content": turn["content"]})
+        turn["before"] = defs if t["before_user"] else ""  # filled in when tokenized: its control tokens
+    if not template.strip_before_fold:
+        for turn in turns:
+            turn["content"] = _strip(turn["content"], template.roles[turn["role"]])
+    return turns
 
 
 def tokenize_conversation(messages, tokenizer, template: ChatTemplate, add_generation_prompt=False,
-                          enable_thinking=True):
-    """Token ids and a same-length 0/1 loss mask. Trained: each assistant turn's content and its end
-    string (the end-of-turn token); headers, system and user text are masked. With a `thinking` template
-    the thinking block is part of the assistant content (trained); enable_thinking=False ends the generation
-    prompt with an empty thinking block, as Qwen3's template does."""
-    _check_messages(messages, template, training=not add_generation_prompt)
+                          enable_thinking=True, tools=None):
+    """Token ids and a same-length 0/1 loss mask. Trained: each assistant turn's content, its tool calls
+    and its end string (the end-of-turn token); headers, system, user and tool text and tool definitions
+    are masked. With a `thinking` template the thinking block is part of the assistant content (trained);
+    enable_thinking=False ends the generation prompt with an empty thinking block, as Qwen3's template does.
+    tools: the conversation's tool definitions (`record_tools`), rendered as the template's `tools` says."""
+    messages = _check_messages(messages, template, training=not add_generation_prompt, tools=tools)
     plan = _plan(tokenizer, template)
     parts = []  # (id_or_text, trained, join): ints are control tokens, strs are text to encode
 
     def literal(items, trained):
         parts.extend((x, trained, True) for x in items)
 
+    def items(xs, trained, join):  # template text split into ids and text, with values: adjacent text as one
+        text = []
+        for x in xs + [None]:
+            if (x is None or isinstance(x, int)) and text:
+                parts.append((tokenizer.normalize("".join(text)), trained, join))
+                text.clear()
+            if isinstance(x, int):
+                parts.append((x, trained, True))
+            elif x:
+                text.append(x)
+
     literal(plan["bos"], 0)
-    rendered = _messages_to_render(messages, template)
-    for n, (role, content) in enumerate(rendered):
+    rendered = _messages_to_render(messages, template, tools)
+    for n, turn in enumerate(rendered):
+        role, content = turn["role"], turn["content"]
         start, end, after, after_last = plan[role]
+        fmt = template.roles[role]
         if n == len(rendered) - 1:
             after = after_last
         trained = 1 if role in template.trained_roles else 0
-        join = template.roles[role].join
-        literal(start, 0)
-        if content or not join:  # an empty content tokenized on its own still splits the text around it
-            parts.append((tokenizer.normalize(content), trained, join) if content else None)
-        literal(end, trained)
-        literal(after, 0)
+        first = not (fmt.group and n > 0 and rendered[n - 1]["role"] == role)
+        last = not (fmt.group and n + 1 < len(rendered) and rendered[n + 1]["role"] == role)
+        if turn["before"]:
+            items(_fill(template.tools["before_user"], {"definitions": turn["before"]}, plan["split"]), 0, fmt.join)
+        if first:
+            literal(start, 0)
+        if content or not fmt.join:  # an empty content tokenized on its own still splits the text around it
+            parts.append((tokenizer.normalize(content), trained, fmt.join) if content else None)
+        if turn["calls"]:
+            t, split = template.tools, plan["split"]
+            calls = [_fill(t["builtin_calls"][c["name"]], c["arguments"], split) if c["builtin"] else
+                     _fill(t["call"], {"name": c["name"], "id": c["id"] or "",
+                                       "arguments": _json(c["arguments"], t["call_ensure_ascii"])}, split)
+                     for c in turn["calls"]]
+            sep = split(t["call_separator"])
+            first = sep if turn["has_content"] else []
+            if t["call_join"]:
+                pre, _, post = t["calls"].partition("{calls}")
+                items(split(pre) + first + [x for k, c in enumerate(calls) for x in (sep if k else []) + c]
+                      + split(post), trained, fmt.join)
+            else:  # each call on its own (Meta's ChatFormat encodes them one by one)
+                for k, c in enumerate(calls):
+                    parts.append(None)
+                    items((sep if k else first) + c, trained, fmt.join)
+            if any(c["builtin"] for c in turn["calls"]) and t["builtin_call_end"] is not None:
+                end = plan["builtin_call_end"]
+        if last:
+            literal(end, trained)
+            literal(after, 0)
     if add_generation_prompt:
         off = template.thinking and not enable_thinking
         literal(plan["generation_prompt_off" if off else "generation_prompt"], 0)
     return _encode_parts(parts, tokenizer)
 
 
-def tokenize_response(messages, tokenizer, template):
+def tokenize_response(messages, tokenizer, template, tools=None):
     """A preference side's ids and mask: only its final response (with its end-of-turn) trained. The mask
     drops what the prompt with the generation prompt tokenizes to, their common prefix, so a token that
     straddles the boundary stays trained."""
-    ids, mask = tokenize_conversation(messages, tokenizer, template)
-    prompt, _ = tokenize_conversation(messages[:-1], tokenizer, template, add_generation_prompt=True)
+    ids, mask = tokenize_conversation(messages, tokenizer, template, tools=tools)
+    prompt, _ = tokenize_conversation(messages[:-1], tokenizer, template, add_generation_prompt=True, tools=tools)
     n = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
     return ids, [0] * n + mask[n:]
 
@@ -853,7 +1095,8 @@ def render_tokens(ids, mask, tokenizer, color: bool) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Show how conversations tokenize: trained tokens in green "
-                                 "(between [[ ]] when not a terminal), masked ones dim.")
+                                 "(between [[ ]] when not a terminal), masked ones dim; a record's tool "
+                                 "definitions, tool calls and tool results as the template renders them.")
     ap.add_argument("--ckpt_dir", required=True, help="dir with tokenizer.model / tokenizer.json")
     ap.add_argument("--template_config", required=True, help="template name in templates/ or a YAML path")
     ap.add_argument("--show", required=True, help="jsonl of training records: {'messages': [...]}, ShareGPT "
@@ -878,15 +1121,15 @@ def main(argv=None):
         try:  # as data.py reads it: SFT messages (or ShareGPT), or both sides of a preference pair
             record = json.loads(line)
             kind = "preference" if isinstance(record, dict) and "chosen" in record else "sft"
-            convs = record_conversations(record, kind)
+            convs, tools = record_conversations(record, kind), record_tools(record)
             if not args.add_generation_prompt and not any(m["role"] in template.trained_roles for m in convs[0]):
                 print(f"{where}: data.py drops this record: no {'/'.join(template.trained_roles)} turn to train")
                 continue
             if args.add_generation_prompt:
-                docs = [tokenize_conversation(c, tokenizer, template, True) for c in convs]
+                docs = [tokenize_conversation(c, tokenizer, template, True, tools=tools) for c in convs]
             else:
-                docs = [(tokenize_response if kind == "preference" else tokenize_conversation)(c, tokenizer, template)
-                        for c in convs]
+                docs = [(tokenize_response if kind == "preference" else tokenize_conversation)(
+                    c, tokenizer, template, tools=tools) for c in convs]
         except json.JSONDecodeError as e:
             print(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
             bad += 1
@@ -898,7 +1141,11 @@ def main(argv=None):
         empty = [empty_reply(c, template, final_only=kind == "preference") for c in convs]
         for side, conv, (ids, mask), e in zip(("chosen", "rejected") if kind == "preference" else ("",),
                                               convs, docs, empty):
-            print(f"--- {where}{'  ' + side if side else ''}  trained {sum(mask)} / {len(ids)} tokens")
+            n_calls = sum(len(m.get("tool_calls") or []) for m in conv)
+            n_results = sum(m.get("role") == "tool" for m in conv)
+            uses = f"  tools: {len(tools or [])} defined, {n_calls} calls, {n_results} results" \
+                if tools or n_calls or n_results else ""
+            print(f"--- {where}{'  ' + side if side else ''}  trained {sum(mask)} / {len(ids)} tokens{uses}")
             if e is not None and not args.add_generation_prompt:
                 print(f"(data.py drops this record: message {e} is an empty {conv[e]['role']} reply)")
             print(render_tokens(ids, mask, tokenizer, color))
