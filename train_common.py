@@ -26,7 +26,7 @@ import torch.distributed as dist
 import lora
 import parallel
 from lora import DEFAULT_TARGETS as LORA_TARGETS
-from model import DTYPES, IGNORE_INDEX
+from model import DTYPES, IGNORE_INDEX, packed_kernel
 from parallel import (Dist, StopSignal, all_reduce_sum, any_rank, barrier, checkpoint_dirs, first_line,
                       load_checkpoint, load_extra, parallelize, print0, resolve_dtype, rng_state, save_checkpoint,
                       set_rng_state, setup_distributed, teardown_distributed, write_failure)
@@ -314,8 +314,8 @@ def setup(args, d: Dist, kind: str) -> Run:
     template = load_template(args.template_config, tokenizer)
     train_set, val_set = load_datasets(args, tokenizer, template, kind)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = make_loader(args, train_set, pad_id)
-    val_loader = make_loader(args, val_set, pad_id, shuffle=False) if val_set is not None else None
+    loader = make_loader(args, train_set, pad_id, d.device)
+    val_loader = make_loader(args, val_set, pad_id, d.device, shuffle=False) if val_set is not None else None
     model, bare_model, lora_config, input_dtype = load_model(args, d)
     optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     run = Run(args, d, template, train_set, val_set, pad_id, loader, val_loader, model, bare_model, lora_config,
@@ -391,12 +391,16 @@ def load_model(args, d: Dist):
     return wrapped, model, lora_config, input_dtype
 
 
-def make_loader(args, dataset, pad_id: int, shuffle: bool = True):
-    """The run's batches of `dataset`: padded, or packed (pairs laid out with a shared prompt, --share_prompt)."""
+def make_loader(args, dataset, pad_id: int, device: torch.device, shuffle: bool = True):
+    """The run's batches of `dataset`: padded, or packed (pairs laid out with a shared prompt, --share_prompt).
+    Packed batches meet compiled code under --compile, and on CUDA without it (FlexAttention is compiled on its
+    own): there they keep one shape (data.Loader's fixed_shape), since every new shape is a new graph, and torch
+    stops compiling after a few (then FlexAttention materialises every score)."""
     from data import Loader
 
+    fixed = args.compile or packed_kernel(device) == "flex"
     return Loader(dataset, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, shuffle=shuffle,
-                  share_prompt=getattr(args, "share_prompt", False), pad_id=pad_id)
+                  share_prompt=getattr(args, "share_prompt", False), pad_id=pad_id, fixed_shape=fixed)
 
 
 def total_steps(args, loader) -> int:
