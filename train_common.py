@@ -98,6 +98,10 @@ class CommonArgs:
     val_freq: int = arg(0, help="validate every N steps (0: at the end only, when --val_data_paths is set)")
     wandb: bool = arg(False, help="also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = arg("llm-post-training", help="W&B project")
+    plan: bool = arg(False, help="print this run's predicted memory per GPU (memory_plan.py) and exit; reads only "
+                     "params.json of --ckpt_paths")
+    plan_gpus: str = arg("8x80GB", help="--plan: GPUs per node x memory each (80GB for one GPU, 2xcpu for CPU)")
+    plan_nnodes: int = arg(1, help="--plan: nodes")
 
 
 @dataclass
@@ -143,7 +147,7 @@ def parse_args(cls, argv=None):
 # Flags with a valid range; argparse checks only types.
 VALUE_RULES = [
     (("max_seq_len", "micro_batch_size_per_gpu", "gradient_accum_steps", "train_epochs", "train_steps", "lora_rank",
-      "print_freq"), (lambda v: v > 0, "a positive integer")),
+      "print_freq", "plan_nnodes"), (lambda v: v > 0, "a positive integer")),
     (("lr", "warmup_steps", "wd", "eps", "clip_grad_norm", "save_freq", "val_freq", "sft_weight",
       "dpo_label_smoothing", "max_checkpoints"), (lambda v: v >= 0, "zero or more")),
     (("lora_alpha", "dpo_beta", "simpo_beta", "dist_timeout"), (lambda v: v > 0, "positive")),
@@ -817,6 +821,11 @@ def main(train, args_class, argv=None):
     """A trainer's main(): parse the flags, start the process group, train(args, d); bad input exits 1 with the
     message (no traceback), and the process group always closes."""
     args = parse_args(args_class, argv)
+    if args.plan:  # before any process group, weights or data
+        import memory_plan
+
+        print(memory_plan.plan_from_args(args)[1])
+        return
     d = setup_distributed(args.dist_timeout)
     name = Path(sys.modules[train.__module__].__file__).name
     try:
