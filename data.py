@@ -1,4 +1,4 @@
-"""Data: sources -> pretokenized memmap cache -> batches for SFT and preference training (README: Data).
+"""Data: sources -> pretokenized memmap cache -> batches for SFT and preference training (docs/data.md).
 
     ds = prepare_dataset(["jsonl:train.jsonl", "HuggingFaceH4/ultrachat_200k"], tokenizer, template,
                          max_seq_len=2048, kind="sft", splits=[None, "train_sft"], num_samples=[None, 0.1])
