@@ -1,0 +1,107 @@
+"""train_grpo.py: the loss family against a per-sample reference written here with plain loops (float64)."""
+
+import math
+import random
+
+import pytest
+import torch
+
+import train_grpo as grpo
+
+
+# -- the loss --------------------------------------------------------------------------------------------------
+def reference_advantages(rewards: list, G: int, scale: str) -> tuple[list, int]:
+    """TRL 1.x's advantages, one group at a time: (r - mean) / (std + 1e-4), the unbiased std of the group (or
+    of the batch), over the rewards that are not None; a None reward's advantage is 0. Also the number of
+    completions whose std is 0."""
+    def stats(values):
+        values = [v for v in values if v is not None]
+        mean = sum(values) / len(values) if values else math.nan
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+        return mean, std
+
+    batch_std = stats(rewards)[1]
+    out, zero = [], 0
+    for k in range(0, len(rewards), G):
+        group = rewards[k:k + G]
+        mean, std = stats(group)
+        if scale == "batch":
+            std = batch_std
+        zero += G * (std == 0)
+        for r in group:
+            a = 0.0 if r is None else r - mean
+            if scale != "none":
+                a = a / (std + 1e-4) if not math.isnan(std) else 0.0
+            out.append(a)
+    return out, zero
+
+
+def reference_step_loss(completions, advantages, loss_type, eps, eps_high, beta, L):
+    """completions: per completion (logps, old, ref), each a list of float64 scalar tensors. One optimizer
+    step's loss, sample by sample."""
+    per_completion = []
+    for (logps, old, ref), a in zip(completions, advantages):
+        losses = []
+        for lp, lo, lr in zip(logps, old, ref):
+            rho = torch.exp(lp - lo)
+            clipped = min(max(rho, torch.tensor(1 - eps, dtype=torch.float64)),
+                          torch.tensor(1 + eps_high, dtype=torch.float64))
+            loss = -torch.minimum(rho * a, clipped * a)
+            if beta:
+                loss = loss + beta * (torch.exp(lr - lp) - (lr - lp) - 1)
+            losses.append(loss)
+        per_completion.append(losses)
+    if loss_type == "dapo":
+        return sum(sum(ls) for ls in per_completion) / sum(len(ls) for ls in per_completion)
+    if loss_type == "grpo":
+        return sum(sum(ls) / len(ls) for ls in per_completion) / len(per_completion)
+    return sum(sum(ls) for ls in per_completion) / (len(per_completion) * L)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("eps,eps_high,beta,drift", [(0.2, 0.2, 0.0, 0.0), (0.2, 0.28, 0.0, 0.3),
+                                                     (0.1, 0.3, 0.04, 0.3), (0.2, 0.2, 0.1, 0.0)])
+def test_loss_equals_a_per_sample_reference(loss_type, scale, eps, eps_high, beta, drift):
+    """Two prompts per micro-batch x 3 micro-batches, G = 4: a group whose rewards are all equal (no
+    advantage), one with a completion no function scored (None), completions truncated at L and of one token.
+    drift > 0 is a later iteration of --num_iterations (logp != logp_old, some ratios clipped); drift 0 the
+    first (rho = 1). Loss and gradient with respect to every logp equal the reference to 1e-10."""
+    G, L, rng = 4, 6, random.Random(0)
+    rewards = [1.0, 0.0, 2.0, 0.5, 3.0, 3.0, 3.0, 3.0, 1.0, None, 0.0, 1.0,
+               0.2, 0.9, 0.9, 0.1, 0.0, 1.0, 1.0, 1.0, 2.0, 2.5, 0.0, 1.5]
+    lengths = [L, 1, 3, L, 2, 1, L, 4, 5, 1, 1, L, 3, 3, 2, L, 1, 2, 3, 4, 5, L, L, 1]
+    ours_rewards = torch.tensor([math.nan if r is None else r for r in rewards], dtype=torch.float64)
+    adv, zero = grpo.group_advantages(ours_rewards, G, scale, grpo.nan_std(ours_rewards))
+    ref_adv, ref_zero = reference_advantages(rewards, G, scale)
+    assert adv.tolist() == pytest.approx(ref_adv, abs=1e-12) and int(zero.sum()) == ref_zero
+    assert ref_zero == (G if scale != "batch" else 0) and all(a == 0 for a in ref_adv[4:8])
+
+    logps = [torch.tensor([-rng.uniform(0.1, 3) for _ in range(n)], dtype=torch.float64) for n in lengths]
+    old = [lp - torch.tensor([rng.uniform(-drift, drift) for _ in lp], dtype=torch.float64) for lp in logps]
+    ref = [lp + torch.tensor([rng.uniform(-0.5, 0.5) for _ in lp], dtype=torch.float64) for lp in logps]
+    leaves = [lp.clone().requires_grad_() for lp in logps]
+
+    # Ours: micro-batches of 2 prompts (8 completions), numerators summed, one global denominator.
+    C = 2 * G
+    denominator = grpo.loss_denominator(loss_type, sum(lengths), len(lengths), L)
+    total = 0
+    for m in range(0, len(lengths), C):
+        idx = range(m, m + C)
+        completion = torch.cat([torch.full((lengths[i],), i - m) for i in idx])
+        numerator, *_ = grpo.grpo_loss_sum(torch.cat([leaves[i] for i in idx]), torch.cat([old[i] for i in idx]),
+                                           torch.cat([ref[i] for i in idx]) if beta else None, adv[m:m + C],
+                                           completion, loss_type, eps, eps_high, beta)
+        total = total + numerator / denominator
+    total.backward()
+
+    ref_leaves = [[x.clone().requires_grad_() for x in lp] for lp in logps]
+    expected = reference_step_loss([(rl, list(o), list(r)) for rl, o, r in zip(ref_leaves, old, ref)],
+                                   ref_adv, loss_type, eps, eps_high, beta, L)
+    expected.backward()
+    assert abs(total.item() - expected.item()) <= 1e-10
+    for ours, theirs in zip(leaves, ref_leaves):
+        assert torch.allclose(ours.grad, torch.stack([x.grad for x in theirs]), rtol=0, atol=1e-10)
+    if drift == 0 and beta == 0:  # rho = 1: the policy gradient -A / denominator per token
+        assert total.item() == pytest.approx(-sum(a * n for a, n in zip(ref_adv, lengths)) / denominator
+                                             if loss_type != "grpo" else -sum(ref_adv) / len(lengths), abs=1e-12)
