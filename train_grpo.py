@@ -14,6 +14,10 @@ gradient is the policy gradient; the sampler's log-probs never enter the loss.
   dr_grpo: the sum over every completion token / (completions x --max_completion_length)
 """
 
+import math
+import numbers
+from pathlib import Path
+
 import torch
 
 
@@ -77,3 +81,88 @@ def loss_denominator(loss_type: str, tokens: int, completions: int, max_completi
     if loss_type == "grpo":
         return max(completions, 1)
     return max(completions, 1) * max_completion_length
+
+
+# -- rewards ---------------------------------------------------------------------------------------------------
+def load_reward_funcs(specs: list) -> list:
+    """--reward_funcs path/to/file.py:name ... -> [(name, function)]. The functions are TRL's: fn(prompts,
+    completions, completion_ids, **columns) -> a list of float or None, one per completion."""
+    import importlib.util
+
+    funcs = []
+    for spec in specs:
+        path, sep, name = str(spec).rpartition(":")
+        if not sep or not path or not name:
+            raise ValueError(f"--reward_funcs {spec!r}: expected path/to/file.py:function_name")
+        if not Path(path).is_file():
+            raise ValueError(f"--reward_funcs {spec!r}: {path} is not a file")
+        module_name = f"_reward_{len(funcs)}_{Path(path).stem}"
+        try:
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise ValueError(f"--reward_funcs {spec!r}: importing {path} raised {type(e).__name__}: {e} "
+                             f"({where_raised(e, path)})") from None
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+            raise ValueError(f"--reward_funcs {spec!r}: {path} has no function {name!r} (it has: "
+                             f"{', '.join(found) or 'none'})")
+        funcs.append((name, fn))
+    if len({n for n, _ in funcs}) < len(funcs):
+        raise ValueError(f"--reward_funcs {' '.join(map(str, specs))}: two functions share a name; their metrics "
+                         f"(rewards/<name>/mean) would mix: rename one")
+    return funcs
+
+
+def where_raised(e: BaseException, path=None) -> str:
+    """file:line of the innermost frame of the traceback (in `path` when it has one there)."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    inside = [f for f in frames if path is None or Path(f.filename).resolve() == Path(path).resolve()] or frames
+    return f"{inside[-1].filename}:{inside[-1].lineno}" if inside else "no traceback"
+
+
+def compute_rewards(funcs: list, weights: list, prompts: list, completions: list, completion_ids: list,
+                    columns: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every function on every completion -> (per function [N, F] float64, NaN where it returned None; the
+    reward [N] = the weighted sum over the functions that scored it, NaN where none did), as TRL's nansum. Bad
+    output is an error naming the function and the sample."""
+    N = len(completions)
+    values = torch.full((N, len(funcs)), float("nan"), dtype=torch.float64)
+    for j, (name, fn) in enumerate(funcs):
+        try:
+            out = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except Exception as e:
+            raise ValueError(f"reward function {name!r} raised {type(e).__name__}: {e} (at {where_raised(e)}), "
+                             f"on a batch of {N} completions whose first prompt is {short(prompts[0])}") from None
+        try:
+            out = list(out)
+        except TypeError:
+            out = None
+        if out is None or len(out) != N:
+            got = f"{len(out)} values" if out is not None else type(out).__name__
+            raise ValueError(f"reward function {name!r} returned {got} for {N} completions; it must return a list "
+                             f"of one float (or None to skip) per completion")
+        for i, v in enumerate(out):
+            if v is None:
+                continue
+            if not isinstance(v, numbers.Real) and not (isinstance(v, torch.Tensor) and v.numel() == 1):
+                raise ValueError(f"reward function {name!r} returned {short(v)} ({type(v).__name__}) for completion "
+                                 f"{i} (prompt {short(prompts[i])}, completion {short(completions[i])}): a reward is "
+                                 f"a number, or None to skip")
+            if not math.isfinite(float(v)):
+                raise ValueError(f"reward function {name!r} returned {float(v)} for completion {i} (prompt "
+                                 f"{short(prompts[i])}, completion {short(completions[i])}): a reward must be "
+                                 f"finite (None skips the function for that completion)")
+            values[i, j] = float(v)
+    weighted = values * torch.tensor(weights, dtype=torch.float64)
+    reward = weighted.nansum(1).masked_fill(values.isnan().all(1), float("nan"))
+    return values, reward
+
+
+def short(x, n: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= n else text[:n - 3] + "..."

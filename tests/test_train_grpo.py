@@ -105,3 +105,75 @@ def test_loss_equals_a_per_sample_reference(loss_type, scale, eps, eps_high, bet
     if drift == 0 and beta == 0:  # rho = 1: the policy gradient -A / denominator per token
         assert total.item() == pytest.approx(-sum(a * n for a, n in zip(ref_adv, lengths)) / denominator
                                              if loss_type != "grpo" else -sum(ref_adv) / len(lengths), abs=1e-12)
+
+
+# -- rewards ---------------------------------------------------------------------------------------------------
+REWARDS_PY = '''
+def length(prompts, completions, completion_ids, **kw):
+    return [float(len(ids)) for ids in completion_ids]
+
+def says_yes(prompts, completions, completion_ids, answer, **kw):
+    text = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [None if a is None else float(a in t) for t, a in zip(text, answer)]
+
+def raises(prompts, completions, **kw):
+    return [1 / 0 for _ in completions]
+
+def short_list(prompts, completions, **kw):
+    return [1.0]
+
+def text_reward(prompts, completions, **kw):
+    return ["1.0" for _ in completions]
+
+def nan_reward(prompts, completions, **kw):
+    return [float("nan") for _ in completions]
+'''
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARDS_PY)
+    return path
+
+
+def test_rewards_weighted_with_none_skipping_a_function(reward_file):
+    """TRL's convention: None skips that function for that sample (nansum over the functions); a sample no
+    function scored has no reward (NaN, then advantage 0); extra columns reach the functions by name; chat
+    completions arrive as [{"role": "assistant", "content": ...}]."""
+    funcs = grpo.load_reward_funcs([f"{reward_file}:length", f"{reward_file}:says_yes"])
+    assert [n for n, _ in funcs] == ["length", "says_yes"]
+    completions = [[{"role": "assistant", "content": t}] for t in ("yes sir", "no", "yes")]
+    values, reward = grpo.compute_rewards(funcs, [0.5, 2.0], ["p"] * 3, completions, [[1, 2], [3], [4, 5, 6]],
+                                          {"answer": ["yes", None, "yes"]})
+    assert values[:, 0].tolist() == [2.0, 1.0, 3.0] and values[0, 1] == 1.0 and values[1, 1].isnan()
+    assert reward.tolist() == [0.5 * 2 + 2.0, 0.5 * 1, 0.5 * 3 + 2.0]
+    only_yes = grpo.load_reward_funcs([f"{reward_file}:says_yes"])
+    _, reward = grpo.compute_rewards(only_yes, [1.0], ["p"] * 2, ["yes", "x"], [[1], [2]], {"answer": [None, "x"]})
+    assert reward[0].isnan() and reward[1] == 1.0
+
+
+@pytest.mark.parametrize("name,message", [
+    ("raises", "reward function 'raises' raised ZeroDivisionError: division by zero (at {file}:"),
+    ("short_list", "reward function 'short_list' returned 1 values for 2 completions"),
+    ("text_reward", "reward function 'text_reward' returned '1.0' (str) for completion 0 (prompt 'p0'"),
+    ("nan_reward", "reward function 'nan_reward' returned nan for completion 0 (prompt 'p0'"),
+])
+def test_bad_reward_functions_name_the_function_and_the_sample(reward_file, name, message):
+    funcs = grpo.load_reward_funcs([f"{reward_file}:{name}"])
+    with pytest.raises(ValueError) as e:
+        grpo.compute_rewards(funcs, [1.0], ["p0", "p1"], ["a", "b"], [[1], [2]], {})
+    assert message.format(file=reward_file) in str(e.value), str(e.value)
+
+
+def test_missing_reward_file_or_function(reward_file, tmp_path):
+    with pytest.raises(ValueError, match="is not a file"):
+        grpo.load_reward_funcs([f"{tmp_path}/nope.py:length"])
+    with pytest.raises(ValueError, match=r"has no function 'lenght' \(it has: length, nan_reward"):
+        grpo.load_reward_funcs([f"{reward_file}:lenght"])
+    with pytest.raises(ValueError, match="expected path/to/file.py:function_name"):
+        grpo.load_reward_funcs([str(reward_file)])
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = 1\nimport no_such_module_here\n")
+    with pytest.raises(ValueError, match=f"ModuleNotFoundError.*{broken}:2"):
+        grpo.load_reward_funcs([f"{broken}:f"])
