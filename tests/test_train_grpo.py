@@ -177,3 +177,48 @@ def test_missing_reward_file_or_function(reward_file, tmp_path):
     broken.write_text("x = 1\nimport no_such_module_here\n")
     with pytest.raises(ValueError, match=f"ModuleNotFoundError.*{broken}:2"):
         grpo.load_reward_funcs([f"{broken}:f"])
+
+
+# -- rollouts --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """(hf model, native dir, tokenizer, template): a tiny random Llama with a ChatML BPE tokenizer."""
+    from sft_fixtures import tiny_chat_model
+    from tokenize_chat import load_template, load_tokenizer
+
+    hf, native = tiny_chat_model(tmp_path_factory.mktemp("grpo_chat"))
+    tok = load_tokenizer(native)
+    return hf, native, tok, load_template("chatml", tok)
+
+
+def chat_prompts(tok, tpl, texts):
+    from tokenize_chat import tokenize_conversation
+
+    return [tokenize_conversation([{"role": "user", "content": t}], tok, tpl, add_generation_prompt=True)[0]
+            for t in texts]
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 20)])
+def test_shared_prefill_samples_what_separate_prefills_would(chat, temperature, top_p, top_k):
+    """G completions per prompt from one prefill per prompt (its KV cache copied to the G rows) equal the
+    completions of the prompts repeated G times, each row prefilled (same seed, same tokens), stop tokens
+    included and ending their row; prompts of different lengths (left padding)."""
+    from generate import generate_batch
+    from model import Transformer
+
+    _, native, tok, tpl = chat
+    model = Transformer.from_pretrained(native).eval()
+    prompts = chat_prompts(tok, tpl, ["What is 2 plus 3?", "Hi", "What is 12 plus 30? And doubled, please."])
+    assert len({len(p) for p in prompts}) == 3
+    G, N = 4, 12
+    free = generate_batch(model, prompts, N, temperature, top_p, top_k, (),
+                          torch.Generator().manual_seed(3), num_generations=G)
+    stop = next(t for c in free for t in c[2:-2])  # a token some completion emits mid-way: make it a stop
+    shared = generate_batch(model, prompts, N, temperature, top_p, top_k, {stop},
+                            torch.Generator().manual_seed(3), num_generations=G)
+    separate = generate_batch(model, [p for p in prompts for _ in range(G)], N, temperature, top_p, top_k, {stop},
+                              torch.Generator().manual_seed(3))
+    assert shared == separate
+    assert any(c[-1] == stop and len(c) < N for c in shared) and any(len(c) == N for c in shared)
+    assert all(stop not in c[:-1] for c in shared)
+    assert len({tuple(c) for c in shared[:G]}) > 1  # the group's completions differ
