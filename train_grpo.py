@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+import train_common as tc
+from model import IGNORE_INDEX
+
 
 # -- the loss --------------------------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, G: int, scale_rewards: str, batch_std: torch.Tensor | None = None):
@@ -82,6 +85,45 @@ def loss_denominator(loss_type: str, tokens: int, completions: int, max_completi
         return max(completions, 1)
     return max(completions, 1) * max_completion_length
 
+
+
+# -- training on rollouts: a prompt and its G completions in one packed row ------------------------------------
+def group_batch(prompts: list, completions: list, G: int, pad_id: int) -> dict:
+    """The micro-batch's forward: one row per prompt, laid out prompt[:-1] | prompt[-1] c_1[:-1] | ... |
+    prompt[-1] c_G[:-1], so the prompt is computed once for its G completions. The prompt but its last token is
+    a segment of its own; each completion is a segment that sees it as its prefix, and restarts from the
+    prompt's last token (the position that predicts the completion's first token), at the positions it has
+    alone: exactly each completion's log-probs of prompt + completion run alone. The completion's last token
+    predicts nothing trained, so it is no input. -> input_ids, position_ids, labels (already shifted, -100
+    where nothing trains), completion (which of the micro-batch's P x G completions a label belongs to, -1
+    elsewhere), all [P, T] right-padded, and segments [S, 5] (model.segment_attention's table)."""
+    rows, segments = [], []
+    for i, p in enumerate(prompts):
+        n = len(p) - 1
+        ids, pos, labels, owner = list(p[:-1]), list(range(n)), [IGNORE_INDEX] * n, [-1] * n
+        if n:
+            segments.append((i, 0, n, 0, 0))
+        for k in range(i * G, (i + 1) * G):
+            c, start = completions[k], len(ids)
+            ids += [p[-1], *c[:-1]]
+            pos += range(n, n + len(c))
+            labels += c
+            owner += [k] * len(c)
+            segments.append((i, start, len(ids), 0, n))
+        rows.append((ids, pos, labels, owner))
+    T = max(len(r[0]) for r in rows)
+
+    def tensor(k, fill):
+        return torch.tensor([r[k] + [fill] * (T - len(r[k])) for r in rows])
+    return {"input_ids": tensor(0, pad_id), "position_ids": tensor(1, 0), "labels": tensor(2, IGNORE_INDEX),
+            "completion": tensor(3, -1), "segments": torch.tensor(segments)}
+
+
+def completion_logprobs(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [N], completion index [N]) of every completion token of the batch, in completion order."""
+    logprobs = tc.forward_logprobs(model, batch, device)
+    trained = batch["labels"].to(device) != IGNORE_INDEX
+    return logprobs[trained], batch["completion"].to(device)[trained]
 
 # -- rewards ---------------------------------------------------------------------------------------------------
 def load_reward_funcs(specs: list) -> list:

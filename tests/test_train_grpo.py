@@ -222,3 +222,31 @@ def test_shared_prefill_samples_what_separate_prefills_would(chat, temperature, 
     assert any(c[-1] == stop and len(c) < N for c in shared) and any(len(c) == N for c in shared)
     assert all(stop not in c[:-1] for c in shared)
     assert len({tuple(c) for c in shared[:G]}) > 1  # the group's completions differ
+
+
+# -- training on rollouts --------------------------------------------------------------------------------------
+def test_shared_prompt_logprobs_equal_transformers_alone(chat):
+    """Each of G completions of a prompt, laid out with the prompt once per group (group_batch), gets the
+    log-probs transformers gives prompt + completion run alone (<= 1e-5): prompts of different lengths, one of a
+    single token, completions of one token and longer."""
+    from model import Transformer
+
+    hf, native, tok, tpl = chat
+    model = Transformer.from_pretrained(native).eval()
+    prompts = chat_prompts(tok, tpl, ["What is 2 plus 3?", "Hi there, you add numbers."]) + [[7]]
+    G, rng = 3, random.Random(1)
+    completions = [[rng.randrange(tok.vocab_size) for _ in range(n)] for n in (5, 1, 9, 2, 7, 1, 1, 4, 3)]
+    batch = grpo.group_batch(prompts, completions, G, pad_id=0)
+    assert batch["input_ids"].shape[0] == len(prompts)
+    with torch.no_grad():
+        logps, owner = grpo.completion_logprobs(model, batch, torch.device("cpu"))
+        expected = []
+        for k, c in enumerate(completions):
+            ids = torch.tensor([prompts[k // G] + c])
+            lp = hf(ids).logits[0].double().log_softmax(-1)
+            start = len(prompts[k // G])
+            expected += [lp[start - 1 + t, c[t]] for t in range(len(c))]
+    assert owner.tolist() == [k for k, c in enumerate(completions) for _ in c]
+    print("max |diff|", float((logps.double() - torch.stack(expected)).abs().max()))
+    assert torch.allclose(logps.double(), torch.stack(expected), rtol=0, atol=1e-5), \
+        (logps.double() - torch.stack(expected)).abs().max()
