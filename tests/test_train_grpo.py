@@ -250,3 +250,79 @@ def test_shared_prompt_logprobs_equal_transformers_alone(chat):
     print("max |diff|", float((logps.double() - torch.stack(expected)).abs().max()))
     assert torch.allclose(logps.double(), torch.stack(expected), rtol=0, atol=1e-5), \
         (logps.double() - torch.stack(expected)).abs().max()
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+RUN_REWARDS_PY = '''
+import re
+
+def variety(prompts, completions, completion_ids, **kw):
+    return [len(set(ids)) / len(ids) for ids in completion_ids]
+
+def has_answer(prompts, completions, completion_ids, answer, **kw):
+    text = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [None if a is None else float(bool(re.search(a, t))) for t, a in zip(text, answer)]
+'''
+
+
+def write_prompts(path, n=8):
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = 3 * i + 1, 7 * i + 2
+            record = {"prompt": f"What is {a} plus {b}?"} if i % 2 else \
+                {"prompt": [{"role": "system", "content": "You add numbers."},
+                            {"role": "user", "content": f"What is {a} plus {b}?"}]}
+            f.write(json.dumps({**record, "answer": None if i == 3 else "[0-9]"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(loss_type="grpo", beta=0.04, num_iterations=2, epsilon_high=0.28,
+                                                scale_rewards="batch")])
+def test_grpo_runs_end_to_end(chat, tmp_path, flags):
+    """A tiny model, 3 steps of 2 prompts x 2 micro-batches x G 4: metrics.jsonl with TRL's names,
+    rollouts.jsonl with what was trained; the first step's loss is -sum(A n) / tokens (rho = 1, dapo) from the
+    logged advantages, the advantages TRL's from the logged rewards; the output dir generates."""
+    import json
+
+    import generate as gen
+    from sft_fixtures import metrics, to_argv
+
+    _, native, tok, _ = chat
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(RUN_REWARDS_PY)
+    out, G = tmp_path / "out", 4
+    grpo.main(to_argv({"ckpt_paths": native, "template_config": "chatml",
+                       "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}",
+                       "reward_funcs": [f"{rewards}:variety", f"{rewards}:has_answer"], "reward_weights": [1.0, 2.0],
+                       "num_generations": G, "max_completion_length": 8, "micro_batch_size_per_gpu": 2,
+                       "gradient_accum_steps": 2, "train_steps": 3, "lr": 1e-3, "output_dir": out, **flags}))
+    m = metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3]
+    for key in ("reward", "reward_std", "rewards/variety/mean", "rewards/has_answer/mean", "frac_reward_zero_std",
+                "completions/mean_length", "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_max",
+                "clip_ratio/region_mean", "loss", "grad_norm", "lr"):
+        assert all(key in x and math.isfinite(x[key]) for x in m), key
+    assert ("kl" in m[0]) == bool(flags.get("beta"))
+    lines = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    mu = flags.get("num_iterations", 1)
+    assert len(lines) == len(range(0, 3, mu)) * 2 * 2 * G and {x["step"] for x in lines} == set(range(1, 4, mu))
+    first = [x for x in lines if x["step"] == 1]
+    for x in first:
+        assert 1 <= len(x["completion_ids"]) <= 8
+        assert x["rewards"]["variety"] == len(set(x["completion_ids"])) / len(x["completion_ids"])
+    expected_adv, _ = reference_advantages([x["reward"] for x in first], G, flags.get("scale_rewards", "group"))
+    assert [x["advantage"] for x in first] == pytest.approx(expected_adv, abs=1e-6)
+    assert 0 < m[0]["reward_std"] and m[0]["grad_norm"] > 0
+    assert m[0]["completions/mean_length"] == pytest.approx(sum(len(x["completion_ids"]) for x in first) / len(first))
+    tokens = sum(len(x["completion_ids"]) for x in first)
+    if not flags:  # dapo, rho = 1, no KL: -sum(A n) / tokens
+        assert m[0]["loss"] == pytest.approx(-sum(x["advantage"] * len(x["completion_ids"]) for x in first) / tokens,
+                                             abs=1e-6)
+    else:  # grpo: -mean(A) per completion at rho = 1, plus beta x KL = 0 (the reference is the policy)
+        assert m[0]["kl"] == pytest.approx(0, abs=1e-6)
+        assert m[0]["loss"] == pytest.approx(-sum(x["advantage"] for x in first) / len(first), abs=1e-6)
+        assert m[1]["kl"] > 0  # the second iteration moved away from the reference
+    assert {x["prompt"] if isinstance(x["prompt"], str) else "chat" for x in first} >= {"chat"}
+    gen.main(["--ckpt_paths", str(out), "--prompt", "What is 1 plus 2?", "--max_new_tokens", "4"])
