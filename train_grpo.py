@@ -337,6 +337,8 @@ def whole_weights(run: tc.Run):
     was_training = run.model.training
     run.model.eval()
     try:
+        if sharded:  # FSDP2 sets itself up in the root's first forward: one token through it, then gather all
+            run.model(torch.zeros(1, 1, dtype=torch.long, device=run.d.device))
         for m in sharded:
             m.unshard()
         yield run.bare_model

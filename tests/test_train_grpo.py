@@ -326,3 +326,28 @@ def test_grpo_runs_end_to_end(chat, tmp_path, flags):
         assert m[1]["kl"] > 0  # the second iteration moved away from the reference
     assert {x["prompt"] if isinstance(x["prompt"], str) else "chat" for x in first} >= {"chat"}
     gen.main(["--ckpt_paths", str(out), "--prompt", "What is 1 plus 2?", "--max_new_tokens", "4"])
+
+
+def test_two_processes_fsdp_and_ddp_agree(chat, tmp_path):
+    """torchrun, 2 processes (gloo): rollouts gathered from FSDP2 shards for sampling sample what DDP's whole
+    copies sample (same rewards), and the two train alike: losses, KL and gradient norms of both --num_iterations
+    steps equal (1e-5 relative)."""
+    from sft_fixtures import free_port, metrics, to_argv, torchrun
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text("def mod3(completion_ids, **kw):\n    return [float(sum(ids) % 3) for ids in completion_ids]\n")
+    runs = {}
+    for dp in ("fsdp", "ddp"):
+        out = tmp_path / dp
+        torchrun("train_grpo.py", to_argv({
+            "ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod3",
+            "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 4,
+            "max_completion_length": 8, "micro_batch_size_per_gpu": 1, "gradient_accum_steps": 2, "train_steps": 2,
+            "beta": 0.04, "num_iterations": 2, "dp": dp, "output_dir": out}), nproc=2, port=free_port())
+        runs[dp] = metrics(out)
+        assert (out / "rollouts.jsonl").read_text().count("\n") == 2 * 2 * 4
+    for a, b in zip(runs["fsdp"], runs["ddp"]):
+        assert a["reward"] == b["reward"] and a["reward_std"] > 0
+        for k in ("loss", "kl", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), k
