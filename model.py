@@ -778,18 +778,28 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> int:
+    """One token id from logits [V]: sample_rows on one row."""
+    return int(sample_rows(logits[None], temperature, top_p, top_k, generator)[0])
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> torch.Tensor:
+    """One token id per row of logits [B, V] -> [B], all rows at once: temperature (0: greedy), then the top_k
+    likeliest, then the smallest set whose mass reaches top_p (the likeliest token always stays). The draw is
+    the exponential race, argmax p_i / E_i with E_i ~ Exp(1), distributed as the categorical p: each row reads
+    its own block of the generator's [B, V] noise, so a row's token depends on its logits and its row index, not
+    on how its logits were computed (a prompt prefilled once for G rows samples as G prefills would)."""
     if temperature <= 0:
-        return int(logits.argmax())
-    logits = (logits.float() - logits.max()) / temperature  # max first: a tiny temperature must not overflow
+        return logits.argmax(-1)
+    logits = (logits.float() - logits.max(-1, keepdim=True).values) / temperature  # a tiny temperature: no overflow
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_probs, order = probs.sort(-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        drop[0] = False
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop[:, 0] = False
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    # -log U, U in [0, 1): E in (0, inf], never 0, so a zero probability never wins (0 / inf = 0).
+    noise = -torch.rand(probs.shape, generator=generator, device=probs.device).log()
+    return (probs / noise).argmax(-1)
