@@ -107,16 +107,22 @@ def wait_for_all():
     process group's key-value store (torchrun's TCP store) and polls the count. A process that dies meanwhile
     leaves the others polling until torchrun stops them, as it stops every process of a run when one fails."""
     global _waits
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     store = dist.distributed_c10d._get_default_store()  # torch has no public accessor for it
     _waits += 1
     key = f"wait_for_all/{_waits}"
-    store.add(key, 1)
-    pause = 0.001
-    while store.add(key, 0) < dist.get_world_size():
-        time.sleep(pause)
-        pause = min(2 * pause, 0.5)
+    try:
+        store.add(key, 1)
+        pause = 0.001
+        while store.add(key, 0) < dist.get_world_size():
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+    except dist.DistError:
+        # The store lives in the torchrun launcher: when it is gone (killed, and its workers saving on the SIGTERM
+        # it leaves them), the processes still reach each other through the process group.
+        dist.barrier()
+        return
     if dist.get_rank() == 0 and _waits > 2:  # every process has left wait n - 2: it counted itself in at n - 1
         store.delete_key(f"wait_for_all/{_waits - 2}")
 
