@@ -56,9 +56,9 @@ import numpy as np
 import torch
 
 from model import IGNORE_INDEX
-from tokenize_chat import (ConversationError, TemplateError, TokenizerError, empty_reply, load_template,
-                           load_tokenizer, record_conversations, record_tools, tokenize_conversation,
-                           tokenize_response)
+from tokenize_chat import (ConversationError, TemplateError, TokenizerError, checkpoint_dir, empty_reply,
+                           find_template, load_template, load_tokenizer, record_conversations, record_tools,
+                           tokenize_conversation, tokenize_response)
 
 FORMAT_VERSION = 3  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them); 3: empty
 #                    replies dropped (an older cache holds them, trained as a lone end-of-turn token)
@@ -71,7 +71,7 @@ class DataError(ValueError):
     """Bad data or a bad data argument. The message names the file / line / key and the likely fix."""
 
 
-# -- sources: jsonl:PATH, text:PATH (one sample per line), local:PATH (save_to_disk) or a hub name ------------
+# -- sources: jsonl:PATH, text:PATH (one sample per line), local:PATH (save_to_disk), a hub name, or a path --
 @dataclass
 class Source:
     spec: str                 # as given on the command line
@@ -112,6 +112,26 @@ def parse_num_samples(value) -> int | float | None:
     return number
 
 
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}
+
+
+def source_type(path: str) -> str:
+    """The source a path without a prefix is read as: a .jsonl or .json file as jsonl:, a .txt file as text:, a
+    dir written by datasets' save_to_disk as local:; else an error naming the prefix it needs."""
+    p = Path(path)
+    if p.is_dir():
+        if any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            return "local"
+        raise DataError(f"data path {path!r} is a directory but not a dataset written by save_to_disk (no "
+                        f"dataset_info.json, state.json or dataset_dict.json); name a .jsonl or .txt file in it")
+    if p.suffix in SUFFIXES:
+        if not p.exists():
+            raise DataError(f"data path {path!r}: no such file")
+        return SUFFIXES[p.suffix]
+    raise DataError(f"data path {path!r}: cannot tell its format from {p.suffix or 'a name without a suffix'}; "
+                    f"write jsonl:{path} (one JSON record per line) or text:{path} (one sample per line)")
+
+
 def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -121,7 +141,10 @@ def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
                                   _per_source(num_samples, len(paths), "num_samples")):
         spec = str(spec)
         prefix, sep, path = spec.partition(":")
-        if not sep:
+        if prefix not in ("jsonl", "text", "local") and (Path(spec).exists() or Path(spec).suffix in SUFFIXES):
+            prefix, path = source_type(spec), spec  # a path without its prefix: read by what it is
+            spec = f"{prefix}:{path}"
+        elif not sep:
             prefix, path = "hub", spec
         elif prefix not in ("jsonl", "text", "local"):
             raise DataError(f"data path {spec!r}: unknown source prefix {prefix!r}; use jsonl:, text:, local: "
@@ -799,9 +822,11 @@ def format_stats(name: str, ds: TokenizedDataset) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Pretokenize training data into the memmap cache and print "
-                                            "statistics (the trainers do the same on start-up).")
-    p.add_argument("--ckpt_dir", required=True, help="dir with the tokenizer files (a native or HF checkpoint)")
-    p.add_argument("--template_config", required=True, help="chat template name (templates/NAME.yaml) or path")
+                                            "statistics (the trainers do the same on start-up).", allow_abbrev=False)
+    p.add_argument("--ckpt_paths", "--ckpt_dir", dest="ckpt_paths", nargs="+", required=True, metavar="PATH",
+                   help="checkpoint dir with the tokenizer files (native or HF), as the trainers take it")
+    p.add_argument("--template_config", default=None, metavar="NAME",
+                   help="chat template name (templates/NAME.yaml) or path (default: the *.yaml beside --ckpt_paths)")
     for name in ("train", "val"):
         p.add_argument(f"--{name}_data_paths", nargs="+", required=name == "train", default=[],
                        help="jsonl:PATH, text:PATH, local:PATH (save_to_disk) or a hub dataset name")
@@ -817,8 +842,8 @@ def main(argv=None) -> dict:
     p.add_argument("--pack_samples", action="store_true", help="steps per epoch of packed batches")
     args = p.parse_args(argv)
 
-    tokenizer = load_tokenizer(args.ckpt_dir)
-    template = load_template(args.template_config, tokenizer)  # checks the template's tokens exist
+    tokenizer = load_tokenizer(checkpoint_dir(args.ckpt_paths[0]))
+    template = load_template(args.template_config or find_template(args.ckpt_paths), tokenizer)  # checks the template's tokens exist
     out = {}
     for name in ("train", "val"):
         paths = getattr(args, f"{name}_data_paths")

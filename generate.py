@@ -20,8 +20,8 @@ import torch
 
 import lora
 from model import DTYPES, Transformer, generate, sample
-from tokenize_chat import (ConversationError, load_template, load_tokenizer, record_conversations, record_tools,
-                           stop_token_ids, tokenize_conversation)
+from tokenize_chat import (ConversationError, find_template, load_template, load_tokenizer, record_conversations,
+                           record_tools, stop_token_ids, tokenize_conversation)
 
 
 # -- batched generation -------------------------------------------------------------------------------------
@@ -123,24 +123,6 @@ def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
-def find_template(weights: list[Path]) -> Path:
-    """The chat template a training run copied into its output dir (for an adapter, the run's dir above it),
-    given the weight files (lora.resolve); the last first: an adapter's run knows its template."""
-    dirs = []
-    for w in reversed(weights):
-        d = w.parent
-        dirs += [d, d.parent] if (d / "adapter_config.json").is_file() else [d]
-    for d in dirs:
-        found = sorted(d.glob("*.yaml"))
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise ValueError(f"{d} holds several templates ({', '.join(f.name for f in found)}): "
-                                f"choose one with --template_config")
-    raise ValueError(f"no chat template (*.yaml) in {', '.join(map(str, dict.fromkeys(dirs)))}: pass "
-                        f"--template_config, a name from templates/ (e.g. chatml, llama3_instruct) or a path")
-
-
 def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                       enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
     """Each non-empty line: {"prompt": str | [...]}, {"messages": [...]} or ShareGPT {"conversations": [...]},

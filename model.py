@@ -636,8 +636,18 @@ class _TargetLogprob(torch.autograd.Function):
 
 
 def resolve_weights(path) -> Path:
-    """A native dir -> its consolidated.00.pth; a file as is."""
+    """A native dir -> its consolidated.00.pth; a file as is. A Hugging Face dir (or one of its weight files) is
+    refused with the convert.py command that makes a native dir of it."""
     path = Path(path)
+    hf = path if path.is_dir() else path.parent if path.suffix in (".safetensors", ".bin") else None
+    if hf is not None and not (hf / "consolidated.00.pth").is_file() and (hf / "config.json").is_file() \
+            and [*hf.glob("*.safetensors"), *hf.glob("pytorch_model*.bin")]:
+        import shlex
+
+        native = shlex.quote(f"{hf}_native")
+        raise FileNotFoundError(f"{hf} is a Hugging Face checkpoint (config.json and its weights); this repo "
+                                f"trains and samples native dirs: run `python convert.py --ckpt_paths "
+                                f"{shlex.quote(str(hf))} --output_dir {native}`, then pass {native}")
     if path.is_dir():
         path = path / "consolidated.00.pth"
     if not path.is_file():

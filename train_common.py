@@ -44,16 +44,21 @@ def arg(default=MISSING, help="", **kwargs):
 @dataclass
 class CommonArgs:
     """The flags every trainer shares; names follow the torchllms training README."""
-    ckpt_paths: list = arg(help="native checkpoint dir or its consolidated.00.pth (then overlays, e.g. a LoRA adapter)")
-    template_config: str = arg(help="chat template: a name from templates/ (llama3_instruct.yaml) or a path")
-    train_data_paths: list = arg(help="jsonl:/f.jsonl, text:/f.txt, local:/dir or a hub dataset name; several mix")
-    output_dir: str = arg(help="where the trained native checkpoint, metrics and step checkpoints go")
-    val_data_paths: list = arg([], help="validation sources, same forms as --train_data_paths")
-    train_data_splits: list = arg([], help="split per source for local:/hub sources (default train)")
-    val_data_splits: list = arg([], help="split per validation source")
-    train_num_samples: list = arg([], help="per source: a count, a fraction, or all")
-    val_num_samples: list = arg([], help="per validation source: a count, a fraction, or all")
-    data_cache_dir: str = arg(None, help="pretokenized cache dir (default .cache/data in the repo)")
+    ckpt_paths: list = arg(help="native checkpoint dir (convert.py makes one from an HF dir) or its "
+                           "consolidated.00.pth, then overlays (a LoRA adapter dir)", metavar="PATH")
+    train_data_paths: list = arg(help="f.jsonl, f.txt, a save_to_disk dir or a hub dataset name (or with a "
+                                 "prefix: jsonl:PATH, text:PATH, local:PATH); several mix", metavar="SOURCE")
+    output_dir: str = arg(help="where the trained native checkpoint, metrics and step checkpoints go", metavar="DIR")
+    template_config: str = arg(None, help="chat template: a name from templates/ (llama3_instruct) or a YAML path "
+                               "(default: the *.yaml in the --ckpt_paths dir, which convert.py and every training "
+                               "run write there)", metavar="NAME")
+    val_data_paths: list = arg([], help="validation sources, same forms as --train_data_paths", metavar="SOURCE")
+    train_data_splits: list = arg([], help="split per source for local/hub sources (default: train)",
+                                  metavar="SPLIT")
+    val_data_splits: list = arg([], help="split per validation source", metavar="SPLIT")
+    train_num_samples: list = arg([], help="per source: a count, a fraction, or all (default: all)", metavar="N")
+    val_num_samples: list = arg([], help="per validation source: a count, a fraction, or all", metavar="N")
+    data_cache_dir: str = arg(None, help="pretokenized cache dir (default: .cache/data in the repo)", metavar="DIR")
     max_seq_len: int = arg(2048, help="longer samples are truncated (if a trained token survives) or dropped")
     micro_batch_size_per_gpu: int = arg(1, help="sequences (pairs for DPO/SimPO) per process per forward")
     gradient_accum_steps: int = arg(1, help="micro-batches per optimizer step")
@@ -302,6 +307,7 @@ def setup(args, d: Dist, kind: str) -> Run:
     waits for `start`: DPO's reference pass in between may use the policy's initial weights."""
     from tokenize_chat import load_template, load_tokenizer
 
+    check_inputs(args)
     prepare_output_dir(args, d)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -326,6 +332,23 @@ def setup(args, d: Dist, kind: str) -> Run:
            f"{unit} per step; {run.steps} steps")
     run.base = base
     return run
+
+
+def check_inputs(args):
+    """What can be checked before anything is written: the weights of --ckpt_paths (an HF dir gets the convert.py
+    command), the template (the *.yaml beside them unless --template_config names one) and the data paths."""
+    from data import parse_sources
+    from tokenize_chat import find_template
+
+    for p in args.ckpt_paths:
+        lora.resolve(p)
+    if args.template_config is None:
+        args.template_config = str(find_template(args.ckpt_paths))
+        print0(f"template: {args.template_config} (from --ckpt_paths; --template_config chooses another)")
+    for name in ("train", "val"):
+        if paths := getattr(args, f"{name}_data_paths"):
+            parse_sources(paths, getattr(args, f"{name}_data_splits") or None,
+                          getattr(args, f"{name}_num_samples") or None)
 
 
 def check_base_unchanged(started: list | None, now: list, d: Dist):

@@ -1,0 +1,158 @@
+"""A new user's first hour (issue 24): each mistake ends in one line that names the fix (the message, the exit
+code, nothing written), and the defaults that spare the user a flag: the template found beside the checkpoint,
+a data path read by its extension, Ctrl-C saving a checkpoint, the start-up line saying what a step trains."""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import parallel
+import train_common as tc
+import train_dpo
+import train_sft
+import train_simpo
+from sft_fixtures import REPO, env, metrics, tiny_chat_model, to_argv, write_chat_data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("first_hour")
+    hf, native = tiny_chat_model(root)  # root/hf: the HF dir it was converted from
+    return {"hf": root / "hf", "native": native, "data": write_chat_data(root / "chat.jsonl"),
+            "cache": root / "cache", "root": root}
+
+
+def flags(setup, out, **overrides):
+    """No --template_config: the converted dir's chatml.yaml is found."""
+    args = {"ckpt_paths": setup["native"], "train_data_paths": f"jsonl:{setup['data']}", "output_dir": out,
+            "max_seq_len": 96, "lr": 2e-3, "micro_batch_size_per_gpu": 4, "train_steps": 2,
+            "data_cache_dir": setup["cache"], "seed": 42}
+    args.update(overrides)
+    return to_argv(args)
+
+
+def fails(main, argv, capsys, code=1) -> str:
+    """main(argv) exits with `code`; its stderr, which must be one line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(path: Path) -> dict:
+    """Every file under path (the lock file aside: it names its holder) with its content and modification time."""
+    return {str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name != tc.LOCK_FILE}
+
+
+# -- errors that say the next command ---------------------------------------------------------------------------
+def test_hf_dir_as_ckpt_paths_names_the_convert_command(setup, tmp_path, capsys):
+    hf = setup["hf"]
+    command = f"python convert.py --ckpt_paths {hf} --output_dir {hf}_native"
+    line = fails(train_sft.main, flags(setup, tmp_path / "o", ckpt_paths=hf), capsys)
+    assert f"{hf} is a Hugging Face checkpoint" in line and f"`{command}`, then pass {hf}_native" in line
+    assert not (tmp_path / "o").exists()
+    import generate  # the same line for generation, and for a weight file of the HF dir
+    line = fails(generate.main, ["--ckpt_paths", str(hf / "model.safetensors"), "--prompt", "Hi"], capsys)
+    assert command in line
+
+
+def test_data_path_without_prefix_is_read_by_its_extension(setup, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("some text\n")
+    (tmp_path / "pairs.json").write_text("{}\n")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_info.json").write_text("{}")
+    sources = data.parse_sources([str(setup["data"]), str(tmp_path / "notes.txt"), str(tmp_path / "pairs.json"),
+                                  str(saved), "HuggingFaceH4/ultrachat_200k"])
+    assert [(s.type, s.spec) for s in sources] == [
+        ("jsonl", f"jsonl:{setup['data']}"), ("text", f"text:{tmp_path / 'notes.txt'}"),
+        ("jsonl", f"jsonl:{tmp_path / 'pairs.json'}"), ("local", f"local:{saved}"),
+        ("hub", "HuggingFaceH4/ultrachat_200k")]
+    (tmp_path / "data.csv").write_text("a,b\n")
+    for path, needle in [(tmp_path / "data.csv", f"write jsonl:{tmp_path / 'data.csv'} (one JSON record per line) "
+                                                 f"or text:"),
+                         (tmp_path / "missing.jsonl", "no such file"),
+                         (tmp_path, "is a directory but not a dataset written by save_to_disk")]:
+        with pytest.raises(data.DataError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            data.parse_sources([str(path)])
+    # A trainer takes the bare path, and so nothing is written when it is wrong.
+    train_sft.main(flags(setup, tmp_path / "run", train_data_paths=setup["data"], train_steps=1))
+    assert len(metrics(tmp_path / "run")) == 1
+    line = fails(train_sft.main, flags(setup, tmp_path / "o", train_data_paths=tmp_path / "missing.jsonl"), capsys)
+    assert "missing.jsonl': no such file" in line and not (tmp_path / "o").exists()
+
+
+def test_data_and_tokenize_chat_take_ckpt_paths(setup, tmp_path, capsys):
+    """--ckpt_paths as every other command (--ckpt_dir kept), and the template found beside it."""
+    import tokenize_chat
+
+    for flag in ("--ckpt_paths", "--ckpt_dir"):
+        tokenize_chat.main([flag, str(setup["native"]), "--show", str(setup["data"]), "--n", "1"])
+        assert "<|im_start|>" in capsys.readouterr().out
+        data.main([flag, str(setup["native"]), "--train_data_paths", str(setup["data"]), "--max_seq_len", "96",
+                   "--data_cache_dir", str(setup["cache"])])
+        assert "samples: 24 kept of 24" in capsys.readouterr().out
+
+
+# -- templates found on their own -------------------------------------------------------------------------------
+def tokenizer_dir(root: Path, name: str) -> Path:
+    from dev.assets import (LLAMA3_TOKENIZER, MISTRAL_V1_TOKENIZER, MISTRAL_V3_TOKENIZER, asset, qwen3_tokenizer_dir,
+                            smollm2_tokenizer_dir)
+
+    files = {"llama3": LLAMA3_TOKENIZER, "llama2": MISTRAL_V1_TOKENIZER, "mistral_v1": MISTRAL_V1_TOKENIZER,
+             "mistral_v3": MISTRAL_V3_TOKENIZER}
+    if name in files:
+        d = root / name
+        d.mkdir()
+        shutil.copy(asset(*files[name]), d / "tokenizer.model")
+        return d
+    return {"smollm2": smollm2_tokenizer_dir, "qwen": qwen3_tokenizer_dir}[name]()
+
+
+@pytest.mark.parametrize("model_type,tokenizer,template", [
+    ("llama", "llama3", "llama3_instruct"), ("llama", "llama2", "llama2_chat"), ("llama", "smollm2", "smollm2_chat"),
+    ("mistral", "mistral_v3", "mistral_instruct"), ("mistral", "mistral_v1", "mistral_instruct_v1"),
+    ("qwen3", "qwen", "qwen3"), ("qwen2", "qwen", "chatml"),
+])
+def test_convert_picks_the_family_template(tmp_path, model_type, tokenizer, template):
+    """The README's model_type table, with the tokenizer telling a family's formats apart (Llama 3's header
+    tokens, SmolLM2's chat template with its default system prompt, Mistral's v3 control tokens)."""
+    import convert
+
+    assert convert.family_template({"model_type": model_type}, tokenizer_dir(tmp_path, tokenizer)) == template
+
+
+def test_converted_dir_holds_its_template_and_the_trainers_find_it(setup, tmp_path, capsys):
+    assert sorted(p.name for p in setup["native"].glob("*.yaml")) == ["chatml.yaml"]
+    out = tmp_path / "found"
+    train_sft.main(flags(setup, out))
+    assert f"template: {setup['native'] / 'chatml.yaml'} (from --ckpt_paths" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.yaml")) == ["chatml.yaml"]
+    chosen = tmp_path / "chosen"  # an explicit --template_config wins
+    train_sft.main(flags(setup, chosen, template_config="smollm2_chat"))
+    assert sorted(p.name for p in chosen.glob("*.yaml")) == ["smollm2_chat.yaml"]
+    bare = tmp_path / "bare"  # a dir without one, and no flag: the choices named, nothing written
+    shutil.copytree(setup["native"], bare)
+    (bare / "chatml.yaml").unlink()
+    line = fails(train_sft.main, flags(setup, tmp_path / "o", ckpt_paths=bare), capsys)
+    assert f"no chat template (*.yaml) in {bare}: pass --template_config NAME, one of chatml, gemma3, " in line
+    assert not (tmp_path / "o").exists()
+
+
+# -- interrupts and recovery ------------------------------------------------------------------------------------
+# -- what a step trains ------------------------------------------------------------------------------------------
+# -- smaller ones -----------------------------------------------------------------------------------------------
