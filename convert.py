@@ -640,7 +640,8 @@ def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype | None = 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--ckpt_paths", required=True, type=Path,
                         help="HF checkpoint dir (or, with --to_hf, a native dir or its consolidated.00.pth)")
     parser.add_argument("--output_dir", "--output", required=True, type=Path,

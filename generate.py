@@ -249,7 +249,8 @@ def run_chat(model, tokenizer, template, args, stops, generator):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--ckpt_paths", nargs="+", type=Path, required=True,
                     help="a native dir (or its consolidated.00.pth); or the base then LoRA adapters "
                          "(an adapter dir holding adapter.pth + adapter_config.json, or the adapter.pth)")

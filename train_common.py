@@ -7,6 +7,7 @@ keeps its loss and its batch loop in plain sight.
 
 import argparse
 import errno
+import importlib.util
 import itertools
 import json
 import math
@@ -102,7 +103,7 @@ class CommonArgs:
     print_freq: int = arg(1, help="log line every N steps")
     val_freq: int = arg(0, help="validate every N steps (0: at the end only, when --val_data_paths is set)")
     wandb: bool = arg(False, help="also log to Weights & Biases (needs the wandb package)")
-    wandb_project: str = arg("llm-post-training", help="W&B project")
+    wandb_project: str = arg("llm-post-training", help="W&B project", metavar="NAME")
 
 
 @dataclass
@@ -113,11 +114,113 @@ class PreferenceArgs(CommonArgs):
                              "the positions it has unshared", action=argparse.BooleanOptionalAction)
 
 
+# --help lists the flags in these groups, in this order; a trainer's own flags (and any common one not named here)
+# follow under the trainer's name.
+FLAG_GROUPS = {
+    "model": ("ckpt_paths", "template_config", "output_dir"),
+    "data": ("train_data_paths", "val_data_paths", "train_data_splits", "val_data_splits", "train_num_samples",
+             "val_num_samples", "max_seq_len", "data_cache_dir"),
+    "optimisation": ("lr", "lr_scheduler", "warmup_steps", "wd", "betas", "eps", "clip_grad_norm", "train_epochs",
+                     "train_steps", "loss_reduction", "seed"),
+    "batch and packing": ("micro_batch_size_per_gpu", "gradient_accum_steps", "pack_samples", "share_prompt"),
+    "parallelism": ("dp", "fsdp_grad_sync", "param_dtype", "activation_checkpointing", "compile", "dist_timeout"),
+    "LoRA": ("lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_unfrozen_params"),
+    "checkpoints": ("save_freq", "max_checkpoints", "save_dtype", "resume", "overwrite"),
+    "logging": ("print_freq", "val_freq", "wandb", "wandb_project"),
+}
+# Other trainers' names for our flags (TRL's TrainingArguments / SFTConfig / DPOConfig / CPOConfig and PEFT's
+# LoraConfig, torchtune's recipe keys): one line naming ours instead of argparse's usage and "unrecognized
+# arguments". A value is our flag's name (a tuple: the first this trainer has), or a sentence.
+OTHER_NAMES = {
+    "learning_rate": "lr", "max_length": "max_seq_len", "max_seq_length": "max_seq_len",
+    "gradient_accumulation_steps": "gradient_accum_steps", "num_train_epochs": "train_epochs",
+    "epochs": "train_epochs", "max_steps": "train_steps", "per_device_train_batch_size": "micro_batch_size_per_gpu",
+    "batch_size": "micro_batch_size_per_gpu", "train_batch_size": "micro_batch_size_per_gpu",
+    "weight_decay": "wd", "lr_scheduler_type": "lr_scheduler", "lr_scheduler_name": "lr_scheduler",
+    "num_warmup_steps": "warmup_steps", "adam_epsilon": "eps", "max_grad_norm": "clip_grad_norm",
+    "logging_steps": "print_freq", "log_every_n_steps": "print_freq", "save_steps": "save_freq",
+    "save_total_limit": "max_checkpoints", "eval_steps": "val_freq", "resume_from_checkpoint": "resume",
+    "gradient_checkpointing": "activation_checkpointing", "enable_activation_checkpointing": "activation_checkpointing",
+    "torch_compile": "compile", "use_peft": "lora", "lora_r": "lora_rank", "r": "lora_rank",
+    "lora_target_modules": "lora_targets", "target_modules": "lora_targets", "lora_attn_modules": "lora_targets",
+    "model_name_or_path": "ckpt_paths", "model_path": "ckpt_paths", "checkpoint_dir": "ckpt_paths",
+    "dataset_name": "train_data_paths", "dataset": "train_data_paths", "data_paths": "train_data_paths",
+    "eval_dataset": "val_data_paths", "chat_template_path": "template_config", "chat_template": "template_config",
+    "packing": "pack_samples", "packed": "pack_samples", "dtype": "param_dtype", "seed_everything": "seed",
+    "beta": ("dpo_beta", "simpo_beta"), "label_smoothing": "dpo_label_smoothing", "loss_type": "dpo_loss",
+    "gamma": "simpo_gamma", "cpo_alpha": "sft_weight", "ref_model": "ref_ckpt_paths",
+    "precompute_ref_log_probs": "reference",
+    "warmup_ratio": "this repo takes --warmup_steps, a count of optimizer steps (the start-up line gives the "
+                    "run's steps)",
+    "adam_beta1": "this repo takes both AdamW betas as --betas B1 B2 (default 0.9 0.999)",
+    "adam_beta2": "this repo takes both AdamW betas as --betas B1 B2 (default 0.9 0.999)",
+    "bf16": "this repo calls it --param_dtype bf16 (the default on GPUs: auto)",
+    "fp16": "this repo computes in bf16 or fp32: --param_dtype bf16",
+    "report_to": "this repo calls it --wandb (and --wandb_project)",
+    "per_device_eval_batch_size": "validation uses --micro_batch_size_per_gpu",
+    "apply_lora_to_mlp": "this repo calls it --lora_targets (w1 w2 w3 are the MLP's)",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage of ~60 flags would bury the line that matters."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def unknown_flag(argv: list, known: list) -> str | None:
+    """The first --flag in argv that the trainer does not take, as one line: our name for another trainer's
+    flag (OTHER_NAMES), else the closest of ours; argparse's abbreviations are off, so --lora_r is never taken
+    for --lora_rank."""
+    import difflib
+
+    def theirs(name):  # our flag (or a sentence) for another trainer's name, None when this trainer has none
+        ours = OTHER_NAMES.get(name)
+        ours = next((o for o in ours if o in known), None) if isinstance(ours, tuple) else ours
+        return ours if ours in known or ours and " " in ours else None
+
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--") or len(token) == 2:
+            continue
+        name = token[2:].split("=", 1)[0]
+        if name in known or name == "help":
+            continue
+        ours = theirs(name.replace("-", "_"))
+        if ours and " " in ours:
+            return f"--{name}: {ours}"
+        if ours:
+            return f"--{name}: this repo calls it --{ours}"
+        close = difflib.get_close_matches(name, known + [k for k in OTHER_NAMES if theirs(k)], n=1, cutoff=0.7)
+        close = [theirs(c) if c in OTHER_NAMES else c for c in close]
+        return f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close and " " not in close[0] else "")
+    return None
+
+
+def default_text(value) -> str | None:
+    """A default as a user types it (--betas 0.9 0.999), or None when there is nothing to show: no value, an
+    empty list, a switch that is off."""
+    if value is None or value is False or value == []:
+        return None
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def parse_args(cls, argv=None):
-    """argparse built from the dataclass: each field a --flag with its type, default and help."""
-    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
+    """argparse built from the dataclass: each field a --flag with its type, default and help, in FLAG_GROUPS."""
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    script = Path(sys.modules[cls.__module__].__file__).name if cls.__module__ != "__main__" else None
+    parser = Parser(prog=script, description=sys.modules[cls.__module__].__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                    usage="%(prog)s --ckpt_paths PATH [PATH ...] --train_data_paths SOURCE [SOURCE ...] "
+                          "--output_dir DIR [flags]")
+    common = {f.name for f in fields(CommonArgs)}
+    groups = {title: parser.add_argument_group(title) for title in FLAG_GROUPS}
+    own = parser.add_argument_group(f"{parser.prog}")
+    other = parser.add_argument_group("other")
+    order = [name for names in FLAG_GROUPS.values() for name in names]
+    for f in sorted(fields(cls), key=lambda f: order.index(f.name) if f.name in order else len(order)):
         if f.type in (bool, "bool"):
             kwargs = {"action": "store_true"}
         elif f.type in (list, "list"):
@@ -125,23 +228,35 @@ def parse_args(cls, argv=None):
         else:
             kwargs = {"type": {"int": int, "float": float, "str": str}.get(f.type, f.type)}
         kwargs.update(f.metadata)
+        if "choices" not in kwargs and kwargs.get("action") is None:
+            kwargs.setdefault("metavar", {int: "N", float: "X"}.get(kwargs["type"], "V"))
         if f.default is MISSING and f.default_factory is MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
-            if "action" not in kwargs:
-                kwargs["help"] += f" (default: {kwargs['default']})"
-        parser.add_argument(f"--{f.name}", **kwargs)
+            shown = default_text(kwargs["default"])
+            if shown and "default" not in kwargs["help"] and not isinstance(kwargs.get("action"), type):
+                kwargs["help"] += f" (default: {shown})"
+        title = next((t for t, names in FLAG_GROUPS.items() if f.name in names), None)
+        group = groups[title] if title else other if f.name in common else own
+        group.add_argument(f"--{f.name}", **kwargs)
+    def fail(message):  # our own one-line errors, without argparse's pointer to --help
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    if problem := unknown_flag(argv, [f.name for f in fields(cls)]):
+        fail(problem)
     args = cls(**vars(parser.parse_args(argv)))
     if getattr(args, "share_prompt", None) and not args.pack_samples:
-        parser.error("--share_prompt lays a pair's prompt and both responses out in one packed row: it needs "
+        fail("--share_prompt lays a pair's prompt and both responses out in one packed row: it needs "
                      "--pack_samples")
     if hasattr(args, "share_prompt") and args.share_prompt is None:
         args.share_prompt = args.pack_samples
     for name, value in vars(args).items():
         rule = next((r for names, r in VALUE_RULES if name in names), None)
         if rule and value is not None and not rule[0](value):
-            parser.error(f"--{name} {value}: must be {rule[1]}")
+            fail(f"--{name} {value}: must be {rule[1]}")
+    if getattr(args, "wandb", False) and importlib.util.find_spec("wandb") is None:
+        fail("--wandb needs the wandb package: pip install wandb, or drop --wandb")
     return args
 
 

@@ -96,6 +96,53 @@ def test_data_path_without_prefix_is_read_by_its_extension(setup, tmp_path, caps
     assert "missing.jsonl': no such file" in line and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("main,flag,said", [
+    (train_sft.main, "--learning_rate", "--learning_rate: this repo calls it --lr"),
+    (train_sft.main, "--max_length", "--max_length: this repo calls it --max_seq_len"),
+    (train_sft.main, "--gradient_accumulation_steps", "this repo calls it --gradient_accum_steps"),
+    (train_sft.main, "--num_train_epochs", "--num_train_epochs: this repo calls it --train_epochs"),
+    (train_sft.main, "--per_device_train_batch_size", "this repo calls it --micro_batch_size_per_gpu"),
+    (train_sft.main, "--weight_decay", "--weight_decay: this repo calls it --wd"),
+    (train_sft.main, "--lr_scheduler_type", "--lr_scheduler_type: this repo calls it --lr_scheduler"),
+    (train_sft.main, "--warmup_ratio", "--warmup_ratio: this repo takes --warmup_steps"),
+    (train_sft.main, "--lora_r", "--lora_r: this repo calls it --lora_rank"),  # never taken as an abbreviation
+    (train_sft.main, "--epochs", "--epochs: this repo calls it --train_epochs"),  # torchtune
+    (train_dpo.main, "--beta", "--beta: this repo calls it --dpo_beta"),
+    (train_simpo.main, "--beta", "--beta: this repo calls it --simpo_beta"),
+    (train_sft.main, "--lerning_rate", "unknown flag --lerning_rate; did you mean --lr?"),
+    (train_sft.main, "--lr_sched", "unknown flag --lr_sched; did you mean --lr_scheduler?"),
+    (train_sft.main, "--gradient_accum", "unknown flag --gradient_accum; did you mean --gradient_accum_steps?"),
+])
+def test_other_trainers_flag_names_and_typos_get_one_line(setup, tmp_path, capsys, main, flag, said):
+    line = fails(main, flags(setup, tmp_path / "o") + [flag, "8"], capsys, code=2)
+    assert said in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_wandb_without_the_package_fails_before_anything_loads(setup, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find(name, *a))
+    line = fails(train_sft.main, flags(setup, tmp_path / "o", wandb=True), capsys, code=2)
+    assert "--wandb needs the wandb package: pip install wandb, or drop --wandb" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_groups_flags_and_shows_each_default_once():
+    out = subprocess.run([sys.executable, str(REPO / "train_dpo.py"), "--help"], capture_output=True, text=True,
+                         env=env()).stdout
+    titles = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles[titles.index("options"):] == ["options", "model", "data", "optimisation", "batch and packing", "parallelism", "LoRA",
+                      "checkpoints", "logging", "train_dpo.py"], titles
+    assert "(default: [])" not in out and "(default: None)" not in out and "(default: False)" not in out
+    flat = " ".join(out.split())
+    assert "(default: wq wk wv wo w1 w2 w3)" in flat and "(default: 0.9 0.999)" in flat
+    for flag in flat.split(" --")[1:]:  # each flag's help names its default once at most
+        assert flag.count("default") <= 1, flag
+    assert out.startswith("usage: train_dpo.py --ckpt_paths PATH")
+
+
 def test_data_and_tokenize_chat_take_ckpt_paths(setup, tmp_path, capsys):
     """--ckpt_paths as every other command (--ckpt_dir kept), and the template found beside it."""
     import tokenize_chat
