@@ -715,6 +715,11 @@ class Loader:
         n, size = len(self.rows(self.epoch if epoch is None else epoch)), self.batch_size * self.world_size
         return -(-n // size)
 
+    def epoch_summary(self, epoch: int = 0) -> tuple[int, int, int]:
+        """(rows, samples or pairs, tokens as the samples have them) of one epoch, all ranks: what a step holds on
+        average, for packed rows too, from the lengths alone."""
+        return len(self.rows(epoch)), len(self.ds), int(self.ds.doc_lengths.sum())
+
     def epoch_done(self) -> bool:
         """Whether the current epoch has served all its batches (iterating further starts the next)."""
         return self.consumed >= len(self.rows(self.epoch))

@@ -15,6 +15,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -92,9 +93,12 @@ class CommonArgs:
     lora_rank: int = arg(16, help="LoRA rank r")
     lora_alpha: float = arg(16.0, help="LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = arg(0.0, help="dropout on the LoRA input (training only)")
-    lora_targets: list = arg(list(LORA_TARGETS), help="projections to adapt (wq wk wv wo w1 w2 w3)")
-    lora_unfrozen_params: list = arg([], help="regexes of other parameters to train with LoRA, e.g. norm")
-    save_freq: int = arg(0, help="save a resumable checkpoint every N steps (0: only on SIGTERM)")
+    lora_targets: list = arg(list(LORA_TARGETS), help="projections to adapt, of wq wk wv wo (attention) and w1 w2 "
+                             "w3 (MLP)", metavar="NAME")
+    lora_unfrozen_params: list = arg([], help="regexes of other parameters to train with LoRA, e.g. norm",
+                                     metavar="REGEX")
+    save_freq: int = arg(0, help="save a resumable checkpoint every N steps (default: 0, only when SIGTERM or "
+                         "Ctrl-C stops the run)")
     max_checkpoints: int = arg(2, help="resumable checkpoints to keep (0: all)")
     save_dtype: str = arg("auto", help="dtype of the saved weights (auto: the input checkpoint's)",
                           choices=["auto", "bf16", "fp16", "fp32"])
@@ -280,19 +284,30 @@ _lock = None  # the open lock file of this process's run (rank 0), closed by rel
 def prepare_output_dir(args, d: Dist):
     """Refuse to mix two runs in one dir: a dir a live run holds (see lock_output_dir) is refused outright,
     and an --output_dir holding anything but the start record (train_args.json) of a run that failed before
-    training needs --resume or --overwrite."""
+    training needs --resume (with a checkpoint to resume from) or --overwrite. The input checkpoint's dir is
+    refused before the lock, so that nothing is written into it."""
     out = Path(args.output_dir)
-    lock_output_dir(out, d)
-    has_run = out.exists() and any(p.name not in ("train_args.json", LOCK_FILE) for p in out.iterdir())
-    if has_run and not (args.resume or args.overwrite):
-        raise ValueError(f"--output_dir {out} already holds files (another run?); pass --resume to continue it "
-                         f"or --overwrite to replace it")
-    if args.resume and not checkpoint_dirs(out):
-        raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
     inside = [p for p in args.ckpt_paths
               if out.resolve() in (native_dir(p).resolve(), *native_dir(p).resolve().parents)]
     if inside:
         raise ValueError(f"--output_dir {out} holds the input checkpoint {inside[0]}; write the run elsewhere")
+    lock_output_dir(out, d)
+    checkpoints, finished = checkpoint_dirs(out), finished_step(out)
+    if holds_run(out) and not (args.resume or args.overwrite):
+        if finished is not None:
+            raise ValueError(f"--output_dir {out} holds a finished run ({finished} steps); pass --overwrite to "
+                             f"replace it, or choose another --output_dir")
+        if checkpoints:
+            raise ValueError(f"--output_dir {out} holds a stopped run (its last checkpoint: {checkpoints[-1].name}); "
+                             f"pass --resume to continue it or --overwrite to start again")
+        raise ValueError(f"--output_dir {out} holds a run that stopped before its first checkpoint, so there is "
+                         f"nothing to resume: pass --overwrite to start again, or choose another --output_dir")
+    if args.resume and not checkpoints:
+        if finished is not None and not (args.train_steps and args.train_steps > finished):
+            raise Finished(f"--output_dir {out} holds a finished run ({finished} steps): nothing to resume, "
+                           f"nothing changed (--overwrite trains it again)")
+        raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'} (the run saved none: --save_freq "
+                         f"{args.save_freq}); rerun with --overwrite in place of --resume to start again")
     record = out / "train_args.json"
     previous = json.loads(record.read_text()) if record.is_file() else {}
     if args.resume:
@@ -314,6 +329,32 @@ def prepare_output_dir(args, d: Dist):
         if not args.resume:  # the record of how the run started; a resumed run is checked against it
             record.write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
     parallel.wait_for_all()  # deleting another run's checkpoints can take a while
+
+
+class Finished(Exception):
+    """--resume on a run whose last step is done and whose final model is saved: main says so and exits 0, so a job
+    script that always resumes (a requeued job) succeeds, and nothing in the dir is touched."""
+
+
+def holds_run(out: Path) -> bool:
+    """Whether `out` holds a run's outputs: anything but the start record of a run that failed before training."""
+    return out.is_dir() and any(p.name not in ("train_args.json", LOCK_FILE) for p in out.iterdir())
+
+
+def finished_step(out: Path) -> int | None:
+    """The last step of the run in `out` when it finished: its final weights (save_final writes them last, after
+    the last step's line in metrics.jsonl) are newer than that line. None when it did not finish, or was resumed
+    to go further and has logged steps since."""
+    weights, log = out / "consolidated.00.pth", out / "metrics.jsonl"
+    if not (weights.is_file() and log.is_file()) or weights.stat().st_mtime_ns < log.stat().st_mtime_ns:
+        return None
+    last = None
+    for line in log.read_text().splitlines():
+        try:
+            last = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass  # a line a kill cut short
+    return last if isinstance(last, int) else None
 
 
 def lock_output_dir(out: Path, d: Dist):
@@ -437,14 +478,17 @@ def setup(args, d: Dist, kind: str) -> Run:
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     loader = make_loader(args, train_set, pad_id)
     val_loader = make_loader(args, val_set, pad_id, shuffle=False) if val_set is not None else None
+    steps = total_steps(args, loader)
+    finished = finished_step(Path(args.output_dir)) if args.resume else None
+    if finished is not None and finished >= steps:  # before anything is loaded or written
+        raise Finished(f"--output_dir {args.output_dir} holds a finished run ({finished} of {steps} steps): "
+                       f"nothing to resume, nothing changed (a larger --train_steps or --train_epochs trains on; "
+                       f"--overwrite trains it again)")
+    print0(batch_summary(args, loader, d, steps))
     model, bare_model, lora_config, input_dtype = load_model(args, d)
     optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     run = Run(args, d, template, train_set, val_set, pad_id, loader, val_loader, model, bare_model, lora_config,
-              input_dtype, resolve_dtype(args.param_dtype, d.device), optimizer, total_steps(args, loader))
-    unit = ("packed rows of " if args.pack_samples else "") + ("sequences" if kind == "sft" else "pairs")
-    print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation x "
-           f"{d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size} "
-           f"{unit} per step; {run.steps} steps")
+              input_dtype, resolve_dtype(args.param_dtype, d.device), optimizer, steps)
     run.base = base
     return run
 
@@ -537,6 +581,21 @@ def make_loader(args, dataset, pad_id: int, shuffle: bool = True):
                   share_prompt=getattr(args, "share_prompt", False), pad_id=pad_id)
 
 
+def batch_summary(args, loader, d: Dist, steps: int) -> str:
+    """What one optimizer step trains, in samples (pairs) and tokens, and how many steps an epoch and the run take:
+    a packed row holds several samples, so the flags alone do not say."""
+    unit = "pairs" if loader.pairs else "samples"
+    rows, samples, tokens = loader.epoch_summary(0)
+    per_epoch = -(-loader.num_steps(0) // args.gradient_accum_steps)
+    micro = (f"{args.micro_batch_size_per_gpu} packed rows (~{samples / max(rows, 1):.1f} {unit} each)"
+             if loader.pack else f"{args.micro_batch_size_per_gpu} {unit}")
+    exact = samples % per_epoch == 0 and not loader.pack
+    per_step = f"{samples // per_epoch}" if exact else f"~{samples / per_epoch:.1f}"
+    return (f"batch: {micro} per micro-batch x {args.gradient_accum_steps} accumulation x {d.world_size} "
+            f"process{'es' if d.world_size > 1 else ''} = {per_step} {unit} and ~{tokens / per_epoch:,.0f} tokens "
+            f"per optimizer step; {per_epoch} steps per epoch, {steps} steps in all")
+
+
 def total_steps(args, loader) -> int:
     """--train_steps, else the steps of --train_epochs passes: the last step of an epoch takes the epoch's
     remaining micro-batches (see next_step)."""
@@ -626,9 +685,17 @@ def end_step(run: Run, metrics: dict) -> bool:
     if run.args.save_freq and run.step % run.args.save_freq == 0 and run.step < run.steps:
         checkpoint()
     if any_rank(run.stop.requested, run.d):
-        print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+        global stopped_by
+        stopped_by = run.stop.signum or signal.SIGTERM  # another rank's signal: torchrun's SIGTERM
+        saved = checkpoint()
+        run.stop.saved = True
+        print0(f"{'Ctrl-C' if stopped_by == signal.SIGINT else 'SIGTERM'}: saved {saved}; resume with --resume "
+               f"(the same command, plus --resume)")
         return True
     return False
+
+
+stopped_by = None  # the signal that ended the run after a checkpoint (end_step); main exits with 128 + it
 
 
 # -- preference pairs (DPO, SimPO) -------------------------------------------------------------------------------
@@ -950,11 +1017,24 @@ def config_dict(args) -> dict:
 def main(train, args_class, argv=None):
     """A trainer's main(): parse the flags, start the process group, train(args, d); bad input exits 1 with the
     message (no traceback), and the process group always closes."""
+    global stopped_by
     args = parse_args(args_class, argv)
     d = setup_distributed(args.dist_timeout)
     name = Path(sys.modules[train.__module__].__file__).name
+    stopped_by = None
     try:
         train(args, d)
+        if stopped_by:  # a checkpoint was saved and the resume line printed (end_step)
+            sys.exit(128 + stopped_by)
+    except Finished as e:
+        print0(f"{name}: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C before training began, or twice (see parallel.StopSignal)
+        last = checkpoint_dirs(args.output_dir)
+        rerun = (f"the last complete checkpoint is {last[-1]}: rerun with --resume" if last else
+                 "no checkpoint to resume from: rerun" + (" with --overwrite" if holds_run(Path(args.output_dir))
+                                                          else " the same command"))
+        print(f"\n{name}: {str(e) or 'interrupted (Ctrl-C)'}; {rerun}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"{name}: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -973,3 +1053,6 @@ def main(train, args_class, argv=None):
     finally:
         release_output_dir()
         teardown_distributed()
+        parallel.restore_signals()
+        if stopped_by:  # on its way out with 128 + the signal: a late Ctrl-C must not end it as killed
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -201,5 +201,119 @@ def test_converted_dir_holds_its_template_and_the_trainers_find_it(setup, tmp_pa
 
 
 # -- interrupts and recovery ------------------------------------------------------------------------------------
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(setup, tmp_path):
+    out = tmp_path / "run"
+    argv = flags(setup, out, train_steps=60, micro_batch_size_per_gpu=2)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), *argv], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 2/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, rest[-2000:]
+    assert "Ctrl-C: saved" in rest and "resume with --resume" in rest and "Traceback" not in rest, rest[-2000:]
+    saved = parallel.checkpoint_dirs(out)[-1]
+    assert len(metrics(out)) == int(saved.name.split("_")[1]) < 60
+    train_sft.main(argv + ["--resume"])
+    assert [m["step"] for m in metrics(out)] == list(range(1, 61))
+
+
+def test_interrupt_while_saving_says_so_and_keeps_nothing_partial(setup, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C inside DCP's save arrives wrapped in its CheckpointException (whose text holds a traceback): it is
+    named as an interrupt, never as a full disk, and the temp dir goes."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def interrupted_save(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise CheckpointException("save", {0: (KeyboardInterrupt(), None)})
+
+    monkeypatch.setattr(parallel.dcp, "save", interrupted_save)
+    out = tmp_path / "run"
+    line = fails(train_sft.main, flags(setup, out, save_freq=1), capsys, code=130)
+    assert line == ("train_sft.py: interrupted while saving the step 1 checkpoint, which was not kept; no checkpoint "
+                    "to resume from: rerun with --overwrite"), line
+    assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_a_full_disk_is_claimed_only_on_enospc_or_too_little_space(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    d = parallel.Dist(0, 0, 1, None)
+
+    def said(error, needed=1):
+        return parallel.write_failure("the step 3 checkpoint", tmp_path, error, d, needed, "x")
+
+    wrapped = CheckpointException("save", {0: (RuntimeError("unexpected pos 512 vs 128"), None)})
+    assert "no space left" not in said(wrapped) and "RuntimeError: unexpected pos 512 vs 128" in said(wrapped)
+    assert "no space left on device" in said(CheckpointException("save", {0: (OSError(errno.ENOSPC, "full"), None)}))
+    assert "no space left on device" in said(wrapped, needed=shutil.disk_usage(tmp_path).free + 1)
+
+
+def test_rerun_after_a_run_without_checkpoint_says_overwrite(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_args.json").write_text("{}")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")  # stopped before a checkpoint
+    before = snapshot(out)
+    line = fails(train_sft.main, flags(setup, out), capsys)
+    assert "holds a run that stopped before its first checkpoint, so there is nothing to resume: pass --overwrite" \
+           in line and "--resume" not in line
+    line = fails(train_sft.main, flags(setup, out, resume=True), capsys)
+    assert "--resume: no checkpoint under" in line and "rerun with --overwrite in place of --resume" in line
+    assert snapshot(out) == before
+    train_sft.main(flags(setup, out, overwrite=True))
+    assert len(metrics(out)) == 2
+
+
+@pytest.mark.parametrize("save_freq", [0, 1])
+def test_resume_on_a_finished_run_changes_nothing(setup, tmp_path, capsys, save_freq):
+    """Exit 0: a job script that always passes --resume (a requeued job) succeeds on a run that is done; nothing
+    is retrained or rewritten. A larger --train_steps trains on from the last checkpoint."""
+    out = tmp_path / "run"
+    train_sft.main(flags(setup, out, save_freq=save_freq))
+    before = snapshot(out)
+    capsys.readouterr()
+    train_sft.main(flags(setup, out, save_freq=save_freq, resume=True))  # returns: exit code 0
+    assert f"--output_dir {out} holds a finished run (2" in capsys.readouterr().out
+    assert snapshot(out) == before
+    line = fails(train_sft.main, flags(setup, out, save_freq=save_freq), capsys)
+    assert "holds a finished run (2 steps); pass --overwrite to replace it" in line
+    if save_freq:
+        train_sft.main(flags(setup, out, save_freq=save_freq, resume=True, train_steps=3))
+        assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_failed_run_into_the_input_dir_leaves_no_lock(setup, tmp_path, capsys):
+    native = tmp_path / "native"
+    shutil.copytree(setup["native"], native)
+    before = snapshot(native)
+    line = fails(train_sft.main, flags(setup, native, ckpt_paths=native), capsys)
+    assert f"--output_dir {native} holds the input checkpoint" in line
+    assert snapshot(native) == before and not (native / tc.LOCK_FILE).exists()
+
+
 # -- what a step trains ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pack", [False, True])
+def test_startup_line_says_what_a_step_trains(setup, tmp_path, capsys, pack):
+    from tokenize_chat import load_template, load_tokenizer
+
+    train_sft.main(flags(setup, tmp_path / "run", gradient_accum_steps=2, pack_samples=pack, train_steps=1))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("batch: "))
+    tok = load_tokenizer(setup["native"])
+    ds = data.prepare_dataset([f"jsonl:{setup['data']}"], tok, load_template("chatml", tok), 96,
+                              cache_dir=setup["cache"], seed=42, progress=False)
+    loader = data.Loader(ds, 4, pack=pack, seed=42)
+    per_epoch = -(-loader.num_steps() // 2)
+    tokens = f"~{int(ds.doc_lengths.sum()) / per_epoch:,.0f} tokens per optimizer step"
+    if pack:
+        rows = len(loader.rows(0))
+        assert line == (f"batch: 4 packed rows (~{24 / rows:.1f} samples each) per micro-batch x 2 accumulation x 1 "
+                        f"process = ~{24 / per_epoch:.1f} samples and {tokens}; {per_epoch} steps per epoch, 1 "
+                        f"steps in all"), line
+    else:  # 24 samples, 6 micro-batches of 4: 3 steps of 8
+        assert line == (f"batch: 4 samples per micro-batch x 2 accumulation x 1 process = 8 samples and {tokens}; "
+                        f"3 steps per epoch, 1 steps in all"), line
+
+
 # -- smaller ones -----------------------------------------------------------------------------------------------
