@@ -261,12 +261,14 @@ def _records(src: Source, payload):
             if src.type == "text":  # a byte-order mark opening the file is not text (json.loads drops it too)
                 record = line.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
             else:
-                record = json.loads(line)
+                record = json.loads(line.rstrip(b"\r\n"))  # the line's end is not part of it: columns stay on it
         except UnicodeDecodeError as e:
             raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
         except json.JSONDecodeError as e:
             hint = ("; a JSON array or a pretty-printed file? jsonl holds one object per line"
-                    if lineno == 1 and line.strip() in (b"[", b"{") else "; fix or delete the line")
+                    if lineno == 1 and line.strip() in (b"[", b"{") else
+                    "; the line ends inside its JSON: cut short?" if e.pos >= len(e.doc.rstrip()) else
+                    "; fix or delete the line")
             raise DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno}){hint}") from None
         except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting deeper than the stack
             raise DataError(f"{loc}: JSON that Python cannot hold ({str(e).split(';')[0][:120]}); fix or "

@@ -738,7 +738,10 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
              top_p: float = 1.0, top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None):
     """Sample a continuation of one prompt with the KV cache. Yields token ids as they are produced.
 
-    temperature 0 is greedy. The stop token, when reached, is yielded and ends generation.
+    temperature 0 is greedy. The stop token, when reached, is yielded and ends generation: ids are the reply as
+    the model produced it (the end-of-turn token is part of a trained reply, and a rollout trains it) and say
+    whether it stopped or ran out of max_new_tokens. Text leaves it out: generate.py prints and writes the reply
+    without it (generate.split_stop gives those ids and the finish reason, for Python callers too).
     """
     device = model.output.weight.device
     model.setup_cache(1, len(prompt) + max_new_tokens)

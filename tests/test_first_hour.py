@@ -317,3 +317,73 @@ def test_startup_line_says_what_a_step_trains(setup, tmp_path, capsys, pack):
 
 
 # -- smaller ones -----------------------------------------------------------------------------------------------
+def test_truncated_json_line_reports_its_own_column(setup, tmp_path, capsys):
+    cut = '{"messages": [{"role": "user", "content": "Hi"}'
+    src = tmp_path / "cut.jsonl"
+    src.write_text(setup["data"].read_text().splitlines()[0] + "\n" + cut + "\n")
+    from tokenize_chat import load_template, load_tokenizer
+
+    tok = load_tokenizer(setup["native"])
+    with pytest.raises(data.DataError) as e:
+        data.prepare_dataset([str(src)], tok, load_template("chatml", tok), 96, cache_dir=tmp_path / "c",
+                             progress=False, num_proc=1)
+    assert str(e.value) == (f"{src} line 2: malformed JSON (Expecting ',' delimiter at column {len(cut) + 1}); the "
+                            f"line ends inside its JSON: cut short?")
+    import generate
+
+    src.write_text('{"prompt": "Hi"}\n' + cut + "\n")
+    line = fails(generate.main, ["--ckpt_paths", str(setup["native"]), "--prompts_file", str(src), "--output_file",
+                                 str(tmp_path / "out.jsonl")], capsys)
+    assert f"{src}:2: not valid JSON (Expecting ',' delimiter at column {len(cut) + 1})" in line
+
+
+def test_python_generate_and_the_cli_agree_on_the_stop_token(setup, tmp_path):
+    """model.generate yields the stop token (a reply's ids as produced, and how a caller tells stop from length);
+    the CLI's text leaves it out, and generate.split_stop turns the one into the other."""
+    import generate
+    from model import Transformer
+    from model import generate as model_generate
+    from tokenize_chat import load_template, load_tokenizer, stop_token_ids, tokenize_conversation
+
+    tok = load_tokenizer(setup["native"])
+    template = load_template("chatml", tok)
+    model = Transformer.from_pretrained(setup["native"])
+    ids, _ = tokenize_conversation([{"role": "user", "content": "Hi"}], tok, template, add_generation_prompt=True)
+    free = list(model_generate(model, ids, 12))
+    stop = free[4]  # a stop token the random model is sure to reach
+    stopped = list(model_generate(model, ids, 12, stop_ids={stop}))
+    assert stopped == free[:free.index(stop) + 1]
+    assert generate.split_stop(stopped, {stop}) == (stopped[:-1], "stop")
+    assert generate.split_stop(free[:3], {stop}) == (free[:3], "length")
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('{"prompt": "Hi"}\n')
+    generate.main(["--ckpt_paths", str(setup["native"]), "--prompts_file", str(src), "--output_file",
+                   str(tmp_path / "out.jsonl"), "--max_new_tokens", "12"])
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    reply = list(model_generate(model, ids, 12, stop_ids=set(stop_token_ids(tok, template))))
+    shown, reason = generate.split_stop(reply, set(stop_token_ids(tok, template)))
+    assert (row["completion"], row["finish_reason"]) == (tok.decode(shown), reason)
+
+
+def test_demo_fetch_dir_gets_the_umask_mode(tmp_path, monkeypatch):
+    """dev/demo.py fetch writes into a temp dir renamed into place: mkdtemp's 0700 must not stay with it."""
+    import transformers
+
+    from dev import demo
+
+    class Saved:
+        config = type("Config", (), {})()
+
+        def save_pretrained(self, path):
+            (Path(path) / "config.json").write_text("{}")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: Saved())
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    umask = os.umask(0o022)
+    try:
+        out = demo.fetch_smollm2(tmp_path / "hf", tmp_path / "cache", gguf=gguf)
+    finally:
+        os.umask(umask)
+    assert (out / "config.json").exists() and out.stat().st_mode & 0o777 == 0o755
