@@ -1,4 +1,4 @@
-"""Data: sources -> pretokenized memmap cache -> batches for SFT and preference training (README: Data).
+"""Data: sources -> pretokenized memmap cache -> batches for SFT and preference training (docs/data.md).
 
     ds = prepare_dataset(["jsonl:train.jsonl", "HuggingFaceH4/ultrachat_200k"], tokenizer, template,
                          max_seq_len=2048, kind="sft", splits=[None, "train_sft"], num_samples=[None, 0.1])
@@ -31,6 +31,9 @@ for any pair), whole pairs, each as its chosen then its rejected document; with 
 document drops the prompt it shares with the chosen one (`shared_prefix_length`) and attends to the chosen
 document's copy, with positions continuing from the prompt's end, so each response sees exactly its unshared
 context. An epoch's last step may hold fewer rows (one filler row with no trained token where a rank has none).
+With `fixed_shape` (packed batches through compiled code: --compile, FlexAttention), every packed batch is
+[batch_size, row capacity] instead, the missing rows empty, so compiled code sees one shape, never a new one to
+recompile for (padding has label -100 and lies in no segment: the losses are those of the batch without it).
 """
 
 import argparse
@@ -670,7 +673,7 @@ class Loader:
 
     def __init__(self, dataset: TokenizedDataset, batch_size: int, *, pack: bool = False, share_prompt: bool = False,
                  seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
-                 pad_id: int = 0):
+                 pad_id: int = 0, fixed_shape: bool = False):
         d = _dist()
         self.rank = rank if rank is not None else (d[0] if d else 0)
         self.world_size = world_size if world_size is not None else (d[2] if d else 1)
@@ -681,7 +684,7 @@ class Loader:
         if batch_size < 1 or not 0 <= self.rank < self.world_size:
             raise DataError(f"bad batch_size {batch_size} / rank {self.rank} / world size {self.world_size}")
         self.ds, self.batch_size, self.pack, self.share, self.seed = dataset, batch_size, pack, share_prompt, seed
-        self.shuffle, self.pad_id = shuffle, pad_id
+        self.shuffle, self.pad_id, self.fixed_shape = shuffle, pad_id, fixed_shape and pack
         self.seq_len = dataset.meta["max_seq_len"]
         # A packed preference row holds 2 * max_seq_len tokens: room for any pair the length policy kept, and
         # the token budget of a padded micro-batch's chosen + rejected rows.
@@ -764,9 +767,11 @@ class Loader:
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rows of sample ids ([] = a filler row) -> the batch dict of the module doc."""
+        if self.fixed_shape:  # compiled runs: [batch_size, capacity] whatever the rows hold (module doc)
+            rows = rows + [[]] * (self.batch_size - len(rows))
         pieces = self.layout(rows)
         offsets, ids_mm, mask_mm = self.ds.offsets, self.ds.ids, self.ds.mask
-        R, T = len(pieces), self._width(pieces)
+        R, T = len(pieces), self.capacity if self.fixed_shape else self._width(pieces)
         input_ids = np.full((R, T), self.pad_id, dtype=np.int64)
         labels = np.full((R, T), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((R, T), dtype=np.int64)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import lora
-from model import DTYPES, Transformer, generate, sample
+from model import DTYPES, Transformer, generate, sample_rows
 from tokenize_chat import (ConversationError, find_template, load_template, load_tokenizer, record_conversations,
                            record_tools, stop_token_ids, tokenize_conversation)
 
@@ -29,16 +29,21 @@ from tokenize_chat import (ConversationError, find_template, load_template, load
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None,
-                   pad_id: int = 0) -> list[list[int]]:
+                   pad_id: int = 0, num_generations: int = 1) -> list[list[int]]:
     """Continue several prompts at once: left-padded into one [B, T] batch, one KV cache.
 
     Returns each row's new ids, as `list(model.generate(...))` would for that prompt alone: a stop id, when
     reached, is included and ends that row. Left padding keeps every row's last prompt token in the same
     column, so one decoding step serves all rows; each row's positions start at 0 at its first real token
-    and a mask hides the pad keys.
+    and a mask hides the pad keys. Sampling is vectorised over the rows (model.sample_rows).
+
+    num_generations G > 1 (GRPO's rollouts): G continuations of each prompt, prompt i's at rows [i G, (i + 1) G)
+    of the result. Each prompt is prefilled once; its KV cache is then copied to its G rows, which decode
+    together, and sample exactly what G separate prefills would (same generator, same tokens).
     """
     device = model.output.weight.device
-    B, T = len(prompts), max(len(p) for p in prompts)
+    P, T, G = len(prompts), max(len(p) for p in prompts), num_generations
+    B = P * G
     pads = torch.tensor([T - len(p) for p in prompts], device=device)
     tokens = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
     stop_ids = set(stop_ids)
@@ -51,10 +56,10 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
         real = k[None, None, :] >= pads[:, None, None]
         return ((k[None, :] <= q[:, None]) & (real | (k[None, :] == q[:, None])))[:, None]
 
-    model.setup_cache(B, T + max_new_tokens)
+    model.setup_cache(P, T + max_new_tokens)
     try:
         pos = 0
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             n = tokens.shape[1]
             positions = (torch.arange(pos, pos + n, device=device)[None, :] - pads[:, None]).clamp(min=0)
             mask = attention_mask(pos, n)
@@ -66,10 +71,12 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
             h = model.hidden_states(tokens, positions, mask, pos, mask_local=local)
             logits = model.output(h[:, -1]).float()  # only the last column: no [B, T, V] logits at prefill
             pos += n
-            if temperature <= 0:
-                next_ids = logits.argmax(-1).tolist()  # one device sync per step, not one per row
-            else:
-                next_ids = [sample(row, temperature, top_p, top_k, generator) for row in logits]
+            if step == 0 and G > 1:  # the prompts are in the cache: each becomes its G rows
+                for layer in model.layers:
+                    cache = layer.attention.cache
+                    cache.k, cache.v = cache.k.repeat_interleave(G, 0), cache.v.repeat_interleave(G, 0)
+                pads, logits = pads.repeat_interleave(G), logits.repeat_interleave(G, 0)
+            next_ids = sample_rows(logits, temperature, top_p, top_k, generator).tolist()  # one device sync
             for b, i in enumerate(next_ids):
                 if done[b]:
                     next_ids[b] = pad_id

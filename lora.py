@@ -30,7 +30,9 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         device, in_features, out_features = base.weight.device, base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        # No dropout is no module that reads self.training: a compiled block then has one graph for training
+        # and evaluation alike, not one per mode.
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         # Adapters stay fp32 even when the frozen base weight is bf16: their updates are small.
         self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))

@@ -234,23 +234,35 @@ def segment_attention(q, k, v, segments, window: int | None = None, scale: float
     return torch.cat(out_rows, 0)
 
 
+class Segments:
+    """A packed batch's segment tuples for segment_attention, in an object that a compiled block passes along
+    without looking inside: a tuple argument would be guarded on its length and every value (a recompile for
+    almost every batch), this only on its type."""
+
+    def __init__(self, tuples: tuple):
+        self.tuples = tuples
+
+    def __iter__(self):
+        return iter(self.tuples)
+
+
 def segment_mask_mod(segments: torch.Tensor, rows: int, T: int, window: int | None = None, device=None):
     """segment_attention's rule as a FlexAttention mask_mod(b, h, q, kv) -> may attend: the query's own segment
     up to itself and its segment's shared prefix; with a window, only keys fewer than `window` tokens back in
     the document's own order (the prefix, then the segment). It reads per-position tables of shape [rows, T]
-    only, so a compiled kernel sees the same shapes batch after batch, whatever the number of segments."""
+    and the window as a tensor (no window: 2T, beyond any distance in document order), so a compiled kernel
+    sees the same code and shapes batch after batch and layer after layer: a global and a sliding-window layer
+    differ in data only, and do not recompile each other."""
     table = torch.full((4, rows, T), -1, dtype=torch.long)  # segment id, its start, its prefix's start and end
     for i, (r, a, b, pa, pb) in enumerate(segments.tolist()):
         table[:, r, a:b] = torch.tensor([i, a, pa, pb])[:, None]
     seg, start, pa, pb = table.to(device)
+    limit = torch.tensor(window or 2 * T, device=device)
 
     def mask_mod(b, h, q, kv):
         own = (seg[b, kv] == seg[b, q]) & (kv <= q)
-        allowed = (seg[b, q] >= 0) & (own | ((kv >= pa[b, q]) & (kv < pb[b, q])))
-        if window:
-            distance = torch.where(own, q - kv, q - start[b, q] + pb[b, q] - kv)
-            allowed = allowed & (distance < window)
-        return allowed
+        distance = torch.where(own, q - kv, q - start[b, q] + pb[b, q] - kv)
+        return (seg[b, q] >= 0) & (own | ((kv >= pa[b, q]) & (kv < pb[b, q]))) & (distance < limit)
     return mask_mod
 
 
@@ -323,25 +335,42 @@ def segment_block_mask(segments: torch.Tensor, rows: int, T: int, window: int | 
                                     mask_mod=segment_mask_mod(segments, rows, T, window, device))
 
 
+# Which attention packed rows take: None picks by device (packed_kernel); "flex" or "sdpa" forces one. "flex" on
+# the CPU is how the tests run the CUDA path here (torch 2.13 refuses FlexAttention's backward on CPU: the tests
+# lift that check, see tests/test_packing.py).
+PACKED_KERNEL: str | None = None
+
+
 def packed_kernel(device: torch.device) -> str:
     """Which attention packed rows take. CUDA: FlexAttention, one compiled kernel per layer that skips the
     blocks no query may see, with the block mask built once per batch. Elsewhere: segment_attention, because
-    FlexAttention has no backward on CPU (torch 2.13)."""
-    return "flex" if device.type == "cuda" else "sdpa"
+    FlexAttention has no backward on CPU (torch 2.13). PACKED_KERNEL overrides the choice."""
+    if PACKED_KERNEL not in (None, "flex", "sdpa"):
+        raise ValueError(f"model.PACKED_KERNEL must be None, 'flex' or 'sdpa', got {PACKED_KERNEL!r}")
+    return PACKED_KERNEL or ("flex" if device.type == "cuda" else "sdpa")
+
+
+def flex_attention(q, k, v, block_mask, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention, compiled. Inside a compiled block it is traced into the block's own graph (and built by
+    the block's backend); called eagerly, it goes through one compiled function of its own, made lazily:
+    uncompiled, flex_attention is a reference that materialises every score."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    fn = flex if torch.compiler.is_compiling() else compiled_flex_attention()
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 @functools.cache
 def compiled_flex_attention():
-    # Uncompiled, flex_attention is a reference that materialises every score: compile it once, lazily.
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex)
 
 
 def packed_layouts(segments: torch.Tensor, rows: int, T: int, args: "ModelArgs", device) -> tuple:
     """What the global and the sliding-window layers get for a packed batch: FlexAttention block masks, or
     segment_attention's tuples (which apply the window per layer themselves)."""
     if packed_kernel(device) != "flex":
-        tuples = tuple(map(tuple, segments.tolist()))
+        tuples = Segments(tuple(map(tuple, segments.tolist())))
         return tuples, tuples
     full = segment_block_mask(segments, rows, T, None, device)
     return full, (segment_block_mask(segments, rows, T, args.sliding_window, device) if args.sliding_window else full)
@@ -381,10 +410,10 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
         gqa = self.n_kv_heads != self.n_heads
-        if isinstance(segments, tuple):
+        if isinstance(segments, Segments):
             out = segment_attention(q, k, v, segments, self.window, self.scale)
         elif segments is not None:  # a FlexAttention block mask
-            out = compiled_flex_attention()(q, k, v, block_mask=segments, scale=self.scale, enable_gqa=gqa)
+            out = flex_attention(q, k, v, segments, self.scale, gqa)
         else:
             causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
             if self.scale is not None:
@@ -762,18 +791,28 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> int:
+    """One token id from logits [V]: sample_rows on one row."""
+    return int(sample_rows(logits[None], temperature, top_p, top_k, generator)[0])
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> torch.Tensor:
+    """One token id per row of logits [B, V] -> [B], all rows at once: temperature (0: greedy), then the top_k
+    likeliest, then the smallest set whose mass reaches top_p (the likeliest token always stays). The draw is
+    the exponential race, argmax p_i / E_i with E_i ~ Exp(1), distributed as the categorical p: each row reads
+    its own block of the generator's [B, V] noise, so a row's token depends on its logits and its row index, not
+    on how its logits were computed (a prompt prefilled once for G rows samples as G prefills would)."""
     if temperature <= 0:
-        return int(logits.argmax())
-    logits = (logits.float() - logits.max()) / temperature  # max first: a tiny temperature must not overflow
+        return logits.argmax(-1)
+    logits = (logits.float() - logits.max(-1, keepdim=True).values) / temperature  # a tiny temperature: no overflow
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_probs, order = probs.sort(-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        drop[0] = False
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop[:, 0] = False
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    # -log U, U in [0, 1): E in (0, inf], never 0, so a zero probability never wins (0 / inf = 0).
+    noise = -torch.rand(probs.shape, generator=generator, device=probs.device).log()
+    return (probs / noise).argmax(-1)

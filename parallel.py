@@ -217,9 +217,13 @@ def apply_activation_checkpointing(model):
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=draws)
 
 
-def apply_compile(model):
+def apply_compile(model, backend: str = "inductor"):
+    """torch.compile each block (its FlexAttention too: traced into the block's graph). The blocks share one
+    compiled code, so their graphs add up: packed batches keep one shape (data.Loader's fixed_shape) and global
+    and sliding-window layers differ in data only (model.segment_mask_mod). `backend`: inductor, or aot_eager
+    for the CPU tests of the compiled path."""
     for block in model.layers:
-        block.compile()
+        block.compile(backend=backend)
 
 
 def apply_fsdp(model, param_dtype: torch.dtype):

@@ -5,7 +5,7 @@ Three tokenizer kinds, detected from the files of a checkpoint dir (`load_tokeni
 - byte-level BPE `tokenizer.json` (Qwen2.5, SmolLM2), turned into tiktoken ranks with its own split regex;
 - sentencepiece for Llama 2 / Mistral `tokenizer.model` (byte fallback, the leading-space convention).
 
-A chat template is a YAML file of strings (`templates/*.yaml`, schema in the README). Strings it lists
+A chat template is a YAML file of strings (`templates/*.yaml`, schema in docs/templates.md). Strings it lists
 under `special_tokens` become control tokens; everything else, and every message, is plain text: a user
 who types "<|eot_id|>" gets the characters, never the control token.
 
@@ -343,7 +343,7 @@ class ChatTemplate:
     # carries start + its reasoning + end before its content (the final turn always, an empty block when it
     # has no reasoning); earlier turns lose their reasoning. generation_prompt_off: the prompt with thinking off.
     thinking: dict | None = None
-    # Tool use (see _TOOLS_KEYS and the README): how tool definitions, assistant tool calls and tool results
+    # Tool use (see _TOOLS_KEYS and docs/templates.md): how tool definitions, assistant tool calls and tool results
     # render. None: the template has no tool format and refuses tools, tool calls and tool messages.
     tools: dict | None = None
 

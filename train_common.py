@@ -28,7 +28,7 @@ import torch.distributed as dist
 import lora
 import parallel
 from lora import DEFAULT_TARGETS as LORA_TARGETS
-from model import DTYPES, IGNORE_INDEX
+from model import DTYPES, IGNORE_INDEX, packed_kernel
 from parallel import (Dist, StopSignal, all_reduce_sum, any_rank, barrier, checkpoint_dirs, first_line,
                       load_checkpoint, load_extra, parallelize, print0, resolve_dtype, rng_state, save_checkpoint,
                       set_rng_state, setup_distributed, teardown_distributed, write_failure)
@@ -108,6 +108,11 @@ class CommonArgs:
     val_freq: int = arg(0, help="validate every N steps (0: at the end only, when --val_data_paths is set)")
     wandb: bool = arg(False, help="also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = arg("llm-post-training", help="W&B project", metavar="NAME")
+    plan: bool = arg(False, help="print this run's predicted memory per GPU (memory_plan.py) and exit; reads only "
+                     "params.json of --ckpt_paths")
+    plan_gpus: str = arg("8x80GB", help="--plan: GPUs per node x memory each (80GB for one GPU, 2xcpu for CPU)",
+                         metavar="NxMEM")
+    plan_nnodes: int = arg(1, help="--plan: nodes")
 
 
 @dataclass
@@ -131,6 +136,7 @@ FLAG_GROUPS = {
     "LoRA": ("lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_unfrozen_params"),
     "checkpoints": ("save_freq", "max_checkpoints", "save_dtype", "resume", "overwrite"),
     "logging": ("print_freq", "val_freq", "wandb", "wandb_project"),
+    "memory plan": ("plan", "plan_gpus", "plan_nnodes"),
 }
 # Other trainers' names for our flags (TRL's TrainingArguments / SFTConfig / DPOConfig / CPOConfig and PEFT's
 # LoraConfig, torchtune's recipe keys): one line naming ours instead of argparse's usage and "unrecognized
@@ -267,7 +273,7 @@ def parse_args(cls, argv=None):
 # Flags with a valid range; argparse checks only types.
 VALUE_RULES = [
     (("max_seq_len", "micro_batch_size_per_gpu", "gradient_accum_steps", "train_epochs", "train_steps", "lora_rank",
-      "print_freq"), (lambda v: v > 0, "a positive integer")),
+      "print_freq", "plan_nnodes"), (lambda v: v > 0, "a positive integer")),
     (("lr", "warmup_steps", "wd", "eps", "clip_grad_norm", "save_freq", "val_freq", "sft_weight",
       "dpo_label_smoothing", "max_checkpoints"), (lambda v: v >= 0, "zero or more")),
     (("lora_alpha", "dpo_beta", "simpo_beta", "dist_timeout"), (lambda v: v > 0, "positive")),
@@ -476,8 +482,8 @@ def setup(args, d: Dist, kind: str) -> Run:
     template = load_template(args.template_config, tokenizer)
     train_set, val_set = load_datasets(args, tokenizer, template, kind)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = make_loader(args, train_set, pad_id)
-    val_loader = make_loader(args, val_set, pad_id, shuffle=False) if val_set is not None else None
+    loader = make_loader(args, train_set, pad_id, d.device)
+    val_loader = make_loader(args, val_set, pad_id, d.device, shuffle=False) if val_set is not None else None
     steps = total_steps(args, loader)
     finished = finished_step(Path(args.output_dir)) if args.resume else None
     if finished is not None and finished >= steps:  # before anything is loaded or written
@@ -573,12 +579,16 @@ def load_model(args, d: Dist):
     return wrapped, model, lora_config, input_dtype
 
 
-def make_loader(args, dataset, pad_id: int, shuffle: bool = True):
-    """The run's batches of `dataset`: padded, or packed (pairs laid out with a shared prompt, --share_prompt)."""
+def make_loader(args, dataset, pad_id: int, device: torch.device, shuffle: bool = True):
+    """The run's batches of `dataset`: padded, or packed (pairs laid out with a shared prompt, --share_prompt).
+    Packed batches meet compiled code under --compile, and on CUDA without it (FlexAttention is compiled on its
+    own): there they keep one shape (data.Loader's fixed_shape), since every new shape is a new graph, and torch
+    stops compiling after a few (then FlexAttention materialises every score)."""
     from data import Loader
 
+    fixed = args.compile or packed_kernel(device) == "flex"
     return Loader(dataset, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, shuffle=shuffle,
-                  share_prompt=getattr(args, "share_prompt", False), pad_id=pad_id)
+                  share_prompt=getattr(args, "share_prompt", False), pad_id=pad_id, fixed_shape=fixed)
 
 
 def batch_summary(args, loader, d: Dist, steps: int) -> str:
@@ -1019,6 +1029,11 @@ def main(train, args_class, argv=None):
     message (no traceback), and the process group always closes."""
     global stopped_by
     args = parse_args(args_class, argv)
+    if args.plan:  # before any process group, weights or data
+        import memory_plan
+
+        print(memory_plan.plan_from_args(args)[1])
+        return
     d = setup_distributed(args.dist_timeout)
     name = Path(sys.modules[train.__module__].__file__).name
     stopped_by = None

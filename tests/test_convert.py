@@ -147,14 +147,14 @@ def test_sharded_safetensors_and_bin_give_identical_weights(tmp_path):
 
 
 def test_convert_into_the_hf_dir_itself_with_original_tokenizer(tmp_path):
-    """The seed's command writes the native files into the HF dir; Llama 3's tiktoken file sits in original/."""
+    """The torchllms README's command writes the native files into the HF dir; Llama 3's tiktoken file sits in original/."""
     hf = hf_model("llama3.1")
     hf_dir = save_hf(hf, tmp_path / "llama3.1_8b_instruct")
     (hf_dir / "original").mkdir()
     (hf_dir / "original" / "tokenizer.model").write_text("tiktoken ranks")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (hf_dir / name).write_text("{}")
-    run("--ckpt_paths", hf_dir, "--output", hf_dir)  # the seed spells it --output; default bf16
+    run("--ckpt_paths", hf_dir, "--output", hf_dir)  # the torchllms README spells it --output; default bf16
     assert {"consolidated.00.pth", "params.json", "tokenizer.model", "model.safetensors",
             "tokenizer.json", "config.json"} <= {p.name for p in hf_dir.iterdir()}
     assert not [p for p in hf_dir.iterdir() if p.name.startswith(".convert-")]

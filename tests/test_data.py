@@ -537,6 +537,30 @@ def test_batches_compute_no_padding_column_and_no_spare_filler_row(sft):
     assert (last[1]["labels"] == -100).all()
 
 
+def test_fixed_shape_packed_batches_are_the_batches_padded(sft):
+    """Compiled runs (--compile) take packed batches of one shape, [batch_size, row capacity], so the compiled
+    blocks never see a new one: each is the plain batch with padding columns (pad id, label -100, position 0,
+    document -1) and empty rows added, the segments and counts unchanged. Epoch ends with fewer rows and a
+    rank's filler row included; padded batches are left as they are."""
+    assert len(Loader(sft, 2, pack=True, seed=4).rows(0)) == 12  # 5 ranks of 2: rank 0 ends with one row, rank 4
+    for rank, filler in ((0, False), (4, True)):  # with a filler row
+        kw = dict(batch_size=2, pack=True, seed=4, rank=rank, world_size=5, pad_id=7)
+        plain, fixed = list(Loader(sft, **kw)), list(Loader(sft, **kw, fixed_shape=True))
+        assert len(plain) == len(fixed) == 2 and len(plain[-1]["input_ids"]) == 1
+        assert (len(plain[-1]["sample_ids"]) == 0) == filler
+        for a, b in zip(plain, fixed):
+            R, T = a["input_ids"].shape
+            assert b["input_ids"].shape == (2, 128)
+            fill = {"input_ids": 7, "labels": -100, "position_ids": 0, "document_ids": -1, "response_ids": -1}
+            for k, v in fill.items():
+                assert torch.equal(b[k][:R, :T], a[k]), k
+                assert (b[k][:, T:] == v).all() and (b[k][R:] == v).all(), k
+            for k in ("segments", "sample_ids", "tokens"):
+                assert torch.equal(a[k], b[k]), k
+    padded = Loader(sft, 3, seed=0, fixed_shape=True)
+    assert [b["input_ids"].shape for b in padded] == [b["input_ids"].shape for b in Loader(sft, 3, seed=0)]
+
+
 def test_preference_batch_is_chosen_then_rejected(tok, tmp_path):
     records = [{"prompt": f"q{i} " + "x " * i, "chosen": f"good {i}", "rejected": f"bad {i}" + " y" * i}
                for i in range(5)]

@@ -4,9 +4,11 @@ References: the dense [T, T] mask through SDPA (tests/tiny.dense_mask), transfor
 alone, transformers' log-probs of the unshared chosen and rejected sequences, and the padded runs of the same
 trainers (a packed or shared run must reproduce their per-step losses and metrics)."""
 
+import contextlib
 import json
 import math
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -94,11 +96,11 @@ def test_segment_attention_equals_dense_mask_and_each_document_alone(tmp_path, f
 
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 def test_flex_attention_path_equals_segment_attention(tmp_path, family, monkeypatch):
-    """The CUDA path (FlexAttention with block masks built once per batch), run here compiled on the CPU: its
-    mask_mod allows exactly the dense reference's keys for every real query and none for padding, and the
-    model's logits equal segment_attention's at every position, padding included. Gemma 3 has global and
-    sliding-window layers, so both block masks are exercised. (FlexAttention has no backward on CPU; the
-    gradients of the same rule are checked through the dense mask above.)"""
+    """The CUDA path (FlexAttention with block masks built once per batch), forced on the CPU
+    (model.PACKED_KERNEL) and run eagerly, FlexAttention through its own compiled function: its mask_mod allows
+    exactly the dense reference's keys for every real query and none for padding, and the model's logits equal
+    segment_attention's at every position, padding included. Gemma 3 has global and sliding-window layers, so
+    both block masks are exercised. (Gradients: the compiled-blocks test below, and the dense mask above.)"""
     from torch.nn.attention.flex_attention import create_mask
 
     import model as model_module
@@ -116,9 +118,165 @@ def test_flex_attention_path_equals_segment_attention(tmp_path, family, monkeypa
     tokens = torch.randint(0, 512, (len(rows), T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = model(tokens, positions, segments=segments)
-        monkeypatch.setattr(model_module, "packed_kernel", lambda device: "flex")
+        monkeypatch.setattr(model_module, "PACKED_KERNEL", "flex")
         flex = model(tokens, positions, segments=segments)
     assert (flex - reference).abs().max() <= TOL
+
+
+@contextlib.contextmanager
+def compiled_path(monkeypatch, kernel="flex"):
+    """--compile's CUDA path, on the CPU: FlexAttention forced (model.PACKED_KERNEL; or "sdpa", the CPU's own)
+    and blocks compiled by aot_eager (the graphs inductor would turn into kernels), counted per compiled function
+    (frame). Torch's recompile limit is 4 and hitting it an error: by default it is 8, after which torch runs the
+    code uncompiled and FlexAttention materialises every score. Yields (backend for apply_compile, the counts)."""
+    import torch.nn.attention.flex_attention as fa
+
+    import model as model_module
+
+    # torch 2.13 refuses FlexAttention's backward on CPU in this front-end check alone; the math implementation
+    # aot_eager runs (the dense forward and backward of the flex_attention op) has one. The check runs on.
+    validate = fa._validate_device
+    monkeypatch.setattr(fa, "_validate_device", lambda q, k, v: validate(q.detach(), k.detach(), v.detach()))
+    monkeypatch.setattr(model_module, "PACKED_KERNEL", kernel)
+    graphs, aot_eager = Counter(), torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs[torch._guards.CompileContext.current_compile_id().frame_id] += 1
+        return aot_eager(gm, example_inputs)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+            yield backend, graphs
+    finally:
+        torch._dynamo.reset()
+
+
+def small_native_model(tmp_path, family):
+    """Two layers (Gemma 3: a sliding-window one, then a global one) of two query heads sharing a key-value head:
+    off CUDA, each FlexAttention call evaluates mask_mod on [rows, heads, T, T]."""
+    small = dict(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    if family == "gemma3":
+        small["layer_types"] = ["sliding_attention", "full_attention"]
+    return native_model(tmp_path, family, **small)[1]
+
+
+def varied_batches(tmp_path):
+    """Loaders of the same documents with and without fixed_shape (rows of capacity 130: one 128-token block and
+    two more tokens), and twelve steps' rows: at their own shape, T = 130, 120, 1, 129, 25, 1 (a filler row),
+    130, 130, 45, 64, 70, 105, on two rows or one."""
+    import numpy as np
+
+    from data import TokenizedDataset
+
+    lengths = [70, 60, 100, 30, 120, 1, 129, 64, 64, 10, 10, 5, 20, 130, 90, 40, 2, 3, 45]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rng = np.random.default_rng(0)
+    ds = TokenizedDataset(tmp_path, {"max_seq_len": 130, "kind": "sft"}, rng.integers(0, 512, offsets[-1]).astype(
+        np.uint32), (rng.random(offsets[-1]) < 0.8).astype(np.uint8), offsets.astype(np.int64))
+    fixed, natural = (Loader(ds, 2, pack=True, shuffle=False, fixed_shape=f) for f in (True, False))
+    steps = [[[0, 1], [2, 3]], [[4]], [[5]], [[6], [7, 8]], [[9, 10, 11], [12]], [[]], [[13]], [[14, 15], [16, 17]],
+             [[18]], [[7], [8]], [[0], [5]], [[2, 17, 16], [3]]]
+    return fixed, natural, steps
+
+
+def packed_forward(model, batch, kernel=None):
+    import model as model_module
+
+    if kernel:  # the eager reference: segment_attention
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model_module, "PACKED_KERNEL", kernel)
+            return model(batch["input_ids"], batch["position_ids"], segments=batch["segments"])
+    return model(batch["input_ids"], batch["position_ids"], segments=batch["segments"])
+
+
+def same(a, b):  # a gradient no pass reached (a filler batch's attention, eager) is None: zero
+    a, b = (torch.zeros(1) if x is None or not x.numel() else x for x in (a, b))
+    return (a - b).abs().max() <= TOL * max(1.0, b.abs().max())
+
+
+@pytest.mark.parametrize("family,kernel", [("llama3", "flex"), ("gemma3", "flex"), ("llama3", "sdpa")])
+def test_compiled_packed_path_keeps_few_graphs_and_equals_segment_attention(tmp_path, monkeypatch, family, kernel):
+    """--compile on the CUDA path (FlexAttention, see compiled_path) and on the CPU's (segment_attention, whose
+    segment tuples the compiled blocks pass along unread: model.Segments): each block compiled (apply_compile), packed
+    batches of one shape (data.Loader's fixed_shape), a model without and one with activation checkpointing.
+    Twelve training batches of every kind (varied_batches: one token, under a block, a block and one, the row
+    capacity, fewer rows, a filler row), validation passes (eval, no_grad) and reference passes (a frozen
+    compiled copy, no_grad) compile at most 4 graphs per compiled function; Gemma 3's global and sliding-window
+    layers share theirs. Logits and every gradient equal segment_attention's, eager, on the same batch at its
+    own shape."""
+    import parallel
+
+    native = small_native_model(tmp_path, family)
+    plain, checkpointed, eager = (Transformer.from_pretrained(native) for _ in range(3))
+    frozen = Transformer.from_pretrained(native).requires_grad_(False).eval()
+    parallel.apply_activation_checkpointing(checkpointed)
+    fixed, natural, steps = varied_batches(tmp_path)
+    weights = torch.linspace(-1, 1, 512)
+    with compiled_path(monkeypatch, kernel) as (backend, graphs):
+        for model in (plain, checkpointed, frozen):
+            parallel.apply_compile(model, backend=backend)
+        for i, rows in enumerate(steps):
+            want, batch = natural.collate(rows), fixed.collate(rows)
+            R, T = want["input_ids"].shape
+            assert batch["input_ids"].shape == (2, 130)
+            real = want["document_ids"] >= 0
+            outputs = []
+            for model in (eager, plain, checkpointed):
+                model.zero_grad()
+                logits = (packed_forward(eager, want, "sdpa") if model is eager else packed_forward(model, batch))
+                (logits[:R, :T][real] * weights).sum().backward()
+                outputs.append((logits[:R, :T][real].detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad
+                                                                for n, p in model.named_parameters()}))
+            (ref, ref_grads), *compiled = outputs
+            for got, got_grads in compiled:
+                assert same(got, ref), (i, rows)
+                assert all(same(got_grads[n], g) for n, g in ref_grads.items()), (i, rows)
+            if i % 6 == 5:  # validation (eval), the reference: no grad
+                with torch.no_grad():
+                    ref = packed_forward(eager, want, "sdpa")[real]
+                    for model in (plain, checkpointed, frozen):
+                        model.eval()
+                        assert same(packed_forward(model, batch)[:R, :T][real], ref), i
+                    plain.train(), checkpointed.train()
+        assert graphs and max(graphs.values()) <= 4, graphs
+
+
+def test_compiled_lora_policy_and_its_adapters_off_reference_keep_few_graphs(tmp_path, monkeypatch):
+    """DPO's usual reference with LoRA is the policy with its adapters off, in train and eval mode (train and
+    validation steps): with --compile that is one more graph, not one per mode (no dropout, no module reading
+    `training`). Training graphs (the first layer's input needs no gradient under LoRA, the others' do), the
+    no-grad graph and the adapters-off graph: 4 per compiled function, the limit. Adapters off, the compiled
+    policy's logits are the base model's."""
+    import lora
+    import parallel
+
+    native = small_native_model(tmp_path, "llama3")
+    policy, base = Transformer.from_pretrained(native), Transformer.from_pretrained(native)
+    lora.apply_lora(policy, 2, 4)
+    lora.mark_trainable(policy)
+    fixed, natural, steps = varied_batches(tmp_path)
+    with compiled_path(monkeypatch) as (backend, graphs):
+        parallel.apply_compile(policy, backend=backend)
+        for i, rows in enumerate(steps[:6]):
+            want, batch = natural.collate(rows), fixed.collate(rows)
+            R, T = want["input_ids"].shape
+            real = want["document_ids"] >= 0
+            policy.zero_grad()
+            packed_forward(policy, batch)[:R, :T][real].square().mean().backward()
+            with torch.no_grad():
+                for p in policy.parameters():  # an update, so that the adapters change the logits
+                    if p.grad is not None:
+                        p -= 0.1 * p.grad
+                ref = packed_forward(base, want, "sdpa")[real]
+                for mode in (True, False):
+                    policy.train(mode)
+                    lora.set_adapters(policy, False)
+                    assert same(packed_forward(policy, batch)[:R, :T][real], ref), i
+                    lora.set_adapters(policy, True)
+                    if i and real.any():
+                        assert not same(packed_forward(policy, batch)[:R, :T][real], ref), i
+                policy.train()
+        assert graphs and max(graphs.values()) <= 4, graphs
 
 
 # -- prompt sharing ------------------------------------------------------------------------------------------

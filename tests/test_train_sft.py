@@ -49,7 +49,7 @@ def losses(out):
 
 def reference_first_step_loss(setup, micro, reduction):
     """The loss of the first optimizer step computed independently: transformers' logits on the same samples
-    (the loader's first `micro` samples), log-softmax, and the DESIGN.md definition of each reduction."""
+    (the loader's first `micro` samples), log-softmax, and the definition of each reduction in docs/training.md."""
     from data import Loader, prepare_dataset
     from tokenize_chat import load_template, load_tokenizer
 

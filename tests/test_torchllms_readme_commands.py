@@ -12,12 +12,12 @@ from sft_fixtures import free_port, metrics, torchrun
 
 
 @pytest.fixture(scope="module")
-def seed_dir(tmp_path_factory):
-    """checkpoints/llama3.1_8b_instruct as the seed README has it, but tiny, plus examples.jsonl files."""
+def torchllms_dir(tmp_path_factory):
+    """checkpoints/llama3.1_8b_instruct as the torchllms README has it, but tiny, plus examples.jsonl files."""
     import convert
     from tiny import hf_model, save_hf
 
-    root = tmp_path_factory.mktemp("seed")
+    root = tmp_path_factory.mktemp("torchllms")
     hf_dir = save_hf(hf_model("llama3.1", vocab_size=128256), root / "hf")
     (hf_dir / "original").mkdir()
     shutil.copy(asset(*LLAMA3_TOKENIZER), hf_dir / "original" / "tokenizer.model")
@@ -38,15 +38,15 @@ LORA = ["--lora", "--lora_rank", "16", "--lora_alpha", "16", "--lora_dropout", "
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_seed_sft_then_dpo_and_simpo(seed_dir, lora):
-    root, extra = seed_dir["root"], LORA if lora else []
+def test_torchllms_readme_sft_then_dpo_and_simpo(torchllms_dir, lora):
+    root, extra = torchllms_dir["root"], LORA if lora else []
     tag = "_lora" if lora else ""
     cache = ["--data_cache_dir", str(root / "cache")]
     sft_out = root / "outputs" / f"sft_example{tag}"
     torchrun("train_sft.py", [
-        "--ckpt_paths", seed_dir["ckpt"] / "consolidated.00.pth", "--template_config", "llama3_instruct.yaml",
+        "--ckpt_paths", torchllms_dir["ckpt"] / "consolidated.00.pth", "--template_config", "llama3_instruct.yaml",
         "--lr", "1e-6", "--lr_scheduler", "cosine", "--warmup_steps", "5", "--wd", "0",
-        "--train_data_paths", f"jsonl:{seed_dir['sft']}", "--train_epochs", "1", "--max_seq_len", "1024",
+        "--train_data_paths", f"jsonl:{torchllms_dir['sft']}", "--train_epochs", "1", "--max_seq_len", "1024",
         "--micro_batch_size_per_gpu", "2", "--gradient_accum_steps", "2", "--output_dir", sft_out,
         *extra, *cache], port=free_port())
     assert [m["step"] for m in metrics(sft_out)] == [1, 2]  # 8 conversations / (2 x 2)
@@ -54,9 +54,9 @@ def test_seed_sft_then_dpo_and_simpo(seed_dir, lora):
     torchrun("train_dpo.py", [
         "--ckpt_paths", sft_out / "consolidated.00.pth", "--template_config", "llama3_instruct.yaml",
         "--lr", "5e-7", "--lr_scheduler", "cosine", "--dpo_beta", "0.01",
-        "--train_data_paths", f"jsonl:{seed_dir['pref']}", "--train_epochs", "1", "--max_seq_len", "1024",
+        "--train_data_paths", f"jsonl:{torchllms_dir['pref']}", "--train_epochs", "1", "--max_seq_len", "1024",
         "--micro_batch_size_per_gpu", "1", "--gradient_accum_steps", "8", "--output_dir", dpo_out,
-        "--loss_reduction", "tokens",  # the seed lists it among every trainer's arguments
+        "--loss_reduction", "tokens",  # the torchllms README lists it for every trainer
         *extra, *cache], port=free_port())
     first = metrics(dpo_out)[0]
     assert abs(first["loss"] - 0.6931471805599453) <= 1e-6 and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
@@ -64,7 +64,7 @@ def test_seed_sft_then_dpo_and_simpo(seed_dir, lora):
     torchrun("train_simpo.py", [
         "--ckpt_paths", dpo_out / "consolidated.00.pth", "--template_config", "llama3_instruct.yaml",
         "--lr", "5e-7", "--lr_scheduler", "cosine", "--simpo_beta", "1.0", "--simpo_gamma", "1.0",
-        "--train_data_paths", f"jsonl:{seed_dir['pref']}", "--train_epochs", "1", "--max_seq_len", "1024",
+        "--train_data_paths", f"jsonl:{torchllms_dir['pref']}", "--train_epochs", "1", "--max_seq_len", "1024",
         "--micro_batch_size_per_gpu", "1", "--gradient_accum_steps", "8", "--output_dir", simpo_out,
         "--loss_reduction", "tokens", *extra, *cache], port=free_port())
     assert len(metrics(simpo_out)) == 1
