@@ -253,7 +253,8 @@ def parse_args(cls, argv=None):
     def fail(message):  # our own one-line errors, without argparse's pointer to --help
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
-    if problem := unknown_flag(argv, [f.name for f in fields(cls)]):
+    known = [o[2:] for o in parser._option_string_actions if o.startswith("--")]  # --no-share_prompt too
+    if problem := unknown_flag(argv, known):
         fail(problem)
     args = cls(**vars(parser.parse_args(argv)))
     if getattr(args, "share_prompt", None) and not args.pack_samples:
