@@ -462,6 +462,7 @@ class Run:
     log: "MetricsLog" = None
     stop: StopSignal = None
     base: list = None  # (file, fingerprint) of what --ckpt_paths loaded (lora.fingerprints), kept in checkpoints
+    drawn: float = field(default_factory=time.perf_counter)  # when metrics.png was last drawn (draw_metrics)
 
 
 def setup(args, d: Dist, kind: str) -> Run:
@@ -695,11 +696,13 @@ def end_step(run: Run, metrics: dict) -> bool:
 
     if run.args.save_freq and run.step % run.args.save_freq == 0 and run.step < run.steps:
         checkpoint()
+        draw_metrics(run)
     if any_rank(run.stop.requested, run.d):
         global stopped_by
         stopped_by = run.stop.signum or signal.SIGTERM  # another rank's signal: torchrun's SIGTERM
         saved = checkpoint()
         run.stop.saved = True
+        draw_metrics(run, now=True)
         print0(f"{'Ctrl-C' if stopped_by == signal.SIGINT else 'SIGTERM'}: saved {saved}; resume with --resume "
                f"(the same command, plus --resume)")
         return True
@@ -808,6 +811,7 @@ def save_final(run: Run):
         raise OSError(write_failure("the final model", Path(args.output_dir) / "consolidated.00.pth", error, d, needed,
                                     f"the step checkpoint {last[-1]} is intact: free space and rerun with "
                                     f"--resume" if last else "no step checkpoint exists (--save_freq 0)"))
+    draw_metrics(run, now=True)
     print0(f"saved {args.output_dir}")
 
 
@@ -1006,6 +1010,34 @@ class MetricsLog:
                   f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
                   f"mem {metrics['memory_gb']:.2f} GB | eta {format_seconds(eta)}"
                   + (f" | {extra}" if extra else ""), flush=True)
+
+
+_told_no_matplotlib = False
+
+
+def draw_metrics(run: Run, now: bool = False, every: float = 60.0):
+    """metrics.png beside metrics.jsonl (plot.py), on rank 0: at the end of a run (now), and at a checkpoint when
+    `every` seconds have passed since the last drawing, so that frequent checkpoints do not spend their time on
+    it. Drawing never fails a run: without matplotlib one line (once) says how to get it, and any other error
+    is a warning."""
+    global _told_no_matplotlib
+    if not run.d.main or not (now or time.perf_counter() - run.drawn >= every):
+        return
+    run.drawn = time.perf_counter()
+    out = Path(run.args.output_dir)
+    try:
+        import plot
+
+        plot.plot_metrics([out / "metrics.jsonl"], out / "metrics.png")
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        if not _told_no_matplotlib:
+            print(f"metrics.png not drawn: matplotlib is not installed (pip install matplotlib, then "
+                  f"python plot.py {out} draws it)", flush=True)
+            _told_no_matplotlib = True
+    except Exception as e:  # a full disk, an odd metric: the run matters more than its picture
+        print(f"warning: metrics.png not drawn ({first_line(e)})", flush=True)
 
 
 def format_seconds(s: float) -> str:

@@ -387,3 +387,50 @@ def test_demo_fetch_dir_gets_the_umask_mode(tmp_path, monkeypatch):
     finally:
         os.umask(umask)
     assert (out / "config.json").exists() and out.stat().st_mode & 0o777 == 0o755
+
+
+# -- every run draws its curves ---------------------------------------------------------------------------------
+def png(path: Path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and data[-8:-4] == b"IEND"
+
+
+def test_every_run_draws_its_curves(setup, tmp_path, capsys, monkeypatch):
+    """metrics.png at the end (and at a checkpoint once a minute has passed since the last drawing); without
+    matplotlib the run still succeeds, and one line says how to get the picture."""
+    out = tmp_path / "run"
+    train_sft.main(flags(setup, out))
+    assert png(out / "metrics.png") and not list(out.glob(".metrics.png*"))
+    run = tc.Run.__new__(tc.Run)  # draw_metrics reads the process, the output dir and the last drawing's time
+    run.d, run.args, run.drawn = parallel.Dist(0, 0, 1, None), type("A", (), {"output_dir": str(out)})(), 0.0
+    (out / "metrics.png").unlink()
+    import time
+    run.drawn = time.perf_counter()
+    tc.draw_metrics(run)  # a checkpoint right after a drawing: none
+    assert not (out / "metrics.png").exists()
+    run.drawn -= 61
+    tc.draw_metrics(run)
+    assert png(out / "metrics.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setattr(tc, "_told_no_matplotlib", False)
+    bare = tmp_path / "bare"
+    capsys.readouterr()
+    train_sft.main(flags(setup, bare))
+    said = [line for line in capsys.readouterr().out.splitlines() if "metrics.png" in line]
+    assert said == [f"metrics.png not drawn: matplotlib is not installed (pip install matplotlib, then python "
+                    f"plot.py {bare} draws it)"], said
+    assert (bare / "consolidated.00.pth").exists() and not (bare / "metrics.png").exists()
+
+
+def test_plot_command_draws_a_run_dir_and_several_runs(setup, tmp_path):
+    """plot.py (the product) and dev/plot.py (kept for its users) draw one run into its dir, several into one PNG."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_sft.main(flags(setup, a))
+    train_sft.main(flags(setup, b, lr=1e-3))
+    for p in (a, b):
+        (p / "metrics.png").unlink()
+    subprocess.run([sys.executable, str(REPO / "plot.py"), str(a)], check=True, env=env(), capture_output=True)
+    assert png(a / "metrics.png")
+    subprocess.run([sys.executable, str(REPO / "dev" / "plot.py"), str(a / "metrics.jsonl"), str(b),
+                    "--output", str(tmp_path / "both.png")], check=True, env=env(), capture_output=True)
+    assert png(tmp_path / "both.png")
