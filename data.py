@@ -855,7 +855,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     tokenizer = load_tokenizer(checkpoint_dir(args.ckpt_paths[0]))
-    template = load_template(args.template_config or find_template(args.ckpt_paths), tokenizer)  # checks the template's tokens exist
+    # load_template checks the template's tokens exist in the tokenizer
+    template = load_template(args.template_config or find_template(args.ckpt_paths), tokenizer)
     out = {}
     for name in ("train", "val"):
         paths = getattr(args, f"{name}_data_paths")

@@ -6,8 +6,9 @@
 
 The template defaults to the YAML beside the checkpoint (convert.py writes the family's; a training run copies
 its own). Generation stops at the template's stop tokens, never printed (model.generate and generate_batch, the
-Python API, return them: split_stop gives the ids printed here and the finish reason). `--temperature 0` is greedy; `--prompts_file` runs left-padded
-batches through the KV cache and writes one line per input line, in input order.
+Python API, return them: split_stop gives the ids printed here and the finish reason). `--temperature 0` is
+greedy; `--prompts_file` runs left-padded batches through the KV cache and writes one line per input line, in
+input order.
 """
 
 import argparse

@@ -133,8 +133,9 @@ def test_help_groups_flags_and_shows_each_default_once():
     out = subprocess.run([sys.executable, str(REPO / "train_dpo.py"), "--help"], capture_output=True, text=True,
                          env=env()).stdout
     titles = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
-    assert titles[titles.index("options"):] == ["options", "model", "data", "optimisation", "batch and packing", "parallelism", "LoRA",
-                      "checkpoints", "logging", "memory plan", "train_dpo.py"], titles
+    assert titles[titles.index("options"):] == [
+        "options", "model", "data", "optimisation", "batch and packing", "parallelism", "LoRA", "checkpoints",
+        "logging", "memory plan", "train_dpo.py"], titles
     assert "(default: [])" not in out and "(default: None)" not in out and "(default: False)" not in out
     flat = " ".join(out.split())
     assert "(default: wq wk wv wo w1 w2 w3)" in flat and "(default: 0.9 0.999)" in flat
