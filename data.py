@@ -120,13 +120,12 @@ SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}
 
 def source_type(path: str) -> str:
     """The source a path without a prefix is read as: a .jsonl or .json file as jsonl:, a .txt file as text:, a
-    dir written by datasets' save_to_disk as local:; else an error naming the prefix it needs."""
+    dir written by datasets' save_to_disk as local:, any other dir as datasets.load_dataset reads it (a hub
+    dataset's files, downloaded); else an error naming the prefix it needs."""
     p = Path(path)
     if p.is_dir():
-        if any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            return "local"
-        raise DataError(f"data path {path!r} is a directory but not a dataset written by save_to_disk (no "
-                        f"dataset_info.json, state.json or dataset_dict.json); name a .jsonl or .txt file in it")
+        saved = any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        return "local" if saved else "hub"
     if p.suffix in SUFFIXES:
         if not p.exists():
             raise DataError(f"data path {path!r}: no such file")
@@ -146,7 +145,7 @@ def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
         prefix, sep, path = spec.partition(":")
         if prefix not in ("jsonl", "text", "local") and (Path(spec).exists() or Path(spec).suffix in SUFFIXES):
             prefix, path = source_type(spec), spec  # a path without its prefix: read by what it is
-            spec = f"{prefix}:{path}"
+            spec = spec if prefix == "hub" else f"{prefix}:{path}"
         elif not sep:
             prefix, path = "hub", spec
         elif prefix not in ("jsonl", "text", "local"):

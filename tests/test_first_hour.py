@@ -76,17 +76,18 @@ def test_data_path_without_prefix_is_read_by_its_extension(setup, tmp_path, caps
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "dataset_info.json").write_text("{}")
+    downloaded = tmp_path / "hub_files"  # a hub dataset's files: datasets.load_dataset reads the dir
+    downloaded.mkdir()
     sources = data.parse_sources([str(setup["data"]), str(tmp_path / "notes.txt"), str(tmp_path / "pairs.json"),
-                                  str(saved), "HuggingFaceH4/ultrachat_200k"])
+                                  str(saved), str(downloaded), "HuggingFaceH4/ultrachat_200k"])
     assert [(s.type, s.spec) for s in sources] == [
         ("jsonl", f"jsonl:{setup['data']}"), ("text", f"text:{tmp_path / 'notes.txt'}"),
-        ("jsonl", f"jsonl:{tmp_path / 'pairs.json'}"), ("local", f"local:{saved}"),
+        ("jsonl", f"jsonl:{tmp_path / 'pairs.json'}"), ("local", f"local:{saved}"), ("hub", str(downloaded)),
         ("hub", "HuggingFaceH4/ultrachat_200k")]
     (tmp_path / "data.csv").write_text("a,b\n")
     for path, needle in [(tmp_path / "data.csv", f"write jsonl:{tmp_path / 'data.csv'} (one JSON record per line) "
                                                  f"or text:"),
-                         (tmp_path / "missing.jsonl", "no such file"),
-                         (tmp_path, "is a directory but not a dataset written by save_to_disk")]:
+                         (tmp_path / "missing.jsonl", "no such file")]:
         with pytest.raises(data.DataError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             data.parse_sources([str(path)])
     # A trainer takes the bare path, and so nothing is written when it is wrong.
