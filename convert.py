@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from model import DTYPES, ModelArgs, Transformer, check_state_dict, load_state_dict, resolve_weights
-from tokenize_chat import TOKENIZER_FILES
+from tokenize_chat import (TEMPLATES_DIR, TOKENIZER_FILES, TemplateError, TokenizerError, load_template, load_tokenizer,
+                           shipped_templates)
 
 # native key -> HF key; "{}" is the layer index. Inverted for HF -> native.
 NAME_MAP = {
@@ -81,7 +82,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 SHARD_BYTES = 5 * 1024**3
 # What each direction writes. A conversion replaces every file of these names that it does not write
 # itself: a previous output's model.safetensors beside new shards would be the one transformers loads.
-NATIVE_FILES = ("consolidated.*.pth", "params.json", *TOKENIZER_FILES)
+NATIVE_FILES = ("consolidated.*.pth", "params.json", *TOKENIZER_FILES, *(f"{t}.yaml" for t in shipped_templates()))
 HF_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
             "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json", *TOKENIZER_FILES)
 
@@ -485,6 +486,42 @@ def pid_alive(pid: str) -> bool:
     return True
 
 
+# -- the family's chat template ----------------------------------------------------------------------------------
+def family_template(config: dict, tokenizer_dir: Path) -> str | None:
+    """The shipped template (templates/NAME.yaml) of a model's family, from config.json's model_type and, where a
+    family has several formats, its tokenizer: Llama 3's header tokens, Llama 2's sentencepiece, SmolLM2's ChatML;
+    Mistral's v3 control tokens ([INST]) or v1's plain text; a default system prompt (SmolLM2's, Qwen2.5's) when
+    the model's own chat template writes one. None without a tokenizer that has the template's tokens: the
+    trainers then ask for --template_config."""
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except Exception:  # no tokenizer, or one we cannot read: the conversion itself does not need it
+        return None
+
+    def has(token):
+        try:
+            tokenizer.token_id(token)
+            return True
+        except (TokenizerError, KeyError):
+            return False
+
+    jinja = "".join((tokenizer_dir / f).read_text(errors="replace") for f in ("tokenizer_config.json",
+                                                                              "chat_template.jinja")
+                    if (tokenizer_dir / f).is_file())
+    chatml = "qwen2_5" if "You are Qwen" in jinja else "smollm2_chat" if "SmolLM" in jinja else "chatml"
+    model_type = config.get("model_type")
+    name = {"qwen3": "qwen3", "olmo2": "olmo2", "gemma3_text": "gemma3", "gemma3": "gemma3",
+            "qwen2": chatml,
+            "mistral": "mistral_instruct" if has("[INST]") else "mistral_instruct_v1",
+            "llama": "llama3_instruct" if has("<|start_header_id|>") else chatml if has("<|im_start|>")
+            else "llama2_chat"}.get(model_type)
+    try:
+        load_template(name, tokenizer)  # its special tokens exist in this tokenizer
+    except (TemplateError, TokenizerError, TypeError):
+        return None
+    return name
+
+
 # -- the two directions --------------------------------------------------------------------------------------
 def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bfloat16,
                  language_model_only: bool = False) -> tuple[ModelArgs, torch.dtype]:
@@ -540,6 +577,8 @@ def hf_to_native(ckpt_dir: Path, output_dir: Path, dtype: torch.dtype = torch.bf
                            converted())
         (tmp / "params.json").write_text(json.dumps(args.to_json(), indent=2) + "\n")
         copy_tokenizer_files(ckpt_dir, tmp)
+        if template := family_template(config, tmp):
+            shutil.copy2(TEMPLATES_DIR / f"{template}.yaml", tmp / f"{template}.yaml")
         if multimodal:  # the language model's own config: --to_hf then writes a Gemma3ForCausalLM
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return args, dtype
@@ -601,7 +640,8 @@ def native_to_hf(ckpt_path: Path, output_dir: Path, dtype: torch.dtype | None = 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--ckpt_paths", required=True, type=Path,
                         help="HF checkpoint dir (or, with --to_hf, a native dir or its consolidated.00.pth)")
     parser.add_argument("--output_dir", "--output", required=True, type=Path,
@@ -626,6 +666,11 @@ def main(argv=None):
         sys.exit(1)
     print(f"wrote {args.output_dir} ({model_args.n_layers} layers, dim {model_args.dim}, "
           f"{str(dtype).removeprefix('torch.')})")
+    if not args.to_hf:
+        found = [f"{t}.yaml" for t in shipped_templates() if (args.output_dir / f"{t}.yaml").is_file()]
+        print(f"chat template: {found[0]} (the trainers and generate.py find it there)" if found else
+              "chat template: none found for this tokenizer; pass --template_config NAME to the trainers "
+              f"({', '.join(shipped_templates())}, or a YAML path)")
 
 
 if __name__ == "__main__":

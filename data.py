@@ -59,9 +59,9 @@ import numpy as np
 import torch
 
 from model import IGNORE_INDEX
-from tokenize_chat import (ConversationError, TemplateError, TokenizerError, empty_reply, load_template,
-                           load_tokenizer, record_conversations, record_tools, tokenize_conversation,
-                           tokenize_response)
+from tokenize_chat import (ConversationError, TemplateError, TokenizerError, checkpoint_dir, empty_reply,
+                           find_template, load_template, load_tokenizer, record_conversations, record_tools,
+                           tokenize_conversation, tokenize_response)
 
 FORMAT_VERSION = 3  # 2: loss masks from sentencepiece's own byte spans (a typed U+2581 moved them); 3: empty
 #                    replies dropped (an older cache holds them, trained as a lone end-of-turn token)
@@ -74,7 +74,7 @@ class DataError(ValueError):
     """Bad data or a bad data argument. The message names the file / line / key and the likely fix."""
 
 
-# -- sources: jsonl:PATH, text:PATH (one sample per line), local:PATH (save_to_disk) or a hub name ------------
+# -- sources: jsonl:PATH, text:PATH (one sample per line), local:PATH (save_to_disk), a hub name, or a path --
 @dataclass
 class Source:
     spec: str                 # as given on the command line
@@ -115,6 +115,25 @@ def parse_num_samples(value) -> int | float | None:
     return number
 
 
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}
+
+
+def source_type(path: str) -> str:
+    """The source a path without a prefix is read as: a .jsonl or .json file as jsonl:, a .txt file as text:, a
+    dir written by datasets' save_to_disk as local:, any other dir as datasets.load_dataset reads it (a hub
+    dataset's files, downloaded); else an error naming the prefix it needs."""
+    p = Path(path)
+    if p.is_dir():
+        saved = any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        return "local" if saved else "hub"
+    if p.suffix in SUFFIXES:
+        if not p.exists():
+            raise DataError(f"data path {path!r}: no such file")
+        return SUFFIXES[p.suffix]
+    raise DataError(f"data path {path!r}: cannot tell its format from {p.suffix or 'a name without a suffix'}; "
+                    f"write jsonl:{path} (one JSON record per line) or text:{path} (one sample per line)")
+
+
 def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -124,7 +143,10 @@ def parse_sources(paths, splits=None, num_samples=None) -> list[Source]:
                                   _per_source(num_samples, len(paths), "num_samples")):
         spec = str(spec)
         prefix, sep, path = spec.partition(":")
-        if not sep:
+        if prefix not in ("jsonl", "text", "local") and (Path(spec).exists() or Path(spec).suffix in SUFFIXES):
+            prefix, path = source_type(spec), spec  # a path without its prefix: read by what it is
+            spec = spec if prefix == "hub" else f"{prefix}:{path}"
+        elif not sep:
             prefix, path = "hub", spec
         elif prefix not in ("jsonl", "text", "local"):
             raise DataError(f"data path {spec!r}: unknown source prefix {prefix!r}; use jsonl:, text:, local: "
@@ -241,12 +263,14 @@ def _records(src: Source, payload):
             if src.type == "text":  # a byte-order mark opening the file is not text (json.loads drops it too)
                 record = line.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
             else:
-                record = json.loads(line)
+                record = json.loads(line.rstrip(b"\r\n"))  # the line's end is not part of it: columns stay on it
         except UnicodeDecodeError as e:
             raise DataError(f"{loc}: not valid UTF-8 ({e})") from None
         except json.JSONDecodeError as e:
             hint = ("; a JSON array or a pretty-printed file? jsonl holds one object per line"
-                    if lineno == 1 and line.strip() in (b"[", b"{") else "; fix or delete the line")
+                    if lineno == 1 and line.strip() in (b"[", b"{") else
+                    "; the line ends inside its JSON: cut short?" if e.pos >= len(e.doc.rstrip()) else
+                    "; fix or delete the line")
             raise DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno}){hint}") from None
         except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting deeper than the stack
             raise DataError(f"{loc}: JSON that Python cannot hold ({str(e).split(';')[0][:120]}); fix or "
@@ -695,6 +719,11 @@ class Loader:
         n, size = len(self.rows(self.epoch if epoch is None else epoch)), self.batch_size * self.world_size
         return -(-n // size)
 
+    def epoch_summary(self, epoch: int = 0) -> tuple[int, int, int]:
+        """(rows, samples or pairs, tokens as the samples have them) of one epoch, all ranks: what a step holds on
+        average, for packed rows too, from the lengths alone."""
+        return len(self.rows(epoch)), len(self.ds), int(self.ds.doc_lengths.sum())
+
     def epoch_done(self) -> bool:
         """Whether the current epoch has served all its batches (iterating further starts the next)."""
         return self.consumed >= len(self.rows(self.epoch))
@@ -804,9 +833,11 @@ def format_stats(name: str, ds: TokenizedDataset) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Pretokenize training data into the memmap cache and print "
-                                            "statistics (the trainers do the same on start-up).")
-    p.add_argument("--ckpt_dir", required=True, help="dir with the tokenizer files (a native or HF checkpoint)")
-    p.add_argument("--template_config", required=True, help="chat template name (templates/NAME.yaml) or path")
+                                            "statistics (the trainers do the same on start-up).", allow_abbrev=False)
+    p.add_argument("--ckpt_paths", "--ckpt_dir", dest="ckpt_paths", nargs="+", required=True, metavar="PATH",
+                   help="checkpoint dir with the tokenizer files (native or HF), as the trainers take it")
+    p.add_argument("--template_config", default=None, metavar="NAME",
+                   help="chat template name (templates/NAME.yaml) or path (default: the *.yaml beside --ckpt_paths)")
     for name in ("train", "val"):
         p.add_argument(f"--{name}_data_paths", nargs="+", required=name == "train", default=[],
                        help="jsonl:PATH, text:PATH, local:PATH (save_to_disk) or a hub dataset name")
@@ -822,8 +853,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pack_samples", action="store_true", help="steps per epoch of packed batches")
     args = p.parse_args(argv)
 
-    tokenizer = load_tokenizer(args.ckpt_dir)
-    template = load_template(args.template_config, tokenizer)  # checks the template's tokens exist
+    tokenizer = load_tokenizer(checkpoint_dir(args.ckpt_paths[0]))
+    # load_template checks the template's tokens exist in the tokenizer
+    template = load_template(args.template_config or find_template(args.ckpt_paths), tokenizer)
     out = {}
     for name in ("train", "val"):
         paths = getattr(args, f"{name}_data_paths")

@@ -4,9 +4,11 @@
     python generate.py --ckpt_paths checkpoints/base outputs/sft_lora/adapter --chat
     python generate.py --ckpt_paths outputs/sft --prompts_file prompts.jsonl --output_file out.jsonl
 
-The template defaults to the YAML a training run copied into its output dir. Generation stops at the
-template's stop tokens (never printed). `--temperature 0` is greedy; `--prompts_file` runs left-padded
-batches through the KV cache and writes one line per input line, in input order.
+The template defaults to the YAML beside the checkpoint (convert.py writes the family's; a training run copies
+its own). Generation stops at the template's stop tokens, never printed (model.generate and generate_batch, the
+Python API, return them: split_stop gives the ids printed here and the finish reason). `--temperature 0` is
+greedy; `--prompts_file` runs left-padded batches through the KV cache and writes one line per input line, in
+input order.
 """
 
 import argparse
@@ -20,8 +22,8 @@ import torch
 
 import lora
 from model import DTYPES, Transformer, generate, sample_rows
-from tokenize_chat import (ConversationError, load_template, load_tokenizer, record_conversations, record_tools,
-                           stop_token_ids, tokenize_conversation)
+from tokenize_chat import (ConversationError, find_template, load_template, load_tokenizer, record_conversations,
+                           record_tools, stop_token_ids, tokenize_conversation)
 
 
 # -- batched generation -------------------------------------------------------------------------------------
@@ -116,13 +118,21 @@ class StreamDecoder:
         return new
 
 
+def split_stop(ids: list[int], stop_ids) -> tuple[list[int], str]:
+    """A reply's ids as model.generate and generate_batch return them (the stop token included, when reached) ->
+    (the ids the CLI decodes and prints, without it; the finish reason: "stop" or "length"). Python callers that
+    want the CLI's text decode the first."""
+    stopped = bool(ids) and ids[-1] in stop_ids
+    return (ids[:-1] if stopped else list(ids)), "stop" if stopped else "length"
+
+
 def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[str, int]:
     """Generate one reply, printing it as it comes. Returns (text without the stop token, tokens produced)."""
     decoder, n = StreamDecoder(tokenizer), 0
     for token_id in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                              stops, generator):
         n += 1
-        if token_id in stops:
+        if token_id in stops:  # split_stop, as the tokens come
             break
         print(decoder.push(token_id), end="", flush=True)
     print(decoder.flush(), flush=True)
@@ -130,24 +140,6 @@ def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
-def find_template(weights: list[Path]) -> Path:
-    """The chat template a training run copied into its output dir (for an adapter, the run's dir above it),
-    given the weight files (lora.resolve); the last first: an adapter's run knows its template."""
-    dirs = []
-    for w in reversed(weights):
-        d = w.parent
-        dirs += [d, d.parent] if (d / "adapter_config.json").is_file() else [d]
-    for d in dirs:
-        found = sorted(d.glob("*.yaml"))
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise ValueError(f"{d} holds several templates ({', '.join(f.name for f in found)}): "
-                                f"choose one with --template_config")
-    raise ValueError(f"no chat template (*.yaml) in {', '.join(map(str, dict.fromkeys(dirs)))}: pass "
-                        f"--template_config, a name from templates/ (e.g. chatml, llama3_instruct) or a path")
-
-
 def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                       enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
     """Each non-empty line: {"prompt": str | [...]}, {"messages": [...]} or ShareGPT {"conversations": [...]},
@@ -166,10 +158,11 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template,
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # columns on the line itself, not past its end
                 json.dumps(record, ensure_ascii=False).encode("utf-8")  # what the output line will need
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                cut = "; the line ends inside its JSON: cut short?" if e.pos >= len(e.doc.rstrip()) else ""
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){cut}") from None
             except UnicodeEncodeError:
                 raise ValueError(f"{where}: holds an unpaired surrogate escape (such as \"\\ud83d\"): "
                                     f"not valid Unicode text") from None
@@ -206,9 +199,8 @@ def run_prompts_file(model, tokenizer, template, args, stops, generator):
                               args.top_p, args.top_k, stops, generator)
         for i, ids in zip(rows, outs):
             n_tokens += len(ids)
-            stopped = bool(ids) and ids[-1] in stops
-            results[i] = {**records[i], "completion": tokenizer.decode(ids[:-1] if stopped else ids),
-                          "finish_reason": "stop" if stopped else "length"}
+            shown, reason = split_stop(ids, stops)
+            results[i] = {**records[i], "completion": tokenizer.decode(shown), "finish_reason": reason}
         elapsed = time.perf_counter() - start
         print(f"{min(k + args.batch_size, len(order))}/{len(order)} prompts | {n_tokens} tokens | "
               f"{n_tokens / elapsed:.1f} tok/s", file=sys.stderr, flush=True)
@@ -274,7 +266,8 @@ def run_chat(model, tokenizer, template, args, stops, generator):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--ckpt_paths", nargs="+", type=Path, required=True,
                     help="a native dir (or its consolidated.00.pth); or the base then LoRA adapters "
                          "(an adapter dir holding adapter.pth + adapter_config.json, or the adapter.pth)")

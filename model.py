@@ -665,8 +665,18 @@ class _TargetLogprob(torch.autograd.Function):
 
 
 def resolve_weights(path) -> Path:
-    """A native dir -> its consolidated.00.pth; a file as is."""
+    """A native dir -> its consolidated.00.pth; a file as is. A Hugging Face dir (or one of its weight files) is
+    refused with the convert.py command that makes a native dir of it."""
     path = Path(path)
+    hf = path if path.is_dir() else path.parent if path.suffix in (".safetensors", ".bin") else None
+    if hf is not None and not (hf / "consolidated.00.pth").is_file() and (hf / "config.json").is_file() \
+            and [*hf.glob("*.safetensors"), *hf.glob("pytorch_model*.bin")]:
+        import shlex
+
+        native = shlex.quote(f"{hf}_native")
+        raise FileNotFoundError(f"{hf} is a Hugging Face checkpoint (config.json and its weights); this repo "
+                                f"trains and samples native dirs: run `python convert.py --ckpt_paths "
+                                f"{shlex.quote(str(hf))} --output_dir {native}`, then pass {native}")
     if path.is_dir():
         path = path / "consolidated.00.pth"
     if not path.is_file():
@@ -757,7 +767,10 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
              top_p: float = 1.0, top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None):
     """Sample a continuation of one prompt with the KV cache. Yields token ids as they are produced.
 
-    temperature 0 is greedy. The stop token, when reached, is yielded and ends generation.
+    temperature 0 is greedy. The stop token, when reached, is yielded and ends generation: ids are the reply as
+    the model produced it (the end-of-turn token is part of a trained reply, and a rollout trains it) and say
+    whether it stopped or ran out of max_new_tokens. Text leaves it out: generate.py prints and writes the reply
+    without it (generate.split_stop gives those ids and the finish reason, for Python callers too).
     """
     device = model.output.weight.device
     model.setup_cache(1, len(prompt) + max_new_tokens)

@@ -168,15 +168,39 @@ def set_rng_state(state: dict):
 
 
 class StopSignal:
-    """SIGTERM (a preempted job, torchrun shutting down) only sets a flag; end_step acts on it after the step:
-    a checkpoint and a clean exit. The ranks agree through an all-reduce: torchrun may signal them apart."""
+    """SIGTERM (a preempted job, torchrun shutting down) and Ctrl-C (SIGINT) only set a flag; end_step acts on it
+    after the step: a checkpoint, and an exit with 128 + the signal's number (130 for Ctrl-C), as a shell reports a
+    process the signal ended, so `train && next_stage` stops there. The ranks agree through an all-reduce: torchrun
+    may signal them apart. A second Ctrl-C stops at once, without a checkpoint of the step in flight (Python's
+    KeyboardInterrupt; train_common.main names the last complete checkpoint). close() restores the handlers."""
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self.handle)
+        self.requested, self.signum, self.saved = False, None, False  # saved: the checkpoint to resume from
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        _stop_signals.append(self)
 
     def handle(self, signum, frame):
-        self.requested = True
+        if self.saved:  # the checkpoint is written; the run is on its way out
+            return
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, self.signum or signum
+        if signum == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:  # os.write: safe in a handler
+            os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint to resume from (Ctrl-C again "
+                        b"stops at once, without one)\n")
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+_stop_signals = []  # installed StopSignals, newest last
+
+
+def restore_signals():
+    """The handlers from before the run's StopSignals (a caller's own, or Python's KeyboardInterrupt)."""
+    while _stop_signals:
+        _stop_signals.pop().close()
 
 
 # -- parallelism -----------------------------------------------------------------------------------------------
@@ -355,12 +379,14 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, d: Dis
         dcp.save(state, checkpoint_id=tmp)
         with open(tmp / f"extra_rank{d.rank}.pt", "wb") as f:  # a file object: a failed write is an OSError
             torch.save(extra, f)
-    except (OSError, RuntimeError, CheckpointException) as e:  # DCP reports a failed write as either
+    except (OSError, RuntimeError, CheckpointException, KeyboardInterrupt) as e:  # DCP wraps what it catches
         error = e
     if any_rank(error is not None, d):  # every rank leaves together, none waits at a barrier for the others
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space; it was never taken for complete
         previous = checkpoint_dirs(output_dir)
+        if interrupted(error):
+            raise KeyboardInterrupt(f"interrupted while saving the step {step} checkpoint, which was not kept")
         raise OSError(write_failure(f"the step {step} checkpoint", tmp, error, d,
                                     state_bytes(state),
                                     f"the previous checkpoint {previous[-1]} is intact: free space and rerun "
@@ -380,13 +406,34 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, d: Dis
     return final
 
 
+def causes(error: BaseException | None) -> list[BaseException]:
+    """An exception and those inside it: its cause and context, and what DCP's CheckpointException wraps per rank
+    (its text holds their tracebacks, every word of them, so it is never read for what happened)."""
+    found, todo = [], [error]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is f for f in found):
+            continue
+        found.append(e)
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            todo += [failure[0] for failure in e.failures.values()]
+    return found
+
+
+def interrupted(error: BaseException | None) -> bool:
+    return any(isinstance(e, KeyboardInterrupt) for e in causes(error))
+
+
 def write_failure(what: str, where: Path, error, d: Dist, needed: int, intact: str) -> str:
     """One line: what could not be written, where, the space it needs against the space free, and what is
-    intact. torch reports a short write on its own stream as `unexpected pos`."""
+    intact. The disk is called full on ENOSPC, or when less is free than the write needs (torch reports a short
+    write on its own stream as `unexpected pos`, without an errno); anything else is named as it is."""
     if error is None:
         return f"{what}: another process failed to write its part under {where} (see its error); {intact}"
     free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
-    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < needed
+    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in causes(error)) or free < needed
+    error = next((e for e in causes(error) if not isinstance(e, CheckpointException)), error)  # what DCP wraps
     return (f"could not write {what} to {where} (rank {d.rank}): "
             f"{'no space left on device' if full else first_line(error)}; it needs about {needed / 1e6:.1f} MB, "
             f"{free / 1e6:.1f} MB are free there; {intact}")

@@ -390,8 +390,38 @@ def _resolve_template(name_or_path) -> Path:
     for cand in (TEMPLATES_DIR / p.name, TEMPLATES_DIR / (p.name + ".yaml")):
         if cand.is_file():
             return cand
-    shipped = ", ".join(sorted(q.stem for q in TEMPLATES_DIR.glob("*.yaml")))
+    shipped = ", ".join(shipped_templates())
     raise TemplateError(f"template {name_or_path!r} not found: not a file, nor in {TEMPLATES_DIR} (shipped: {shipped})")
+
+
+def checkpoint_dir(path) -> Path:
+    """A --ckpt_paths entry as the dir its tokenizer files are in: a dir, or a weight file's dir."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def shipped_templates() -> list[str]:
+    return sorted(q.stem for q in TEMPLATES_DIR.glob("*.yaml"))
+
+
+def find_template(paths) -> Path:
+    """The chat template beside a checkpoint, when --template_config is not given: the one *.yaml in its dir,
+    which convert.py writes (the family's) and every training run copies into its output dir. `paths` are
+    --ckpt_paths (dirs or weight files); the last first, since an adapter's run knows its template; an adapter
+    dir is looked in, then the run's dir above it."""
+    dirs = []
+    for p in reversed([Path(p) for p in paths]):
+        d = p if p.is_dir() else p.parent
+        dirs += [d, d.parent] if (d / "adapter_config.json").is_file() else [d]
+    for d in dirs:
+        found = sorted(d.glob("*.yaml"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise TemplateError(f"{d} holds several templates ({', '.join(f.name for f in found)}): choose one "
+                                f"with --template_config")
+    raise TemplateError(f"no chat template (*.yaml) in {', '.join(map(str, dict.fromkeys(dirs)))}: pass "
+                        f"--template_config NAME, one of {', '.join(shipped_templates())}, or a YAML path")
 
 
 def load_template(name_or_path, tokenizer=None) -> ChatTemplate:
@@ -1096,17 +1126,21 @@ def render_tokens(ids, mask, tokenizer, color: bool) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Show how conversations tokenize: trained tokens in green "
                                  "(between [[ ]] when not a terminal), masked ones dim; a record's tool "
-                                 "definitions, tool calls and tool results as the template renders them.")
-    ap.add_argument("--ckpt_dir", required=True, help="dir with tokenizer.model / tokenizer.json")
-    ap.add_argument("--template_config", required=True, help="template name in templates/ or a YAML path")
+                                 "definitions, tool calls and tool results as the template renders them.",
+                                 allow_abbrev=False)
+    ap.add_argument("--ckpt_paths", "--ckpt_dir", dest="ckpt_paths", nargs="+", required=True, metavar="PATH",
+                    help="checkpoint dir with tokenizer.model / tokenizer.json (as the trainers take it; the "
+                         "first path's tokenizer is used)")
+    ap.add_argument("--template_config", default=None, metavar="NAME",
+                    help="template name in templates/ or a YAML path (default: the *.yaml beside --ckpt_paths)")
     ap.add_argument("--show", required=True, help="jsonl of training records: {'messages': [...]}, ShareGPT "
                     "{'conversations': [...]}, or preference pairs (both sides shown)")
     ap.add_argument("--n", type=int, default=3, help="how many samples to show")
     ap.add_argument("--add_generation_prompt", action="store_true", help="render as an inference prompt")
     args = ap.parse_args(argv)
     try:
-        tokenizer = load_tokenizer(args.ckpt_dir)
-        template = load_template(args.template_config, tokenizer)
+        tokenizer = load_tokenizer(checkpoint_dir(args.ckpt_paths[0]))
+        template = load_template(args.template_config or find_template(args.ckpt_paths), tokenizer)
         lines = Path(args.show).read_text(encoding="utf-8-sig").splitlines()
     except (TokenizerError, TemplateError, OSError, UnicodeDecodeError) as e:
         sys.exit(f"error: {e}")

@@ -7,6 +7,7 @@ keeps its loss and its batch loop in plain sight.
 
 import argparse
 import errno
+import importlib.util
 import itertools
 import json
 import math
@@ -14,6 +15,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -44,16 +46,21 @@ def arg(default=MISSING, help="", **kwargs):
 @dataclass
 class CommonArgs:
     """The flags every trainer shares; names follow the torchllms training README."""
-    ckpt_paths: list = arg(help="native checkpoint dir or its consolidated.00.pth (then overlays, e.g. a LoRA adapter)")
-    template_config: str = arg(help="chat template: a name from templates/ (llama3_instruct.yaml) or a path")
-    train_data_paths: list = arg(help="jsonl:/f.jsonl, text:/f.txt, local:/dir or a hub dataset name; several mix")
-    output_dir: str = arg(help="where the trained native checkpoint, metrics and step checkpoints go")
-    val_data_paths: list = arg([], help="validation sources, same forms as --train_data_paths")
-    train_data_splits: list = arg([], help="split per source for local:/hub sources (default train)")
-    val_data_splits: list = arg([], help="split per validation source")
-    train_num_samples: list = arg([], help="per source: a count, a fraction, or all")
-    val_num_samples: list = arg([], help="per validation source: a count, a fraction, or all")
-    data_cache_dir: str = arg(None, help="pretokenized cache dir (default .cache/data in the repo)")
+    ckpt_paths: list = arg(help="native checkpoint dir (convert.py makes one from an HF dir) or its "
+                           "consolidated.00.pth, then overlays (a LoRA adapter dir)", metavar="PATH")
+    train_data_paths: list = arg(help="f.jsonl, f.txt, a save_to_disk dir or a hub dataset name (or with a "
+                                 "prefix: jsonl:PATH, text:PATH, local:PATH); several mix", metavar="SOURCE")
+    output_dir: str = arg(help="where the trained native checkpoint, metrics and step checkpoints go", metavar="DIR")
+    template_config: str = arg(None, help="chat template: a name from templates/ (llama3_instruct) or a YAML path "
+                               "(default: the *.yaml in the --ckpt_paths dir, which convert.py and every training "
+                               "run write there)", metavar="NAME")
+    val_data_paths: list = arg([], help="validation sources, same forms as --train_data_paths", metavar="SOURCE")
+    train_data_splits: list = arg([], help="split per source for local/hub sources (default: train)",
+                                  metavar="SPLIT")
+    val_data_splits: list = arg([], help="split per validation source", metavar="SPLIT")
+    train_num_samples: list = arg([], help="per source: a count, a fraction, or all (default: all)", metavar="N")
+    val_num_samples: list = arg([], help="per validation source: a count, a fraction, or all", metavar="N")
+    data_cache_dir: str = arg(None, help="pretokenized cache dir (default: .cache/data in the repo)", metavar="DIR")
     max_seq_len: int = arg(2048, help="longer samples are truncated (if a trained token survives) or dropped")
     micro_batch_size_per_gpu: int = arg(1, help="sequences (pairs for DPO/SimPO) per process per forward")
     gradient_accum_steps: int = arg(1, help="micro-batches per optimizer step")
@@ -86,9 +93,12 @@ class CommonArgs:
     lora_rank: int = arg(16, help="LoRA rank r")
     lora_alpha: float = arg(16.0, help="LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = arg(0.0, help="dropout on the LoRA input (training only)")
-    lora_targets: list = arg(list(LORA_TARGETS), help="projections to adapt (wq wk wv wo w1 w2 w3)")
-    lora_unfrozen_params: list = arg([], help="regexes of other parameters to train with LoRA, e.g. norm")
-    save_freq: int = arg(0, help="save a resumable checkpoint every N steps (0: only on SIGTERM)")
+    lora_targets: list = arg(list(LORA_TARGETS), help="projections to adapt, of wq wk wv wo (attention) and w1 w2 "
+                             "w3 (MLP)", metavar="NAME")
+    lora_unfrozen_params: list = arg([], help="regexes of other parameters to train with LoRA, e.g. norm",
+                                     metavar="REGEX")
+    save_freq: int = arg(0, help="save a resumable checkpoint every N steps (default: 0, only when SIGTERM or "
+                         "Ctrl-C stops the run)")
     max_checkpoints: int = arg(2, help="resumable checkpoints to keep (0: all)")
     save_dtype: str = arg("auto", help="dtype of the saved weights (auto: the input checkpoint's)",
                           choices=["auto", "bf16", "fp16", "fp32"])
@@ -97,10 +107,11 @@ class CommonArgs:
     print_freq: int = arg(1, help="log line every N steps")
     val_freq: int = arg(0, help="validate every N steps (0: at the end only, when --val_data_paths is set)")
     wandb: bool = arg(False, help="also log to Weights & Biases (needs the wandb package)")
-    wandb_project: str = arg("llm-post-training", help="W&B project")
+    wandb_project: str = arg("llm-post-training", help="W&B project", metavar="NAME")
     plan: bool = arg(False, help="print this run's predicted memory per GPU (memory_plan.py) and exit; reads only "
                      "params.json of --ckpt_paths")
-    plan_gpus: str = arg("8x80GB", help="--plan: GPUs per node x memory each (80GB for one GPU, 2xcpu for CPU)")
+    plan_gpus: str = arg("8x80GB", help="--plan: GPUs per node x memory each (80GB for one GPU, 2xcpu for CPU)",
+                         metavar="NxMEM")
     plan_nnodes: int = arg(1, help="--plan: nodes")
 
 
@@ -112,11 +123,114 @@ class PreferenceArgs(CommonArgs):
                              "the positions it has unshared", action=argparse.BooleanOptionalAction)
 
 
+# --help lists the flags in these groups, in this order; a trainer's own flags (and any common one not named here)
+# follow under the trainer's name.
+FLAG_GROUPS = {
+    "model": ("ckpt_paths", "template_config", "output_dir"),
+    "data": ("train_data_paths", "val_data_paths", "train_data_splits", "val_data_splits", "train_num_samples",
+             "val_num_samples", "max_seq_len", "data_cache_dir"),
+    "optimisation": ("lr", "lr_scheduler", "warmup_steps", "wd", "betas", "eps", "clip_grad_norm", "train_epochs",
+                     "train_steps", "loss_reduction", "seed"),
+    "batch and packing": ("micro_batch_size_per_gpu", "gradient_accum_steps", "pack_samples", "share_prompt"),
+    "parallelism": ("dp", "fsdp_grad_sync", "param_dtype", "activation_checkpointing", "compile", "dist_timeout"),
+    "LoRA": ("lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_unfrozen_params"),
+    "checkpoints": ("save_freq", "max_checkpoints", "save_dtype", "resume", "overwrite"),
+    "logging": ("print_freq", "val_freq", "wandb", "wandb_project"),
+    "memory plan": ("plan", "plan_gpus", "plan_nnodes"),
+}
+# Other trainers' names for our flags (TRL's TrainingArguments / SFTConfig / DPOConfig / CPOConfig and PEFT's
+# LoraConfig, torchtune's recipe keys): one line naming ours instead of argparse's usage and "unrecognized
+# arguments". A value is our flag's name (a tuple: the first this trainer has), or a sentence.
+OTHER_NAMES = {
+    "learning_rate": "lr", "max_length": "max_seq_len", "max_seq_length": "max_seq_len",
+    "gradient_accumulation_steps": "gradient_accum_steps", "num_train_epochs": "train_epochs",
+    "epochs": "train_epochs", "max_steps": "train_steps", "per_device_train_batch_size": "micro_batch_size_per_gpu",
+    "batch_size": "micro_batch_size_per_gpu", "train_batch_size": "micro_batch_size_per_gpu",
+    "weight_decay": "wd", "lr_scheduler_type": "lr_scheduler", "lr_scheduler_name": "lr_scheduler",
+    "num_warmup_steps": "warmup_steps", "adam_epsilon": "eps", "max_grad_norm": "clip_grad_norm",
+    "logging_steps": "print_freq", "log_every_n_steps": "print_freq", "save_steps": "save_freq",
+    "save_total_limit": "max_checkpoints", "eval_steps": "val_freq", "resume_from_checkpoint": "resume",
+    "gradient_checkpointing": "activation_checkpointing", "enable_activation_checkpointing": "activation_checkpointing",
+    "torch_compile": "compile", "use_peft": "lora", "lora_r": "lora_rank", "r": "lora_rank",
+    "lora_target_modules": "lora_targets", "target_modules": "lora_targets", "lora_attn_modules": "lora_targets",
+    "model_name_or_path": "ckpt_paths", "model_path": "ckpt_paths", "checkpoint_dir": "ckpt_paths",
+    "dataset_name": "train_data_paths", "dataset": "train_data_paths", "data_paths": "train_data_paths",
+    "eval_dataset": "val_data_paths", "chat_template_path": "template_config", "chat_template": "template_config",
+    "packing": "pack_samples", "packed": "pack_samples", "dtype": "param_dtype", "seed_everything": "seed",
+    "beta": ("dpo_beta", "simpo_beta"), "label_smoothing": "dpo_label_smoothing", "loss_type": "dpo_loss",
+    "gamma": "simpo_gamma", "cpo_alpha": "sft_weight", "ref_model": "ref_ckpt_paths",
+    "precompute_ref_log_probs": "reference",
+    "warmup_ratio": "this repo takes --warmup_steps, a count of optimizer steps (the start-up line gives the "
+                    "run's steps)",
+    "adam_beta1": "this repo takes both AdamW betas as --betas B1 B2 (default 0.9 0.999)",
+    "adam_beta2": "this repo takes both AdamW betas as --betas B1 B2 (default 0.9 0.999)",
+    "bf16": "this repo calls it --param_dtype bf16 (the default on GPUs: auto)",
+    "fp16": "this repo computes in bf16 or fp32: --param_dtype bf16",
+    "report_to": "this repo calls it --wandb (and --wandb_project)",
+    "per_device_eval_batch_size": "validation uses --micro_batch_size_per_gpu",
+    "apply_lora_to_mlp": "this repo calls it --lora_targets (w1 w2 w3 are the MLP's)",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage of ~60 flags would bury the line that matters."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def unknown_flag(argv: list, known: list) -> str | None:
+    """The first --flag in argv that the trainer does not take, as one line: our name for another trainer's
+    flag (OTHER_NAMES), else the closest of ours; argparse's abbreviations are off, so --lora_r is never taken
+    for --lora_rank."""
+    import difflib
+
+    def theirs(name):  # our flag (or a sentence) for another trainer's name, None when this trainer has none
+        ours = OTHER_NAMES.get(name)
+        ours = next((o for o in ours if o in known), None) if isinstance(ours, tuple) else ours
+        return ours if ours in known or ours and " " in ours else None
+
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--") or len(token) == 2:
+            continue
+        name = token[2:].split("=", 1)[0]
+        if name in known or name == "help":
+            continue
+        ours = theirs(name.replace("-", "_"))
+        if ours and " " in ours:
+            return f"--{name}: {ours}"
+        if ours:
+            return f"--{name}: this repo calls it --{ours}"
+        close = difflib.get_close_matches(name, known + [k for k in OTHER_NAMES if theirs(k)], n=1, cutoff=0.7)
+        close = [theirs(c) if c in OTHER_NAMES else c for c in close]
+        return f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close and " " not in close[0] else "")
+    return None
+
+
+def default_text(value) -> str | None:
+    """A default as a user types it (--betas 0.9 0.999), or None when there is nothing to show: no value, an
+    empty list, a switch that is off."""
+    if value is None or value is False or value == []:
+        return None
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def parse_args(cls, argv=None):
-    """argparse built from the dataclass: each field a --flag with its type, default and help."""
-    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
+    """argparse built from the dataclass: each field a --flag with its type, default and help, in FLAG_GROUPS."""
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    script = Path(sys.modules[cls.__module__].__file__).name if cls.__module__ != "__main__" else None
+    parser = Parser(prog=script, description=sys.modules[cls.__module__].__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                    usage="%(prog)s --ckpt_paths PATH [PATH ...] --train_data_paths SOURCE [SOURCE ...] "
+                          "--output_dir DIR [flags]")
+    common = {f.name for f in fields(CommonArgs)}
+    groups = {title: parser.add_argument_group(title) for title in FLAG_GROUPS}
+    own = parser.add_argument_group(f"{parser.prog}")
+    other = parser.add_argument_group("other")
+    order = [name for names in FLAG_GROUPS.values() for name in names]
+    for f in sorted(fields(cls), key=lambda f: order.index(f.name) if f.name in order else len(order)):
         if f.type in (bool, "bool"):
             kwargs = {"action": "store_true"}
         elif f.type in (list, "list"):
@@ -124,23 +238,36 @@ def parse_args(cls, argv=None):
         else:
             kwargs = {"type": {"int": int, "float": float, "str": str}.get(f.type, f.type)}
         kwargs.update(f.metadata)
+        if "choices" not in kwargs and kwargs.get("action") is None:
+            kwargs.setdefault("metavar", {int: "N", float: "X"}.get(kwargs["type"], "V"))
         if f.default is MISSING and f.default_factory is MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
-            if "action" not in kwargs:
-                kwargs["help"] += f" (default: {kwargs['default']})"
-        parser.add_argument(f"--{f.name}", **kwargs)
+            shown = default_text(kwargs["default"])
+            if shown and "default" not in kwargs["help"] and not isinstance(kwargs.get("action"), type):
+                kwargs["help"] += f" (default: {shown})"
+        title = next((t for t, names in FLAG_GROUPS.items() if f.name in names), None)
+        group = groups[title] if title else other if f.name in common else own
+        group.add_argument(f"--{f.name}", **kwargs)
+    def fail(message):  # our own one-line errors, without argparse's pointer to --help
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    known = [o[2:] for o in parser._option_string_actions if o.startswith("--")]  # --no-share_prompt too
+    if problem := unknown_flag(argv, known):
+        fail(problem)
     args = cls(**vars(parser.parse_args(argv)))
     if getattr(args, "share_prompt", None) and not args.pack_samples:
-        parser.error("--share_prompt lays a pair's prompt and both responses out in one packed row: it needs "
+        fail("--share_prompt lays a pair's prompt and both responses out in one packed row: it needs "
                      "--pack_samples")
     if hasattr(args, "share_prompt") and args.share_prompt is None:
         args.share_prompt = args.pack_samples
     for name, value in vars(args).items():
         rule = next((r for names, r in VALUE_RULES if name in names), None)
         if rule and value is not None and not rule[0](value):
-            parser.error(f"--{name} {value}: must be {rule[1]}")
+            fail(f"--{name} {value}: must be {rule[1]}")
+    if getattr(args, "wandb", False) and importlib.util.find_spec("wandb") is None:
+        fail("--wandb needs the wandb package: pip install wandb, or drop --wandb")
     return args
 
 
@@ -164,19 +291,30 @@ _lock = None  # the open lock file of this process's run (rank 0), closed by rel
 def prepare_output_dir(args, d: Dist):
     """Refuse to mix two runs in one dir: a dir a live run holds (see lock_output_dir) is refused outright,
     and an --output_dir holding anything but the start record (train_args.json) of a run that failed before
-    training needs --resume or --overwrite."""
+    training needs --resume (with a checkpoint to resume from) or --overwrite. The input checkpoint's dir is
+    refused before the lock, so that nothing is written into it."""
     out = Path(args.output_dir)
-    lock_output_dir(out, d)
-    has_run = out.exists() and any(p.name not in ("train_args.json", LOCK_FILE) for p in out.iterdir())
-    if has_run and not (args.resume or args.overwrite):
-        raise ValueError(f"--output_dir {out} already holds files (another run?); pass --resume to continue it "
-                         f"or --overwrite to replace it")
-    if args.resume and not checkpoint_dirs(out):
-        raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
     inside = [p for p in args.ckpt_paths
               if out.resolve() in (native_dir(p).resolve(), *native_dir(p).resolve().parents)]
     if inside:
         raise ValueError(f"--output_dir {out} holds the input checkpoint {inside[0]}; write the run elsewhere")
+    lock_output_dir(out, d)
+    checkpoints, finished = checkpoint_dirs(out), finished_step(out)
+    if holds_run(out) and not (args.resume or args.overwrite):
+        if finished is not None:
+            raise ValueError(f"--output_dir {out} holds a finished run ({finished} steps); pass --overwrite to "
+                             f"replace it, or choose another --output_dir")
+        if checkpoints:
+            raise ValueError(f"--output_dir {out} holds a stopped run (its last checkpoint: {checkpoints[-1].name}); "
+                             f"pass --resume to continue it or --overwrite to start again")
+        raise ValueError(f"--output_dir {out} holds a run that stopped before its first checkpoint, so there is "
+                         f"nothing to resume: pass --overwrite to start again, or choose another --output_dir")
+    if args.resume and not checkpoints:
+        if finished is not None and not (args.train_steps and args.train_steps > finished):
+            raise Finished(f"--output_dir {out} holds a finished run ({finished} steps): nothing to resume, "
+                           f"nothing changed (--overwrite trains it again)")
+        raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'} (the run saved none: --save_freq "
+                         f"{args.save_freq}); rerun with --overwrite in place of --resume to start again")
     record = out / "train_args.json"
     previous = json.loads(record.read_text()) if record.is_file() else {}
     if args.resume:
@@ -198,6 +336,32 @@ def prepare_output_dir(args, d: Dist):
         if not args.resume:  # the record of how the run started; a resumed run is checked against it
             record.write_text(json.dumps(config_dict(args), indent=2, default=str) + "\n")
     parallel.wait_for_all()  # deleting another run's checkpoints can take a while
+
+
+class Finished(Exception):
+    """--resume on a run whose last step is done and whose final model is saved: main says so and exits 0, so a job
+    script that always resumes (a requeued job) succeeds, and nothing in the dir is touched."""
+
+
+def holds_run(out: Path) -> bool:
+    """Whether `out` holds a run's outputs: anything but the start record of a run that failed before training."""
+    return out.is_dir() and any(p.name not in ("train_args.json", LOCK_FILE) for p in out.iterdir())
+
+
+def finished_step(out: Path) -> int | None:
+    """The last step of the run in `out` when it finished: its final weights (save_final writes them last, after
+    the last step's line in metrics.jsonl) are newer than that line. None when it did not finish, or was resumed
+    to go further and has logged steps since."""
+    weights, log = out / "consolidated.00.pth", out / "metrics.jsonl"
+    if not (weights.is_file() and log.is_file()) or weights.stat().st_mtime_ns < log.stat().st_mtime_ns:
+        return None
+    last = None
+    for line in log.read_text().splitlines():
+        try:
+            last = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass  # a line a kill cut short
+    return last if isinstance(last, int) else None
 
 
 def lock_output_dir(out: Path, d: Dist):
@@ -298,6 +462,7 @@ class Run:
     log: "MetricsLog" = None
     stop: StopSignal = None
     base: list = None  # (file, fingerprint) of what --ckpt_paths loaded (lora.fingerprints), kept in checkpoints
+    drawn: float = field(default_factory=time.perf_counter)  # when metrics.png was last drawn (draw_metrics)
 
 
 def setup(args, d: Dist, kind: str) -> Run:
@@ -306,6 +471,7 @@ def setup(args, d: Dist, kind: str) -> Run:
     waits for `start`: DPO's reference pass in between may use the policy's initial weights."""
     from tokenize_chat import load_template, load_tokenizer
 
+    check_inputs(args)
     prepare_output_dir(args, d)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -320,16 +486,36 @@ def setup(args, d: Dist, kind: str) -> Run:
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     loader = make_loader(args, train_set, pad_id, d.device)
     val_loader = make_loader(args, val_set, pad_id, d.device, shuffle=False) if val_set is not None else None
+    steps = total_steps(args, loader)
+    finished = finished_step(Path(args.output_dir)) if args.resume else None
+    if finished is not None and finished >= steps:  # before anything is loaded or written
+        raise Finished(f"--output_dir {args.output_dir} holds a finished run ({finished} of {steps} steps): "
+                       f"nothing to resume, nothing changed (a larger --train_steps or --train_epochs trains on; "
+                       f"--overwrite trains it again)")
+    print0(batch_summary(args, loader, d, steps))
     model, bare_model, lora_config, input_dtype = load_model(args, d)
     optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     run = Run(args, d, template, train_set, val_set, pad_id, loader, val_loader, model, bare_model, lora_config,
-              input_dtype, resolve_dtype(args.param_dtype, d.device), optimizer, total_steps(args, loader))
-    unit = ("packed rows of " if args.pack_samples else "") + ("sequences" if kind == "sft" else "pairs")
-    print0(f"effective batch: {args.micro_batch_size_per_gpu} micro x {args.gradient_accum_steps} accumulation x "
-           f"{d.world_size} processes = {args.micro_batch_size_per_gpu * args.gradient_accum_steps * d.world_size} "
-           f"{unit} per step; {run.steps} steps")
+              input_dtype, resolve_dtype(args.param_dtype, d.device), optimizer, steps)
     run.base = base
     return run
+
+
+def check_inputs(args):
+    """What can be checked before anything is written: the weights of --ckpt_paths (an HF dir gets the convert.py
+    command), the template (the *.yaml beside them unless --template_config names one) and the data paths."""
+    from data import parse_sources
+    from tokenize_chat import find_template
+
+    for p in args.ckpt_paths:
+        lora.resolve(p)
+    if args.template_config is None:
+        args.template_config = str(find_template(args.ckpt_paths))
+        print0(f"template: {args.template_config} (from --ckpt_paths; --template_config chooses another)")
+    for name in ("train", "val"):
+        if paths := getattr(args, f"{name}_data_paths"):
+            parse_sources(paths, getattr(args, f"{name}_data_splits") or None,
+                          getattr(args, f"{name}_num_samples") or None)
 
 
 def check_base_unchanged(started: list | None, now: list, d: Dist):
@@ -405,6 +591,21 @@ def make_loader(args, dataset, pad_id: int, device: torch.device, shuffle: bool 
     fixed = args.compile or packed_kernel(device) == "flex"
     return Loader(dataset, args.micro_batch_size_per_gpu, pack=args.pack_samples, seed=args.seed, shuffle=shuffle,
                   share_prompt=getattr(args, "share_prompt", False), pad_id=pad_id, fixed_shape=fixed)
+
+
+def batch_summary(args, loader, d: Dist, steps: int) -> str:
+    """What one optimizer step trains, in samples (pairs) and tokens, and how many steps an epoch and the run take:
+    a packed row holds several samples, so the flags alone do not say."""
+    unit = "pairs" if loader.pairs else "samples"
+    rows, samples, tokens = loader.epoch_summary(0)
+    per_epoch = -(-loader.num_steps(0) // args.gradient_accum_steps)
+    micro = (f"{args.micro_batch_size_per_gpu} packed rows (~{samples / max(rows, 1):.1f} {unit} each)"
+             if loader.pack else f"{args.micro_batch_size_per_gpu} {unit}")
+    exact = samples % per_epoch == 0 and not loader.pack
+    per_step = f"{samples // per_epoch}" if exact else f"~{samples / per_epoch:.1f}"
+    return (f"batch: {micro} per micro-batch x {args.gradient_accum_steps} accumulation x {d.world_size} "
+            f"process{'es' if d.world_size > 1 else ''} = {per_step} {unit} and ~{tokens / per_epoch:,.0f} tokens "
+            f"per optimizer step; {per_epoch} steps per epoch, {steps} steps in all")
 
 
 def total_steps(args, loader) -> int:
@@ -495,10 +696,20 @@ def end_step(run: Run, metrics: dict) -> bool:
 
     if run.args.save_freq and run.step % run.args.save_freq == 0 and run.step < run.steps:
         checkpoint()
+        draw_metrics(run)
     if any_rank(run.stop.requested, run.d):
-        print0(f"SIGTERM: saved {checkpoint()}; resume with --resume")
+        global stopped_by
+        stopped_by = run.stop.signum or signal.SIGTERM  # another rank's signal: torchrun's SIGTERM
+        saved = checkpoint()
+        run.stop.saved = True
+        draw_metrics(run, now=True)
+        print0(f"{'Ctrl-C' if stopped_by == signal.SIGINT else 'SIGTERM'}: saved {saved}; resume with --resume "
+               f"(the same command, plus --resume)")
         return True
     return False
+
+
+stopped_by = None  # the signal that ended the run after a checkpoint (end_step); main exits with 128 + it
 
 
 # -- preference pairs (DPO, SimPO) -------------------------------------------------------------------------------
@@ -600,6 +811,7 @@ def save_final(run: Run):
         raise OSError(write_failure("the final model", Path(args.output_dir) / "consolidated.00.pth", error, d, needed,
                                     f"the step checkpoint {last[-1]} is intact: free space and rerun with "
                                     f"--resume" if last else "no step checkpoint exists (--save_freq 0)"))
+    draw_metrics(run, now=True)
     print0(f"saved {args.output_dir}")
 
 
@@ -800,6 +1012,34 @@ class MetricsLog:
                   + (f" | {extra}" if extra else ""), flush=True)
 
 
+_told_no_matplotlib = False
+
+
+def draw_metrics(run: Run, now: bool = False, every: float = 60.0):
+    """metrics.png beside metrics.jsonl (plot.py), on rank 0: at the end of a run (now), and at a checkpoint when
+    `every` seconds have passed since the last drawing, so that frequent checkpoints do not spend their time on
+    it. Drawing never fails a run: without matplotlib one line (once) says how to get it, and any other error
+    is a warning."""
+    global _told_no_matplotlib
+    if not run.d.main or not (now or time.perf_counter() - run.drawn >= every):
+        return
+    run.drawn = time.perf_counter()
+    out = Path(run.args.output_dir)
+    try:
+        import plot
+
+        plot.plot_metrics([out / "metrics.jsonl"], out / "metrics.png")
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        if not _told_no_matplotlib:
+            print(f"metrics.png not drawn: matplotlib is not installed (pip install matplotlib, then "
+                  f"python plot.py {out} draws it)", flush=True)
+            _told_no_matplotlib = True
+    except Exception as e:  # a full disk, an odd metric: the run matters more than its picture
+        print(f"warning: metrics.png not drawn ({first_line(e)})", flush=True)
+
+
 def format_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -820,6 +1060,7 @@ def config_dict(args) -> dict:
 def main(train, args_class, argv=None):
     """A trainer's main(): parse the flags, start the process group, train(args, d); bad input exits 1 with the
     message (no traceback), and the process group always closes."""
+    global stopped_by
     args = parse_args(args_class, argv)
     if args.plan:  # before any process group, weights or data
         import memory_plan
@@ -828,8 +1069,20 @@ def main(train, args_class, argv=None):
         return
     d = setup_distributed(args.dist_timeout)
     name = Path(sys.modules[train.__module__].__file__).name
+    stopped_by = None
     try:
         train(args, d)
+        if stopped_by:  # a checkpoint was saved and the resume line printed (end_step)
+            sys.exit(128 + stopped_by)
+    except Finished as e:
+        print0(f"{name}: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C before training began, or twice (see parallel.StopSignal)
+        last = checkpoint_dirs(args.output_dir)
+        rerun = (f"the last complete checkpoint is {last[-1]}: rerun with --resume" if last else
+                 "no checkpoint to resume from: rerun" + (" with --overwrite" if holds_run(Path(args.output_dir))
+                                                          else " the same command"))
+        print(f"\n{name}: {str(e) or 'interrupted (Ctrl-C)'}; {rerun}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"{name}: error (rank {d.rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -848,3 +1101,6 @@ def main(train, args_class, argv=None):
     finally:
         release_output_dir()
         teardown_distributed()
+        parallel.restore_signals()
+        if stopped_by:  # on its way out with 128 + the signal: a late Ctrl-C must not end it as killed
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

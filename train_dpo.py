@@ -47,7 +47,8 @@ class DPOArgs(tc.PreferenceArgs):
     reference: str = tc.arg("precompute", help="precompute: s_ref once before training, cached on disk; model: "
                             "a frozen copy at every step (with --lora: the adapters-off policy)",
                             choices=["precompute", "model"])
-    ref_ckpt_paths: list = tc.arg([], help="reference weights, same forms as --ckpt_paths (default: --ckpt_paths)")
+    ref_ckpt_paths: list = tc.arg([], help="reference weights, same forms as --ckpt_paths (default: --ckpt_paths)",
+                                  metavar="PATH")
 
 
 # -- the loss --------------------------------------------------------------------------------------------------

@@ -478,6 +478,7 @@ def setup(args: GRPOArgs, d: parallel.Dist) -> tuple:
             raise ValueError(f"--{name} {getattr(args, name)}: must be {rule}")
     funcs = load_reward_funcs(args.reward_funcs)  # before the output dir: a bad function writes nothing
     weights = [float(w) for w in args.reward_weights] or [1.0] * len(funcs)
+    tc.check_inputs(args)  # the weights, the template (found beside them by default), the data paths
     tc.prepare_output_dir(args, d)
     random.seed(args.seed)
     np.random.seed(args.seed)

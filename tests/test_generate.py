@@ -190,7 +190,12 @@ def test_bad_input(chat, tmp_path, capsys):
         assert e.value.code not in (0, None)
         return capsys.readouterr().err
 
-    assert "--template_config" in error(base + ["--prompt", "Hi"])  # a converted dir holds no template
+    bare = tmp_path / "bare"  # a native dir without a template (convert.py writes the family's)
+    shutil.copytree(native, bare)
+    for f in bare.glob("*.yaml"):
+        f.unlink()
+    err = error(["--ckpt_paths", str(bare), "--max_new_tokens", "2", "--prompt", "Hi"])
+    assert "no chat template (*.yaml) in" in err and "--template_config NAME, one of chatml, gemma3" in err
     assert "not found" in error(base + ["--template_config", "no_such_template", "--prompt", "Hi"])
     assert "not found" in error(["--ckpt_paths", str(tmp_path / "nope"), "--template_config", "chatml",
                                  "--prompt", "Hi"])

@@ -385,6 +385,7 @@ def test_packed_preference_runs_with_lora_compile_checkpointing_and_resume(pref,
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "shared", resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000002")
+    (resumed / "consolidated.00.pth").unlink()  # else --resume finds the run finished and leaves it
     again = pref_run(train_dpo, pref, resumed, pack_samples=True, save_freq=1, resume=True, **lora)
     assert [m["step"] for m in again] == [1, 2, 3]  # step 1 kept from the checkpointed run, 2 and 3 trained again
     assert_same_steps(again, shared, ("loss", "grad_norm", *PAIR_KEYS))

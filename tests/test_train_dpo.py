@@ -113,6 +113,7 @@ def test_resume_reproduces_and_reuses_the_reference_cache(setup, tmp_path, capsy
                val_data_paths=f"jsonl:{setup['data']}", val_freq=3, **lora)
     assert "val/rewards/accuracies" in full[2] and "val/loss" in full[5]
     capsys.readouterr()
+    (out / "consolidated.00.pth").unlink()  # as a kill in the final save leaves it: not finished, resumed
     resumed = run(setup, out, train_steps=6, save_freq=3, micro_batch_size_per_gpu=2, resume=True,
                   val_data_paths=f"jsonl:{setup['data']}", val_freq=3, **lora)
     log = capsys.readouterr().out
