@@ -71,9 +71,9 @@ def test_no_internal_vocabulary():
 
 
 # -- flags ------------------------------------------------------------------------------------------------
-SCRIPTS = ["train_sft.py", "train_dpo.py", "train_simpo.py", "convert.py", "generate.py", "data.py",
-           "tokenize_chat.py", "memory_plan.py", "dev/bench.py", "dev/plot.py", "dev/gpu_check.py", "dev/demo.py fetch",
-           "dev/demo.py data", "dev/demo.py score"]
+SCRIPTS = ["train_sft.py", "train_dpo.py", "train_simpo.py", "train_grpo.py", "convert.py", "generate.py",
+           "data.py", "tokenize_chat.py", "memory_plan.py", "dev/bench.py", "dev/plot.py", "dev/gpu_check.py",
+           "dev/demo.py fetch", "dev/demo.py data", "dev/demo.py score"]
 OUTSIDE = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",  # torchrun
            "--local-dir"}  # hf download
 
