@@ -24,6 +24,7 @@ import pytest
 
 import tokenize_chat as tc
 from dev.tool_samples import tool_conversations
+from test_tokenize_chat import _trained_runs as trained_runs  # the mask's trained runs, as text
 
 N = 200
 
@@ -43,17 +44,6 @@ def parsed_arguments(messages):
         args = c["function"]["arguments"]
         return dict(c, function=dict(c["function"], arguments=json.loads(args) if isinstance(args, str) else args))
     return [dict(m, tool_calls=[call(c) for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in messages]
-
-
-def trained_runs(ids, mask, tok):
-    runs, cur = [], []
-    for i, m in zip(ids + [None], mask + [0]):
-        if m:
-            cur.append(i)
-        elif cur:
-            runs.append(tok.visible(cur))
-            cur = []
-    return runs
 
 
 def check_mask(ids, mask, tok, messages, piece, slack=r""):
