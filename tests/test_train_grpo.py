@@ -1,11 +1,13 @@
 """train_grpo.py: the loss family against a per-sample reference written here with plain loops (float64)."""
 
+import json
 import math
 import random
 
 import pytest
 import torch
 
+import train_common as tc
 import train_grpo as grpo
 
 
@@ -351,3 +353,108 @@ def test_two_processes_fsdp_and_ddp_agree(chat, tmp_path):
         assert a["reward"] == b["reward"] and a["reward_std"] > 0
         for k in ("loss", "kl", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), k
+
+
+# -- gradients across micro-batches, accumulation and processes ----------------------------------------------
+_optimizer_step = tc.optimizer_step
+
+
+def fixed_rollouts(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, generator, pad_id, G):
+    """generate_batch's stand-in: completions that depend on the prompt alone (not on the rank, the micro-batch
+    or the weights), of lengths 1..max_new_tokens, some ended by a stop token."""
+    out = []
+    for p in prompts:
+        for g in range(G):
+            rng = random.Random(f"{p}/{g}")
+            c = [rng.randrange(3, 200) for _ in range(rng.randint(1, max_new_tokens))]
+            if rng.random() < 0.3:
+                c[-1] = min(stop_ids)
+            out.append(c)
+    return out
+
+
+def dumping_optimizer_step(run, loss, tokens):
+    """tc.optimizer_step that first saves the step's whole gradients (gathered from FSDP2's shards) to
+    $GRAD_DUMP, rank 0 writing."""
+    import os
+
+    grads = {}
+    for name, p in run.model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name.removeprefix("module.")] = g.detach().clone()
+    if run.d.main:
+        torch.save(grads, os.environ["GRAD_DUMP"])
+    return _optimizer_step(run, loss, tokens)
+
+
+MOD5_PY = "def mod5(completion_ids, **kw):\n    return [float(sum(ids) % 5) for ids in completion_ids]\n"
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_gradients_equal_across_micro_batches_accumulation_and_processes(chat, tmp_path, monkeypatch, loss_type):
+    """On the same rollouts (fixed completions, so sampling plays no part), the first step's gradients are the same
+    for micro 1 x accum 8, micro 8 x accum 1 and (dapo) 2 FSDP processes x micro 1 x accum 4, to 1e-6 relative:
+    the loss is normalised once over the whole step (TRL #5619's bug class)."""
+    import generate
+
+    from sft_fixtures import to_argv, torchrun_patched
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    monkeypatch.setattr(generate, "generate_batch", fixed_rollouts)
+    monkeypatch.setattr(tc, "optimizer_step", dumping_optimizer_step)
+
+    def flags(out, micro, accum):
+        return to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+                        "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}",
+                        "num_generations": 4, "max_completion_length": 8, "micro_batch_size_per_gpu": micro,
+                        "gradient_accum_steps": accum, "train_steps": 1, "loss_type": loss_type, "output_dir": out})
+
+    grads = {}
+    for micro, accum in ((1, 8), (8, 1)):
+        monkeypatch.setenv("GRAD_DUMP", str(tmp_path / f"g{micro}.pt"))
+        grpo.main(flags(tmp_path / f"m{micro}", micro, accum))
+        grads[micro] = torch.load(tmp_path / f"g{micro}.pt")
+    if loss_type == "dapo":
+        prelude = f"""
+            import os, generate, train_common
+            from test_train_grpo import fixed_rollouts, dumping_optimizer_step
+            os.environ["GRAD_DUMP"] = {str(tmp_path / "g2.pt")!r}
+            train_common.optimizer_step = dumping_optimizer_step
+            generate.generate_batch = fixed_rollouts
+        """
+        torchrun_patched(tmp_path, prelude, "train_grpo.py", [*flags(tmp_path / "two", 1, 4), "--dp", "fsdp"])
+        grads[2] = torch.load(tmp_path / "g2.pt")
+    for other in [k for k in grads if k != 1]:
+        assert grads[other].keys() == grads[1].keys()
+        for name, g in grads[1].items():
+            rel = float((grads[other][name] - g).norm() / g.norm().clamp(min=1e-30))
+            assert rel <= 1e-6, (other, name, rel)
+    assert sum(float(g.norm()) for g in grads[1].values()) > 0
+
+
+def test_fsdp_ranks_decode_their_own_number_of_steps(chat, tmp_path):
+    """Two FSDP2 processes whose rollouts stop at different lengths (rank 1 decodes 3 tokens, rank 0 up to 8):
+    each decodes on its own gathered weights, nothing waits on the other."""
+    from sft_fixtures import to_argv, torchrun_patched
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    prelude = """
+        import os, generate
+        _generate_batch = generate.generate_batch
+        def generate_batch(model, prompts, max_new_tokens, *args, **kwargs):
+            n = max_new_tokens if os.environ["RANK"] == "0" else 3
+            return _generate_batch(model, prompts, n, *args, **kwargs)
+        generate.generate_batch = generate_batch
+    """
+    out = tmp_path / "out"
+    torchrun_patched(tmp_path, prelude, "train_grpo.py", to_argv({
+        "ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+        "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 2,
+        "max_completion_length": 8, "micro_batch_size_per_gpu": 1, "gradient_accum_steps": 1, "train_steps": 2,
+        "dp": "fsdp", "dist_timeout": 0.5, "output_dir": out}))
+    lengths = sorted(len(json.loads(x)["completion_ids"]) for x in (out / "rollouts.jsonl").open())
+    assert lengths[0] <= 3 < lengths[-1], lengths
