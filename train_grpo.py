@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 import parallel
 import train_common as tc
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, packed_kernel
 
 
 @dataclass
@@ -132,7 +132,7 @@ def loss_denominator(loss_type: str, tokens: int, completions: int, max_completi
 
 
 # -- training on rollouts: a prompt and its G completions in one packed row ------------------------------------
-def group_batch(prompts: list, completions: list, G: int, pad_id: int) -> dict:
+def group_batch(prompts: list, completions: list, G: int, pad_id: int, length: int | None = None) -> dict:
     """The micro-batch's forward: one row per prompt, laid out prompt[:-1] | prompt[-1] c_1[:-1] | ... |
     prompt[-1] c_G[:-1], so the prompt is computed once for its G completions. The prompt but its last token is
     a segment of its own; each completion is a segment that sees it as its prefix, and restarts from the
@@ -140,7 +140,8 @@ def group_batch(prompts: list, completions: list, G: int, pad_id: int) -> dict:
     alone: exactly each completion's log-probs of prompt + completion run alone. The completion's last token
     predicts nothing trained, so it is no input. -> input_ids, position_ids, labels (already shifted, -100
     where nothing trains), completion (which of the micro-batch's P x G completions a label belongs to, -1
-    elsewhere), all [P, T] right-padded, and segments [S, 5] (model.segment_attention's table)."""
+    elsewhere), all [P, T] right-padded (T = `length` when given: compiled code keeps one shape), and segments
+    [S, 5] (model.segment_attention's table)."""
     rows, segments = [], []
     for i, p in enumerate(prompts):
         n = len(p) - 1
@@ -156,6 +157,9 @@ def group_batch(prompts: list, completions: list, G: int, pad_id: int) -> dict:
             segments.append((i, start, len(ids), 0, n))
         rows.append((ids, pos, labels, owner))
     T = max(len(r[0]) for r in rows)
+    if length is not None:
+        assert T <= length, (T, length)
+        T = length
 
     def tensor(k, fill):
         return torch.tensor([r[k] + [fill] * (T - len(r[k])) for r in rows])
@@ -260,6 +264,7 @@ def short(x, n: int = 60) -> str:
 class Prompts:
     records: list  # as read
     ids: list  # tokenized with the generation prompt
+    row_length: int | None = None  # the training rows' fixed length, where compiled code meets them (setup)
 
 
 def load_prompts(args, tokenizer, template, split: str = "train") -> Prompts:
@@ -335,11 +340,14 @@ def whole_weights(run: tc.Run):
     own rows need (parallel.gathered); DDP and a single process hold whole weights already."""
     was_training = run.model.training
     run.model.eval()
+    # Decoding runs eagerly under --compile: every step's shape would be a graph of its own, and once torch's
+    # recompile limit is reached the training shapes would run uncompiled too.
     try:
-        if run.args.dp == "fsdp" and dist.is_initialized():  # FSDP2 sets itself up in the root's first forward
-            run.model(torch.zeros(1, 1, dtype=torch.long, device=run.d.device))
-        with parallel.gathered(run.bare_model) as model:
-            yield model
+        with torch.compiler.set_stance("force_eager"):
+            if run.args.dp == "fsdp" and dist.is_initialized():  # FSDP2 sets itself up in the root's first forward
+                run.model(torch.zeros(1, 1, dtype=torch.long, device=run.d.device))
+            with parallel.gathered(run.bare_model) as model:
+                yield model
     finally:
         run.model.train(was_training)
 
@@ -394,7 +402,7 @@ def make_rollouts(run: tc.Run, prompts: Prompts, micro_batches: list, funcs: lis
     batches, P = [], args.micro_batch_size_per_gpu
     for i in range(len(micro_batches)):
         rows = slice(i * P * G, (i + 1) * P * G)
-        batch = group_batch(prompt_ids[i * P:(i + 1) * P], completion_ids[rows], G, run.pad_id)
+        batch = group_batch(prompt_ids[i * P:(i + 1) * P], completion_ids[rows], G, run.pad_id, prompts.row_length)
         batch["advantages"] = advantages[rows].float()
         if reference is not None:
             batch["ref_logps"] = reference(batch)
@@ -537,6 +545,8 @@ def setup(args: GRPOArgs, d: parallel.Dist) -> tuple:
     prompts = load_prompts(args, tokenizer, template)
     val = load_prompts(args, tokenizer, template, "val") if args.val_data_paths else None
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    if args.compile or packed_kernel(d.device) == "flex":  # as tc.make_loader: one shape for compiled code
+        prompts.row_length = max(len(p) for p in prompts.ids) - 1 + args.num_generations * args.max_completion_length
     loader = PromptLoader(len(prompts.ids), args.micro_batch_size_per_gpu, args.seed, d.rank, d.world_size)
     steps = tc.total_steps(args, loader) * (1 if args.train_steps else args.num_iterations)
     tc.check_finished(args, steps)
@@ -584,6 +594,7 @@ def train(args: GRPOArgs, d: parallel.Dist):
                 if run.step >= run.steps:
                     break
                 begin_step(run)
+            trained_from = time.perf_counter()
             # loss, KL, low / high / region clipped tokens, tokens (sums); low_min, high_max over completions
             totals = torch.zeros(6, dtype=torch.float64, device=d.device)
             low_min, high_max = torch.ones((), device=d.device), torch.zeros((), device=d.device)
@@ -619,6 +630,7 @@ def train(args: GRPOArgs, d: parallel.Dist):
                 dist.all_reduce(high_max, op=dist.ReduceOp.MAX)
             tokens = max(totals[5], 1)
             metrics = {**tc.optimizer_step(run, totals[0], rollouts["tokens"]), **rollouts["metrics"],
+                       "train_tokens_per_s": rollouts["tokens"] / (time.perf_counter() - trained_from),
                        **({"kl": totals[1] / tokens} if args.beta != 0 else {}),
                        "clip_ratio/low_mean": totals[2] / tokens, "clip_ratio/low_min": float(low_min),
                        "clip_ratio/high_mean": totals[3] / tokens, "clip_ratio/high_max": float(high_max),

@@ -304,7 +304,7 @@ def test_grpo_runs_end_to_end(chat, tmp_path, flags):
     assert [x["step"] for x in m] == [1, 2, 3]
     for key in ("reward", "reward_std", "rewards/variety/mean", "rewards/has_answer/mean", "frac_reward_zero_std",
                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_max",
-                "clip_ratio/region_mean", "loss", "grad_norm", "lr"):
+                "clip_ratio/region_mean", "loss", "grad_norm", "lr", "rollout_tokens_per_s", "train_tokens_per_s"):
         assert all(key in x and math.isfinite(x[key]) for x in m), key
     assert ("kl" in m[0]) == bool(flags.get("beta"))
     lines = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
@@ -533,9 +533,9 @@ def test_resume_after_sigterm_and_kill9_reproduces_the_run(chat, tmp_path):
 
 
 def test_lora_with_its_adapters_off_as_the_reference(chat, tmp_path):
-    """--lora --beta: the reference is the policy with its adapters off (B = 0 at the start, so the first step's
-    KL is exactly 0; the second, after an update, is not); step checkpoints hold the adapters alone; the output
-    dir generates."""
+    """--lora --beta (with adapter dropout and activation checkpointing): the reference is the policy with its
+    adapters off (B = 0 at the start, so the first step's KL is exactly 0; the second, after an update, is not);
+    step checkpoints hold the adapters alone; the output dir generates."""
     import generate as gen
     import parallel
     from sft_fixtures import metrics, to_argv
@@ -547,7 +547,8 @@ def test_lora_with_its_adapters_off_as_the_reference(chat, tmp_path):
     grpo.main(to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
                        "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 4,
                        "max_completion_length": 6, "micro_batch_size_per_gpu": 2, "num_iterations": 2, "train_steps": 3,
-                       "beta": 0.1, "lora": True, "lora_rank": 4, "lora_alpha": 8, "lr": 1e-2, "save_freq": 1,
+                       "beta": 0.1, "lora": True, "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+                       "activation_checkpointing": True, "lr": 1e-2, "save_freq": 1,
                        "max_checkpoints": 1, "output_dir": out}))
     m = metrics(out)
     assert m[0]["kl"] == 0 and m[1]["kl"] > 0
@@ -615,3 +616,36 @@ def test_prompts_from_a_saved_dataset_with_its_columns_and_a_subset(chat, tmp_pa
         grpo.main(to_argv({**base, "train_data_paths": f"local:{tmp_path / 'bad'}", "overwrite": True}))
     assert e.value.code == 1
     assert f"local:{tmp_path / 'bad'} [train] row 0: the last message is 'assistant'" in capsys.readouterr().err
+
+
+def test_compiled_grpo_keeps_few_graphs_and_equals_eager(chat, tmp_path, monkeypatch):
+    """--compile on the CUDA path, on the CPU (FlexAttention forced, blocks compiled by aot_eager: see
+    test_packing.compiled_path): the rollouts and validation decode eagerly, the training rows keep one shape, so
+    4 steps with a reference (--beta) and validation stay within 4 graphs per compiled function (the limit, made
+    an error). The steps on the first rollout batch equal an eager run's (1e-5)."""
+    import parallel
+    from sft_fixtures import metrics, to_argv
+    from test_packing import compiled_path
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+
+    def flags(out, **more):
+        return to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+                        "train_data_paths": f"jsonl:{prompts}", "val_data_paths": f"jsonl:{prompts}",
+                        "num_generations": 2, "max_completion_length": 6, "micro_batch_size_per_gpu": 2,
+                        "gradient_accum_steps": 2, "num_iterations": 2, "train_steps": 8, "beta": 0.04,
+                        "val_freq": 4, "output_dir": out, **more})
+
+    grpo.main(flags(tmp_path / "eager"))
+    apply = parallel.apply_compile
+    with compiled_path(monkeypatch) as (backend, graphs):
+        monkeypatch.setattr(parallel, "apply_compile", lambda model: apply(model, backend))
+        grpo.main(flags(tmp_path / "compiled", compile=True))
+        assert graphs and max(graphs.values()) <= 4, graphs
+    for a, b in zip(metrics(tmp_path / "compiled")[:2], metrics(tmp_path / "eager")[:2]):
+        assert a["reward"] == b["reward"]
+        for k in ("loss", "kl", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), k
