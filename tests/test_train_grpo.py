@@ -636,8 +636,8 @@ def test_compiled_grpo_keeps_few_graphs_and_equals_eager(chat, tmp_path, monkeyp
         return to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
                         "train_data_paths": f"jsonl:{prompts}", "val_data_paths": f"jsonl:{prompts}",
                         "num_generations": 2, "max_completion_length": 6, "micro_batch_size_per_gpu": 2,
-                        "gradient_accum_steps": 2, "num_iterations": 2, "train_steps": 8, "beta": 0.04,
-                        "val_freq": 4, "output_dir": out, **more})
+                        "gradient_accum_steps": 2, "num_iterations": 2, "train_steps": 4, "beta": 0.04,
+                        "val_freq": 2, "output_dir": out, **more})
 
     grpo.main(flags(tmp_path / "eager"))
     apply = parallel.apply_compile
