@@ -1081,7 +1081,10 @@ def main(train, args_class, argv=None):
     if args.plan:  # before any process group, weights or data
         import memory_plan
 
-        print(memory_plan.plan_from_args(args)[1])
+        try:
+            print(memory_plan.plan_from_args(args)[1])
+        except ValueError as e:
+            raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
         return
     d = setup_distributed(args.dist_timeout)
     name = Path(sys.modules[train.__module__].__file__).name
