@@ -392,6 +392,9 @@ def params_json(ckpt_path) -> Path:
 
 def plan_from_args(args) -> tuple[Plan, str]:
     """A trainer's parsed flags (train_common's CommonArgs and its subclasses) -> (plan, its text)."""
+    if hasattr(args, "num_generations"):
+        raise ValueError("--plan models SFT, DPO and SimPO steps; GRPO's rollouts (whole weights gathered on every "
+                         "rank, the KV cache of micro-batch x --num_generations rows) are not in it yet")
     model_args = ModelArgs.from_json(params_json(args.ckpt_paths[0]))
     preference = hasattr(args, "share_prompt")
     trainer = {"SFTArgs": "SFT", "DPOArgs": "DPO", "SimPOArgs": "SimPO"}.get(type(args).__name__, "training")

@@ -169,6 +169,9 @@ def stand_in_model(local_dir: Path):
     save_hf(hf_model("smollm2", vocab_size=512), local_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / name, local_dir / name)
+    # SmolLM2's own chat template writes its default system prompt: convert.py picks smollm2_chat by it.
+    (local_dir / "chat_template.jinja").write_text("{{ '<|im_start|>system\\nYou are a helpful AI assistant named "
+                                                   "SmolLM, trained by Hugging Face<|im_end|>\\n' }}")
 
 
 def test_first_run_runs_as_written(tmp_path):
