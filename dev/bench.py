@@ -837,14 +837,16 @@ def bench_grpo(root: Path, micro: int, accum: int, steps: int, G: int, N: int, d
     r["speedup"] = r["ours_tokens_per_s"] / r["trl_tokens_per_s"]
     r["rss_ratio"] = r["ours_peak_rss"] / r["trl_peak_rss"]
     gb = 1024**3
+    seconds = {side: ", ".join(f"{x:.1f}" for x in r[f"{side}_seconds"]) for side in ("ours", "trl")}
     print(f"grpo: {steps} steps of {micro} prompts x {accum} accumulation, G {G}, max_completion_length {N}, "
-          f"temperature 1, beta 0; the faster of {rounds} runs per side (ours {', '.join(f'{x:.1f}' for x in r['ours_seconds'])}"
-          f" s, TRL {', '.join(f'{x:.1f}' for x in r['trl_seconds'])} s)")
+          f"temperature 1, beta 0; the faster of {rounds} runs per side (ours {seconds['ours']} s, TRL "
+          f"{seconds['trl']} s)")
     print("| trainer | completion tok/s (whole step) | rollouts' share of the time | training FLOP/s / matmul peak | "
           "mean completion length | peak RSS |\n|---|---|---|---|---|---|")
     for side, name in (("ours", "train_grpo.py"), ("trl", "TRL GRPOTrainer")):
         print(f"| {name} | {r[f'{side}_tokens_per_s']:.0f} | {100 * r[f'{side}_rollout_share']:.0f}% | "
-              f"{100 * r[f'{side}_of_peak']:.1f}% | {r[f'{side}_mean_length']:.1f} | {r[f'{side}_peak_rss'] / gb:.2f} GiB |")
+              f"{100 * r[f'{side}_of_peak']:.1f}% | {r[f'{side}_mean_length']:.1f} | "
+              f"{r[f'{side}_peak_rss'] / gb:.2f} GiB |")
     print(f"  ours / TRL: {r['speedup']:.2f}x completion tokens/s, {r['rss_ratio']:.2f}x peak RSS; matmul peak "
           f"{r['matmul_peak'] / 1e9:.1f} GFLOP/s")
     return r
@@ -893,7 +895,8 @@ def _child_grpo_sharing(job: dict) -> dict:
         ids = torch.tensor(repeated)
         completions = generate_batch(model, prompts, N, 1.0, 1.0, 0, (), g, pad, G)
         assert all(len(c) == N for c in completions)
-        assert hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config).shape[1] == total
+        sampled = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        assert sampled.shape[1] == total
         seconds = _best_times({
             "shared": lambda: generate_batch(model, prompts, N, 1.0, 1.0, 0, (), g, pad, G),
             "unshared": lambda: generate_batch(model, repeated, N, 1.0, 1.0, 0, (), g, pad, 1),
@@ -940,7 +943,8 @@ def bench_grpo_sharing(root: Path, dim: int, layers: int, threads: int = 0, P: i
     results = {}
     for share, x in zip(shares, child["shares"].values()):
         tps, fwd = x["rollout_tokens_per_s"], x["forward_s"]
-        results[share] = {**x, "vs_generate": tps["shared"] / tps["hf"], "prefill_gain": tps["shared"] / tps["unshared"],
+        results[share] = {**x, "vs_generate": tps["shared"] / tps["hf"],
+                          "prefill_gain": tps["shared"] / tps["unshared"],
                           "forward_gain": fwd["unshared"] / fwd["shared"],
                           "positions_saved": 1 - x["positions"]["shared"] / x["positions"]["unshared"],
                           "of_peak": {s: x["flops"][s] / fwd[s] / peak for s in fwd}}
