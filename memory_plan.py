@@ -21,6 +21,9 @@ The model of a step, per rank (world = GPUs per node x nodes):
 The peak is the persistent part (weights, optimizer state, a reference copy) plus the largest of three moments:
 the start of backward (every activation and the logits alive), the top block's backward (every activation and that
 block's workspace) and the end of backward (every gradient alive). Gradients kept across micro-batches count in each.
+GRPO (train_grpo.py) trains on rows of a prompt and its G completions, and adds a fourth moment, its rollouts
+between steps: the whole weights gathered in the compute dtype under FSDP2, the KV cache of micro-batch x G rows,
+the prefill's transients and the sampled logits.
 
 Not counted: the CUDA context and NCCL buffers (0.5-1 GB per GPU), the caching allocator's fragmentation, and
 compiled graphs' workspaces; keep a margin (docs/memory.md: 10% and 1 GiB). On CPU the process itself is counted
@@ -66,6 +69,7 @@ class Plan:
     mode: str  # [fsdp-|ddp-]bf16|fp32: FSDP2 casts its parameters; DDP and one process reach bf16 by autocast
     what: dict = field(default_factory=dict)  # part -> how it was counted, for format_plan
     notes: list = field(default_factory=list)
+    rollouts: int = 0  # GRPO: what its rollouts hold beside the persistent parts (a moment of its own, not a part)
 
     @property
     def fits(self) -> bool:
@@ -189,7 +193,7 @@ def plan_memory(args: ModelArgs, *, micro_batch_size: int = 1, max_seq_len: int 
                 lora_rank: int = 16, lora_targets=LORA_TARGETS, lora_unfrozen_params=(), dp: str = "fsdp",
                 param_dtype: str = "auto", reference: str = "precompute", separate_reference: bool = False,
                 fsdp_grad_sync: str = "every", gpus: str = "8x80GB", nnodes: int = 1,
-                trained_tokens: int | None = None) -> Plan:
+                trained_tokens: int | None = None, grpo: tuple | None = None) -> Plan:
     """Predicted peak memory per rank of an optimizer step, in bytes, by part (see Plan and the module doc).
 
     gpus: '8x80GB' per node (nnodes of them), or 'cpu' / '2xcpu' for the CPU runs the tests measure (peak RSS,
@@ -199,7 +203,11 @@ def plan_memory(args: ModelArgs, *, micro_batch_size: int = 1, max_seq_len: int 
     nothing here but how full the rows are. reference "model" (DPO): a frozen copy, unless LoRA adapters are
     all that trains on the same base (the adapters-off policy is the reference); separate_reference forces
     the copy (--ref_ckpt_paths). fsdp_grad_sync "last": unsharded fp32 gradients between micro-batches.
-    trained_tokens: positions with a target per micro-batch; default all of them, the worst case."""
+    trained_tokens: positions with a target per micro-batch; default all of them, the worst case.
+    grpo: (G, max_completion_length, beta) of a GRPO run, whose micro-batch of P prompts is P rows of the prompt
+    (at most max_seq_len - max_completion_length) and its G completions, and whose rollouts are one more moment:
+    the whole weights gathered (FSDP2), the KV cache of P x G rows, the prefill's transients and the sampled
+    logits; beta > 0 adds the reference copy where DPO's --reference model would have one."""
     per_node, gpu_bytes, device = parse_gpus(gpus)
     world = per_node * nnodes
     if dp == "none" and world > 1:
@@ -220,7 +228,8 @@ def plan_memory(args: ModelArgs, *, micro_batch_size: int = 1, max_seq_len: int 
     weights = ((n["frozen"] * c + n["trainable"] * 4) if lora else n["total"] * 4) / shard
     optimizer = n["trainable"] * 8 / shard
     ref = 0
-    if preference and reference == "model" and (separate_reference or not lora or lora_unfrozen_params):
+    copy = preference and reference == "model" or bool(grpo and grpo[2])
+    if copy and (separate_reference or not lora or lora_unfrozen_params):
         ref = n["total"] * c / shard
     grads = n["trainable"] * 4 / shard  # all of them, once backward is through
     if ddp:
@@ -235,6 +244,10 @@ def plan_memory(args: ModelArgs, *, micro_batch_size: int = 1, max_seq_len: int 
     # activations of one micro-batch
     tokens = micro_batch_size * max_seq_len * (2 if preference else 1)
     trained = tokens if trained_tokens is None else min(trained_tokens, tokens)
+    if grpo:
+        G, completion, _ = grpo
+        tokens = micro_batch_size * (max_seq_len - completion - 1 + G * completion)
+        trained = min(micro_batch_size * G * completion, trained_tokens or tokens)
     block = tokens * block_bytes_per_token(args, c, None if not lora else lora_targets, lora_rank, autocast)
     residual = dim * (4 if autocast and not lora else c)
     rotary = args.head_dim * 4 * (2 if args.layer_types is not None else 1)  # cos, sin [B, 1, T, hd/2] fp32
@@ -296,6 +309,13 @@ def plan_memory(args: ModelArgs, *, micro_batch_size: int = 1, max_seq_len: int 
                               (block if activation_checkpointing else 0) + params_top,
         "backward end": grads + root_grads + tokens * residual + max(adamw_temp, embedding_grad),
     }
+    if grpo:  # between steps: no gradients, no activations
+        rows, cache_bytes = micro_batch_size * G, c if fsdp or lora else 4  # the cache takes output.weight's dtype
+        kv = 2 * L * rows * max_seq_len * args.n_kv_heads * args.head_dim * cache_bytes
+        prompts = micro_batch_size * (max_seq_len - completion)  # the prefill: one block's input, norm, gate, up
+        prefill = prompts * (3 * dim + 3 * args.hidden_dim) * cache_bytes
+        whole = n["total"] * c if fsdp else 0
+        moments["rollouts"] = whole + kv * (1 + 1 / G) + prefill + rows * V * 4 * 3  # cache copied to G rows
     at = max(moments, key=moments.get)
     process = CPU_PROCESS_BYTES if device == "cpu" else 0
     part = f"1/{world} of " if shard > 1 else ""
@@ -315,13 +335,17 @@ def plan_memory(args: ModelArgs, *, micro_batch_size: int = 1, max_seq_len: int 
         "workspace": "backward of the top block" + (": activation gradients, unsharded block gradients"
                                                      if fsdp else "") + (", AdamW's temporary" if adamw_temp else ""),
         "reference": f"a frozen {dtype} copy, {part}{count(n['total'])}" if ref else "-",
+        **({"rollouts": f"{'whole weights gathered + ' if fsdp else ''}KV cache of {micro_batch_size * grpo[0]} "
+                        f"rows x {max_seq_len}, the prefill, the sampled logits"}
+           if grpo else {}),
         "process": "the CPU process before its model (CPU_PROCESS_BYTES)",
     }
     return Plan(weights=int(weights), gradients=int(grads), optimizer=int(optimizer),
                 activations=int(activations), logits=int(logits), gathered=int(gathered),
                 workspace=int(workspace + adamw_temp), reference=int(ref), process=process,
                 peak=int(weights + optimizer + ref + moments[at] + process), at=at, gpu_bytes=gpu_bytes,
-                tokens=tokens, world=world, mode=mode, what=what, notes=notes)
+                tokens=tokens, world=world, mode=mode, what=what, notes=notes,
+                rollouts=int(moments.get("rollouts", 0)))
 
 
 MARGIN_FRACTION, MARGIN_BYTES = 0.10, 1 * GiB  # what the table keeps free: fragmentation, the CUDA context
@@ -364,6 +388,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
     for key, name in names.items():
         if key != "process" or plan.process:
             lines.append(f"  {name:<16} {gib(getattr(plan, key)):>11}  {plan.what.get(key, '')}")
+    if plan.rollouts:
+        lines.append(f"  {'rollouts':<16} {gib(plan.rollouts):>11}  {plan.what['rollouts']}")
     peak = f"  {'peak':<16} {gib(plan.peak):>11}  at {plan.at}"
     if plan.gpu_bytes:
         usable = plan.gpu_bytes * (1 - MARGIN_FRACTION) - MARGIN_BYTES
@@ -392,12 +418,11 @@ def params_json(ckpt_path) -> Path:
 
 def plan_from_args(args) -> tuple[Plan, str]:
     """A trainer's parsed flags (train_common's CommonArgs and its subclasses) -> (plan, its text)."""
-    if hasattr(args, "num_generations"):
-        raise ValueError("--plan models SFT, DPO and SimPO steps; GRPO's rollouts (whole weights gathered on every "
-                         "rank, the KV cache of micro-batch x --num_generations rows) are not in it yet")
     model_args = ModelArgs.from_json(params_json(args.ckpt_paths[0]))
     preference = hasattr(args, "share_prompt")
-    trainer = {"SFTArgs": "SFT", "DPOArgs": "DPO", "SimPOArgs": "SimPO"}.get(type(args).__name__, "training")
+    grpo = (args.num_generations, args.max_completion_length, args.beta) if hasattr(args, "num_generations") else None
+    trainer = {"SFTArgs": "SFT", "DPOArgs": "DPO", "SimPOArgs": "SimPO", "GRPOArgs": "GRPO"}.get(
+        type(args).__name__, "training")
     reference = getattr(args, "reference", "precompute")
     grad_sync = args.fsdp_grad_sync
     plan = plan_memory(model_args, micro_batch_size=args.micro_batch_size_per_gpu, max_seq_len=args.max_seq_len,
@@ -406,10 +431,10 @@ def plan_from_args(args) -> tuple[Plan, str]:
                        lora_rank=args.lora_rank, lora_targets=args.lora_targets,
                        lora_unfrozen_params=args.lora_unfrozen_params, dp=args.dp, param_dtype=args.param_dtype,
                        reference=reference, separate_reference=bool(getattr(args, "ref_ckpt_paths", None)),
-                       fsdp_grad_sync=grad_sync, gpus=args.plan_gpus, nnodes=args.plan_nnodes)
+                       fsdp_grad_sync=grad_sync, gpus=args.plan_gpus, nnodes=args.plan_nnodes, grpo=grpo)
     n = parameter_counts(model_args, args.lora, args.lora_rank, args.lora_targets, args.lora_unfrozen_params)
-    unit = "pairs" if preference else "sequences"
-    layout = "packed rows" if args.pack_samples else "padded"
+    unit = "pairs" if preference else f"prompts x {grpo[0]} completions" if grpo else "sequences"
+    layout = "packed rows" if args.pack_samples or grpo else "padded"
     title = (f"memory plan, per GPU: {trainer}{', reference ' + reference if trainer == 'DPO' else ''}, "
              f"{'LoRA r=' + str(args.lora_rank) if args.lora else 'full fine-tune'} of "
              f"{count(n['total'])} parameters ({count(n['trainable'])} trained), dim {model_args.dim} x "

@@ -124,7 +124,21 @@ class TiktokenTokenizer:
         return ids[kept].tolist(), (ends - nbytes)[kept], ends[kept]
 
     def decode(self, ids) -> str:
-        return self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
+        """Text of ids; an id past the vocabulary (a model's embedding rows padded beyond it, which sampling can
+        reach) has none, as in transformers' decode."""
+        ids = list(ids)
+        try:
+            raw = self._enc.decode_bytes(ids)
+        except KeyError:
+            raw = b"".join(self._enc.decode_single_token_bytes(i) for i in ids if self._known(i))
+        return raw.decode("utf-8", errors="replace")
+
+    def _known(self, i: int) -> bool:
+        try:
+            self._enc.decode_single_token_bytes(i)
+            return True
+        except KeyError:
+            return False
 
     visible = decode  # control tokens by name: decode already writes them so
 
@@ -167,8 +181,8 @@ class SentencePieceTokenizer:
         return ([p.id for p in pieces], np.array([p.begin for p in pieces], dtype=np.int64),
                 np.array([p.end for p in pieces], dtype=np.int64))
 
-    def decode(self, ids) -> str:
-        return self._sp.decode(list(ids))
+    def decode(self, ids) -> str:  # ids past the vocabulary have no text (see TiktokenTokenizer.decode)
+        return self._sp.decode([i for i in ids if 0 <= i < self._sp.get_piece_size()])
 
     def visible(self, ids) -> str:
         """Text of ids with control tokens written by name (`decode` drops them) and sentencepiece's

@@ -16,6 +16,9 @@ and the exit code is the number of failures.
    step-2 checkpoint: step 3 equals the uninterrupted run's.
 4. adamw: fused AdamW on FSDP2 DTensors against foreach (within 1e-6 after 3 steps), then a DCP save and load that
    continues identically (a process group of one).
+5. grpo: a 4-step GRPO run (train_grpo.py, --num_iterations 2, --beta, validation) with --compile
+   --activation_checkpointing against the same run eager: the rollouts decode eagerly and sample the same first
+   batch (same rewards), its two steps' losses within 1e-2 relative, few recompiles and never the limit.
 """
 
 import argparse
@@ -167,6 +170,42 @@ def check_dpo(device: str, root: Path):
            f"step 3 loss {a:.8f} resumed, {b:.8f} uninterrupted ({time.perf_counter() - t:.0f} s for the runs)")
 
 
+# -- 5. a compiled GRPO run ---------------------------------------------------------------------------------------
+def check_grpo(device: str, root: Path):
+    from dev.bench import bench_native, write_bench_pairs
+
+    native = bench_native(root / "model", dim=256, n_layers=4)
+    prompts = write_bench_pairs(root / "prompts.jsonl", 16)  # {"prompt": ...}; chosen, rejected: unused columns
+    rewards = root / "rewards.py"
+    rewards.write_text("def mod7(completion_ids, **kw):\n    return [float(sum(c) % 7) for c in completion_ids]\n")
+    common = ["--ckpt_paths", native, "--template_config", "smollm2_chat", "--train_data_paths", f"jsonl:{prompts}",
+              "--val_data_paths", f"jsonl:{prompts}", "--val_freq", 2, "--reward_funcs", f"{rewards}:mod7",
+              "--max_seq_len", 320, "--num_generations", 4, "--max_completion_length", 32,
+              "--micro_batch_size_per_gpu", 2, "--gradient_accum_steps", 2, "--num_iterations", 2, "--beta", 0.04,
+              "--train_steps", 4, "--lr", 1e-5, "--dp", "fsdp"]
+
+    def run(out: Path, *flags) -> tuple[list[dict], str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(REPO / "train_grpo.py"),
+               *map(str, common), "--output_dir", str(out), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_LOGS": "recompiles"})
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stderr
+
+    t = time.perf_counter()
+    eager, _ = run(root / "eager")
+    compiled, log = run(root / "compiled", "--compile", "--activation_checkpointing")
+    recompiles, limit = log.count("Recompiling function"), "recompile_limit" in log
+    same = [c["reward"] == e["reward"] for c, e in zip(compiled[:2], eager[:2])]
+    rel = max(abs(c["loss"] - e["loss"]) / max(abs(e["loss"]), 1e-6) for c, e in zip(compiled[:2], eager[:2]))
+    report("grpo compiled", all(same) and rel <= 1e-2 and recompiles <= 8 and not limit,
+           f"first rollout batch: same rewards {same}, losses {[round(m['loss'], 6) for m in compiled[:2]]} compiled, "
+           f"{[round(m['loss'], 6) for m in eager[:2]]} eager (max {rel:.1e} relative); {recompiles} recompiles, "
+           f"limit hit: {limit}; rollout {compiled[-1]['rollout_tokens_per_s']:.0f} tok/s, training "
+           f"{compiled[-1]['train_tokens_per_s']:.0f} tok/s compiled ({time.perf_counter() - t:.0f} s for the runs)")
+
+
 # -- 4. fused AdamW on DTensors, DCP round trip ------------------------------------------------------------------
 def check_adamw(device: str, root: Path):
     import torch.distributed as dist
@@ -217,21 +256,21 @@ def check_adamw(device: str, root: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=["flex", "block_mask", "dpo", "adamw"], action="append")
+    ap.add_argument("--only", choices=["flex", "block_mask", "dpo", "adamw", "grpo"], action="append")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("dev/gpu_check.py: no CUDA GPU here; --device cpu runs what the CPU can")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}", flush=True)
     RESULTS.clear()
-    only = args.only or ["flex", "block_mask", "dpo", "adamw"]
+    only = args.only or ["flex", "block_mask", "dpo", "adamw", "grpo"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in (("flex", check_flex), ("block_mask", check_block_mask), ("dpo", check_dpo),
-                            ("adamw", check_adamw)):
+                            ("adamw", check_adamw), ("grpo", check_grpo)):
             if name not in only:
                 continue
             (Path(tmp) / name).mkdir()
             try:
-                check(args.device, Path(tmp) / name) if name in ("dpo", "adamw") else check(args.device)
+                check(args.device, Path(tmp) / name) if name in ("dpo", "adamw", "grpo") else check(args.device)
             except Exception as e:  # one broken check must not hide the others
                 report(name, False, f"{type(e).__name__}: {str(e)[-600:]}")
     failed = sum(status == "FAIL" for _, status in RESULTS)

@@ -388,6 +388,33 @@ def test_peak_rss_matches_the_plan(rss_setup, tmp_path):
     measure_and_plan(rss_setup, tmp_path, RSS_CASES)
 
 
+def test_peak_rss_grpo_matches_the_plan(rss_setup, tmp_path):
+    """GRPO, 2 prompts x 4 completions of up to 64 tokens per micro-batch, with a reference copy (--beta): the
+    plan of rows that hold the longest prompt once and its completions, against the measured peak (15%)."""
+    rng = random.Random(0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(f"What is {rng.randint(1, 99)} plus "
+                                                               f"{rng.randint(1, 99)}?" for _ in range(30))}) + "\n"
+                               for _ in range(8)))
+    rewards = tmp_path / "r.py"
+    rewards.write_text("def mod3(completion_ids, **kw):\n    return [float(sum(c) % 3) for c in completion_ids]\n")
+    out, G, L = tmp_path / "grpo", 4, 64
+    proc = start_run(rss_setup, out, "train_grpo.py", prompts, micro_batch_size_per_gpu=2, num_generations=G,
+                     max_completion_length=L, beta=0.04, reward_funcs=f"{rewards}:mod3")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    measured = max(m["memory_gb"] for m in metrics(out)) * mp.GiB
+    lines = [json.loads(x) for x in (out / "rollouts.jsonl").open()]
+    longest = max(len(x["prompt_ids"]) for x in lines)
+    trained = max(sum(len(x["completion_ids"]) for x in lines[k:k + 2 * G]) for k in range(0, len(lines), 2 * G))
+    plan = mp.plan_memory(rss_setup["args"], micro_batch_size=2, max_seq_len=longest + L, dp="none", gpus="cpu",
+                          trained_tokens=trained, grpo=(G, L, 0.04))
+    print(f"GRPO measured {measured / mp.GiB:.3f} GiB, planned {plan.peak / mp.GiB:.3f} GiB "
+          f"({plan.peak / measured - 1:+.1%}) at {plan.at}; rollouts {plan.rollouts / mp.GiB:.3f} GiB")
+    assert plan.reference > 0 and plan.rollouts > 0
+    assert abs(plan.peak / measured - 1) < 0.15
+
+
 def test_process_baseline_is_the_constant():
     """CPU_PROCESS_BYTES: a trainer process after its imports, torch._dynamo included (AdamW's first step
     imports it), before any model or data."""

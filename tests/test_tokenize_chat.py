@@ -177,6 +177,15 @@ def test_typed_special_strings_are_text(toks):
             assert tok.decode(ids) == s
 
 
+@pytest.mark.parametrize("name", ["llama3", "smollm2", "mistral_v1"])
+def test_ids_past_the_vocabulary_decode_to_nothing(toks, name):
+    """A model's embedding rows padded past its tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens) can be sampled:
+    such an id has no text, as in transformers, instead of an error that ends a GRPO run or a chat."""
+    tok = toks[name]
+    ids = tok.encode("Hello world")
+    assert tok.decode(ids[:1] + [tok.vocab_size + 7, 10**6] + ids[1:]) == tok.decode(ids)
+
+
 def test_token_id_errors_name_the_token(toks):
     with pytest.raises(tc.TokenizerError, match=r"<\|eot_id\|>"):
         toks["mistral_v1"].token_id("<|eot_id|>")
