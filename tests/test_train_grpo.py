@@ -330,11 +330,22 @@ def test_grpo_runs_end_to_end(chat, tmp_path, flags):
     gen.main(["--ckpt_paths", str(out), "--prompt", "What is 1 plus 2?", "--max_new_tokens", "4"])
 
 
+UNEQUAL_ROLLOUTS = """
+    import os, generate
+    _generate_batch = generate.generate_batch
+    def generate_batch(model, prompts, max_new_tokens, *args, **kwargs):
+        n = max_new_tokens if os.environ["RANK"] == "0" else 3
+        return _generate_batch(model, prompts, n, *args, **kwargs)
+    generate.generate_batch = generate_batch
+"""
+
+
 def test_two_processes_fsdp_and_ddp_agree(chat, tmp_path):
     """torchrun, 2 processes (gloo): rollouts gathered from FSDP2 shards for sampling sample what DDP's whole
     copies sample (same rewards), and the two train alike: losses, KL and gradient norms of both --num_iterations
-    steps equal (1e-5 relative)."""
-    from sft_fixtures import free_port, metrics, to_argv, torchrun
+    steps equal (1e-5 relative). Rank 1 decodes 3 tokens where rank 0 decodes up to 8: under FSDP2 each rank
+    decodes on its own gathered weights (decoding through FSDP2's per-block gathers waited for ever)."""
+    from sft_fixtures import metrics, to_argv, torchrun_patched
 
     _, native, _, _ = chat
     rewards = tmp_path / "r.py"
@@ -342,13 +353,14 @@ def test_two_processes_fsdp_and_ddp_agree(chat, tmp_path):
     runs = {}
     for dp in ("fsdp", "ddp"):
         out = tmp_path / dp
-        torchrun("train_grpo.py", to_argv({
+        torchrun_patched(tmp_path, UNEQUAL_ROLLOUTS, "train_grpo.py", to_argv({
             "ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod3",
             "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 4,
             "max_completion_length": 8, "micro_batch_size_per_gpu": 1, "gradient_accum_steps": 2, "train_steps": 2,
-            "beta": 0.04, "num_iterations": 2, "dp": dp, "output_dir": out}), nproc=2, port=free_port())
+            "beta": 0.04, "num_iterations": 2, "dp": dp, "dist_timeout": 0.5, "output_dir": out}))
         runs[dp] = metrics(out)
-        assert (out / "rollouts.jsonl").read_text().count("\n") == 2 * 2 * 4
+        lengths = sorted(len(json.loads(x)["completion_ids"]) for x in (out / "rollouts.jsonl").open())
+        assert len(lengths) == 2 * 2 * 4 and lengths[0] <= 3 < lengths[-1], lengths
     for a, b in zip(runs["fsdp"], runs["ddp"]):
         assert a["reward"] == b["reward"] and a["reward_std"] > 0
         for k in ("loss", "kl", "grad_norm"):
@@ -432,32 +444,6 @@ def test_gradients_equal_across_micro_batches_accumulation_and_processes(chat, t
             rel = float((grads[other][name] - g).norm() / g.norm().clamp(min=1e-30))
             assert rel <= 1e-6, (other, name, rel)
     assert sum(float(g.norm()) for g in grads[1].values()) > 0
-
-
-def test_fsdp_ranks_decode_their_own_number_of_steps(chat, tmp_path):
-    """Two FSDP2 processes whose rollouts stop at different lengths (rank 1 decodes 3 tokens, rank 0 up to 8):
-    each decodes on its own gathered weights, nothing waits on the other."""
-    from sft_fixtures import to_argv, torchrun_patched
-
-    _, native, _, _ = chat
-    rewards = tmp_path / "r.py"
-    rewards.write_text(MOD5_PY)
-    prelude = """
-        import os, generate
-        _generate_batch = generate.generate_batch
-        def generate_batch(model, prompts, max_new_tokens, *args, **kwargs):
-            n = max_new_tokens if os.environ["RANK"] == "0" else 3
-            return _generate_batch(model, prompts, n, *args, **kwargs)
-        generate.generate_batch = generate_batch
-    """
-    out = tmp_path / "out"
-    torchrun_patched(tmp_path, prelude, "train_grpo.py", to_argv({
-        "ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
-        "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 2,
-        "max_completion_length": 8, "micro_batch_size_per_gpu": 1, "gradient_accum_steps": 1, "train_steps": 2,
-        "dp": "fsdp", "dist_timeout": 0.5, "output_dir": out}))
-    lengths = sorted(len(json.loads(x)["completion_ids"]) for x in (out / "rollouts.jsonl").open())
-    assert lengths[0] <= 3 < lengths[-1], lengths
 
 
 # -- resume, LoRA, validation, sources ------------------------------------------------------------------------
