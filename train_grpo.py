@@ -56,8 +56,8 @@ class GRPOArgs(tc.CommonArgs):
     top_k: int = tc.arg(0, help="rollouts: sample among the k likeliest tokens (0: all)")
     epsilon: float = tc.arg(0.2, help="the ratio's lower clip: 1 - epsilon")
     epsilon_high: float = tc.arg(None, help="the ratio's upper clip: 1 + epsilon_high (default: --epsilon)")
-    beta: float = tc.arg(0.0, help="weight of the k3 KL to the reference (the initial weights, a frozen copy); "
-                         "0: no reference")
+    beta: float = tc.arg(0.0, help="weight of the k3 KL to the reference, the initial weights (a frozen copy; with "
+                         "--lora the policy with its adapters off); 0: no reference")
     num_iterations: int = tc.arg(1, help="mu: optimizer steps on each batch of rollouts")
     loss_type: str = tc.arg("dapo", help="dapo: token mean over the step; grpo: mean of per-completion token "
                             "means; dr_grpo: token sum / (completions x max_completion_length)",
