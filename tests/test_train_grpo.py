@@ -635,3 +635,29 @@ def test_compiled_grpo_keeps_few_graphs_and_equals_eager(chat, tmp_path, monkeyp
         assert a["reward"] == b["reward"]
         for k in ("loss", "kl", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), k
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "What is 2 plus', "line 3: malformed JSON"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}',
+     "line 3: the last message is 'assistant'"),
+    ('{"answer": "4"}', "line 3: "),
+])
+def test_bad_prompt_records_name_the_file_and_line(chat, tmp_path, capsys, line, message):
+    """A prompt line that is not JSON, that ends with the assistant, or that holds no prompt: one line naming the
+    file and line, exit 1, nothing trained."""
+    from sft_fixtures import to_argv
+
+    _, native, _, _ = chat
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
+    lines = prompts.read_text().splitlines()
+    prompts.write_text("\n".join(lines[:2] + [line] + lines[2:]) + "\n")
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    with pytest.raises(SystemExit) as e:
+        grpo.main(to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+                           "train_data_paths": f"jsonl:{prompts}", "num_generations": 2, "train_steps": 1,
+                           "output_dir": tmp_path / "out"}))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{prompts} {message}" in err, err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
