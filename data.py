@@ -204,7 +204,9 @@ def _open_source(src: Source, kind: str, seed: int):
             if split not in ds:
                 raise DataError(f"{src.spec}: no split {split!r}; available: {sorted(ds)} (use --*_data_splits)")
             ds = ds[split]
-        need = ["messages"] if kind == "sft" else ["chosen", "rejected"]
+        need = {"sft": ["messages"], "preference": ["chosen", "rejected"]}.get(kind)
+        if kind == "prompt":  # GRPO's prompts, in any of the prompt record forms
+            need = [next((c for c in ("prompt", "messages", "conversations") if c in ds.column_names), "prompt")]
         missing = [c for c in need if c not in ds.column_names]
         if missing:
             raise DataError(f"{src.spec}: missing column {missing[0]!r} for {kind} data (columns: "
@@ -213,6 +215,8 @@ def _open_source(src: Source, kind: str, seed: int):
         if len(ds) == 0:
             raise DataError(f"{src.spec}: the dataset is empty")
         keep = need + (["prompt"] if kind == "preference" and "prompt" in ds.column_names else [])
+        if kind == "prompt":  # every column reaches the reward functions by name
+            keep = ds.column_names
         src.dataset = ds.select_columns(keep)  # never decode columns we do not use
         src.n_total = len(ds)
     src.fingerprint = h.hexdigest()
@@ -276,6 +280,14 @@ def _records(src: Source, payload):
             raise DataError(f"{loc}: JSON that Python cannot hold ({str(e).split(';')[0][:120]}); fix or "
                             f"delete the line") from None
         yield loc, record
+
+
+def read_records(src: Source, kind: str, seed: int = 0):
+    """Every (location, record) of one source, in order (its --*_num_samples subset), read in this process:
+    for data that is not pretokenized into the cache (GRPO's prompts, kind 'prompt')."""
+    _open_source(src, kind, seed)
+    for _, payload in _tasks([src]):
+        yield from _records(src, payload)
 
 
 # -- records -> token ids and loss mask (runs inside the worker processes) ----------------------------------

@@ -140,12 +140,35 @@ def stream_reply(model, tokenizer, prompt_ids, args, stops, generator) -> tuple[
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
+def prompt_ids(record, where: str, system: str | None, tokenizer, template, enable_thinking: bool = True) -> list:
+    """One prompt record -> the token ids that end with the template's generation prompt: {"prompt": str | [...]},
+    {"messages": [...]} or ShareGPT {"conversations": [...]} (read as training records are: OpenAI messages, text
+    parts), ending with a user turn (or tool results), the record's `tools` rendered as the template does. An
+    error names `where` (file:line, a dataset's row)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")  # what an output line will need
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: holds an unpaired surrogate escape (such as \"\\ud83d\"): not valid Unicode "
+                         f"text") from None
+    try:
+        messages = record_conversations(record, "prompt")[0]
+        if system is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True,
+                                       enable_thinking=enable_thinking, tools=record_tools(record))
+    except ConversationError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise ValueError(f"{where}: the last message is {messages[-1]['role']!r}; generation continues a "
+                         f"conversation that ends with a user turn (or tool results)")
+    return ids
+
+
 def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                       enable_thinking: bool = True) -> tuple[list[dict], list[list[int]]]:
-    """Each non-empty line: {"prompt": str | [...]}, {"messages": [...]} or ShareGPT {"conversations": [...]},
-    ending with a user turn (or tool results), with the record's `tools` rendered as the template does. Every line
-    is checked before anything is generated; an error names the file and line."""
-    records, prompt_ids = [], []
+    """Each non-empty line a prompt record (see prompt_ids). Every line is checked before anything is generated;
+    an error names the file and line."""
+    records, ids = [], []
     if not path.is_file():
         raise ValueError(f"--prompts_file {path} not found")
     with open(path, "rb") as f:
@@ -159,29 +182,14 @@ def read_prompts_file(path: Path, system: str | None, tokenizer, template,
                 continue
             try:
                 record = json.loads(line.rstrip("\r\n"))  # columns on the line itself, not past its end
-                json.dumps(record, ensure_ascii=False).encode("utf-8")  # what the output line will need
             except json.JSONDecodeError as e:
                 cut = "; the line ends inside its JSON: cut short?" if e.pos >= len(e.doc.rstrip()) else ""
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){cut}") from None
-            except UnicodeEncodeError:
-                raise ValueError(f"{where}: holds an unpaired surrogate escape (such as \"\\ud83d\"): "
-                                    f"not valid Unicode text") from None
-            try:  # read as training records are: OpenAI messages, text parts, ShareGPT
-                messages = record_conversations(record, "prompt")[0]
-                if system is not None and messages[0]["role"] != "system":
-                    messages = [{"role": "system", "content": system}] + messages
-                ids, _ = tokenize_conversation(messages, tokenizer, template, add_generation_prompt=True,
-                                               enable_thinking=enable_thinking, tools=record_tools(record))
-            except ConversationError as e:
-                raise ValueError(f"{where}: {e}") from None
-            if messages[-1]["role"] not in ("user", "tool"):
-                raise ValueError(f"{where}: the last message is {messages[-1]['role']!r}; generation "
-                                    f"continues a conversation that ends with a user turn (or tool results)")
+            ids.append(prompt_ids(record, where, system, tokenizer, template, enable_thinking))
             records.append(record)
-            prompt_ids.append(ids)
     if not records:
         raise ValueError(f"--prompts_file {path} has no prompts")
-    return records, prompt_ids
+    return records, ids
 
 
 # -- the three modes ------------------------------------------------------------------------------------------

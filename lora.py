@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,9 +92,21 @@ def mark_trainable(model: nn.Module, unfrozen_patterns=()):
 
 
 def set_adapters(model: nn.Module, enabled: bool):
-    """Adapters off = the base model: DPO's reference without a second copy in memory."""
+    """Adapters off = the base model: DPO's and GRPO's reference without a second copy in memory."""
     for m in lora_modules(model):
         m.adapters_enabled = enabled
+
+
+@contextmanager
+def adapters_off(model: nn.Module, enabled: bool = True):
+    """The base model for the time of a forward (when `enabled`: a run without LoRA has nothing to switch)."""
+    if enabled:
+        set_adapters(model, False)
+    try:
+        yield
+    finally:
+        if enabled:
+            set_adapters(model, True)
 
 
 def adapter_state_dict(model_state: dict) -> dict:

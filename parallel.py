@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,10 +249,35 @@ def apply_fsdp(model, param_dtype: torch.dtype):
         # A unit of its own: gathered for the lookup and freed at once, not held whole through the step.
         fully_shard(model.tok_embeddings, mp_policy=mp)
     for i, block in enumerate(model.layers):
-        # The last block is gathered again at once for backward: keep it instead of resharding.
-        fully_shard(block, mp_policy=block_mp, reshard_after_forward=i < len(model.layers) - 1)
+        fully_shard(block, mp_policy=block_mp, reshard_after_forward=reshards_after_forward(model, block))
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def reshards_after_forward(model, unit) -> bool:
+    """apply_fsdp's policy: every unit is freed after its forward but the last block, gathered again at once for
+    backward, and the root, which FSDP2 keeps gathered on its own."""
+    return unit is not model and unit is not model.layers[-1]
+
+
+@contextmanager
+def gathered(model):
+    """Whole weights on every process for forwards each process runs on its own (GRPO's rollouts: each rank
+    decodes until its own rows stop, so forwards that gathered in lockstep would wait for each other for ever):
+    every FSDP2 unit gathered once and kept through the forwards, then resharded and apart again. The root must
+    have run one forward before (FSDP2 sets itself up in it). DDP and one process hold whole weights already."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(reshards_after_forward(model, m), recurse=False)
+        reshard(model)
 
 
 def parallelize(model, d: Dist, dp: str, param_dtype: torch.dtype, activation_checkpointing: bool,

@@ -462,6 +462,7 @@ class Run:
     log: "MetricsLog" = None
     stop: StopSignal = None
     base: list = None  # (file, fingerprint) of what --ckpt_paths loaded (lora.fingerprints), kept in checkpoints
+    state: dict = None  # a trainer's own state for the next checkpoint (GRPO's rollouts in use), given back by start
     drawn: float = field(default_factory=time.perf_counter)  # when metrics.png was last drawn (draw_metrics)
 
 
@@ -476,10 +477,7 @@ def setup(args, d: Dist, kind: str) -> Run:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    # What the run starts from (step checkpoints keep it); fails before any data work when a checkpoint is missing.
-    base = lora.fingerprints(args.ckpt_paths)
-    if args.resume and args.lora:
-        check_base_unchanged(load_extra(checkpoint_dirs(args.output_dir)[-1], d).get("base"), base, d)
+    base = base_fingerprints(args, d)
     tokenizer = load_tokenizer(native_dir(args.ckpt_paths[0]))
     template = load_template(args.template_config, tokenizer)
     train_set, val_set = load_datasets(args, tokenizer, template, kind)
@@ -487,11 +485,7 @@ def setup(args, d: Dist, kind: str) -> Run:
     loader = make_loader(args, train_set, pad_id, d.device)
     val_loader = make_loader(args, val_set, pad_id, d.device, shuffle=False) if val_set is not None else None
     steps = total_steps(args, loader)
-    finished = finished_step(Path(args.output_dir)) if args.resume else None
-    if finished is not None and finished >= steps:  # before anything is loaded or written
-        raise Finished(f"--output_dir {args.output_dir} holds a finished run ({finished} of {steps} steps): "
-                       f"nothing to resume, nothing changed (a larger --train_steps or --train_epochs trains on; "
-                       f"--overwrite trains it again)")
+    check_finished(args, steps)
     print0(batch_summary(args, loader, d, steps))
     model, bare_model, lora_config, input_dtype = load_model(args, d)
     optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
@@ -499,6 +493,24 @@ def setup(args, d: Dist, kind: str) -> Run:
               input_dtype, resolve_dtype(args.param_dtype, d.device), optimizer, steps)
     run.base = base
     return run
+
+
+def base_fingerprints(args, d: Dist) -> list:
+    """What the run starts from (step checkpoints keep it: lora.fingerprints); fails before any data work when a
+    checkpoint is missing, and a LoRA --resume whose base changed stops here (check_base_unchanged)."""
+    base = lora.fingerprints(args.ckpt_paths)
+    if args.resume and args.lora:
+        check_base_unchanged(load_extra(checkpoint_dirs(args.output_dir)[-1], d).get("base"), base, d)
+    return base
+
+
+def check_finished(args, steps: int):
+    """--resume of a run that finished all its steps: nothing to do, said before anything is loaded or written."""
+    finished = finished_step(Path(args.output_dir)) if args.resume else None
+    if finished is not None and finished >= steps:
+        raise Finished(f"--output_dir {args.output_dir} holds a finished run ({finished} of {steps} steps): "
+                       f"nothing to resume, nothing changed (a larger --train_steps or --train_epochs trains on; "
+                       f"--overwrite trains it again)")
 
 
 def check_inputs(args):
@@ -616,16 +628,18 @@ def total_steps(args, loader) -> int:
     return sum(-(-loader.num_steps(e) // args.gradient_accum_steps) for e in range(args.train_epochs))
 
 
-def start(run: Run):
+def start(run: Run) -> dict:
     """With --resume, restore the latest checkpoint (model, optimizer, loader position, RNG); continue
-    metrics.jsonl from that step; from here on, a SIGTERM waits for the end of the step (see StopSignal)."""
-    args = run.args
+    metrics.jsonl from that step; from here on, a SIGTERM waits for the end of the step (see StopSignal).
+    Returns the trainer's own state that checkpoint held (run.state when it was saved; {} without one)."""
+    args, state = run.args, {}
     if args.resume:
         latest = checkpoint_dirs(args.output_dir)[-1]
         extra = load_checkpoint(latest, run.model, run.optimizer, run.d)
         run.loader.load_state_dict(extra["loader"])
         set_rng_state(extra["rng"])
         run.step = extra["step"]
+        state = extra.get("state") or {}
         print0(f"resumed from {latest} at step {run.step}")
     run.log = MetricsLog(args.output_dir, run.d, run.steps, args.print_freq, start_step=run.step,
                          wandb_project=args.wandb_project if args.wandb else None, config=config_dict(args))
@@ -635,6 +649,7 @@ def start(run: Run):
     loader = run.loader  # the loader's own state marks the position for resume
     run.batches = (batch for _ in itertools.count() for batch in loader)
     run.model.train()
+    return state
 
 
 def next_step(run: Run) -> list:
@@ -690,7 +705,8 @@ def end_step(run: Run, metrics: dict) -> bool:
     run.log.log(run.step, {**metrics, "memory_gb": float(peak)})
 
     def checkpoint() -> Path:
-        extra = {"step": run.step, "loader": run.loader.state_dict(), "rng": rng_state(), "base": run.base}
+        extra = {"step": run.step, "loader": run.loader.state_dict(), "rng": rng_state(), "base": run.base,
+                 "state": run.state}
         return save_checkpoint(run.args.output_dir, run.step, run.model, run.optimizer, extra, run.d,
                                run.args.max_checkpoints)
 

@@ -23,7 +23,6 @@ The reference (--ref_ckpt_paths, default --ckpt_paths) comes from one of:
       base).
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,18 +72,6 @@ def dpo_loss(policy_logps, reference_logps, lengths, beta: float, label_smoothin
 
 
 # -- the reference ---------------------------------------------------------------------------------------------
-@contextmanager
-def adapters_off(model, enabled: bool):
-    """The LoRA policy with its adapters disabled is the base model: the reference without a second copy."""
-    if enabled:
-        lora.set_adapters(model, False)
-    try:
-        yield
-    finally:
-        if enabled:
-            lora.set_adapters(model, True)
-
-
 def load_reference_model(args, d: parallel.Dist, param_dtype: torch.dtype):
     """A frozen copy in the compute dtype (nothing updates it, so no fp32 master), in eval mode, without
     activation checkpointing; FSDP2-sharded like the policy (DDP has nothing to synchronise: a plain copy)."""
@@ -128,7 +115,7 @@ def build_reference(run: tc.Run):
     if args.reference == "precompute":
         fingerprint = lora.weights_fingerprint(args.ref_ckpt_paths or args.ckpt_paths, param_dtype)
         ref_model = model if same_base else load_reference_model(args, d, param_dtype)
-        with adapters_off(run.bare_model, args.lora and same_base):
+        with lora.adapters_off(run.bare_model, args.lora and same_base):
             tables = {split: precompute_reference(ref_model, ds, args, d, param_dtype, run.pad_id, fingerprint)
                       for split, ds in (("train", run.train_set), ("val", run.val_set)) if ds is not None}
         del ref_model
@@ -145,7 +132,7 @@ def build_reference(run: tc.Run):
 
     @torch.no_grad()
     def reference(batch, split):
-        with adapters_off(run.bare_model, ref_model is model), parallel.autocast(d, args.dp, param_dtype):
+        with lora.adapters_off(run.bare_model, ref_model is model), parallel.autocast(d, args.dp, param_dtype):
             s = tc.response_logps(ref_model, batch, d.device)[0]
         parallel.reshard(ref_model)
         return s

@@ -25,8 +25,9 @@ step's prompts (micro x accumulation x processes); --num_iterations mu steps tra
 The output dir is a native checkpoint (generate.py, convert.py, the next stage) with metrics.jsonl and
 rollouts.jsonl (one line per completion: step, prompt, prompt_ids, completion_ids as trained, completion, rewards
 by function, reward, advantage).
-Not yet here: --resume, --lora, validation prompts, --pack_samples/--train_data_splits/--train_num_samples
-(each refused with a message), hub and local: prompt sources.
+--resume continues exactly: rollouts are seeded from (seed, step, rank, micro-batch), and a checkpoint taken
+between the --num_iterations steps of one rollout batch keeps that batch. --lora trains adapters (the reference
+of --beta is then the policy with its adapters off). --val_data_paths: the mean reward of greedy completions.
 """
 
 import json
@@ -261,27 +262,28 @@ class Prompts:
     ids: list  # tokenized with the generation prompt
 
 
-def load_prompts(args, tokenizer, template) -> Prompts:
-    """The jsonl prompt sources, each line checked (an error names the file and line); a prompt that leaves no
-    room for --max_completion_length within --max_seq_len is dropped and counted."""
-    from data import parse_sources
-    from generate import read_prompts_file
+def load_prompts(args, tokenizer, template, split: str = "train") -> Prompts:
+    """The prompt sources of --{split}_data_paths (jsonl:, local:, hub names; --{split}_data_splits and
+    --{split}_num_samples as for the other trainers), each record checked (an error names the file and line or
+    the dataset's row); a prompt that leaves no room for --max_completion_length within --max_seq_len is dropped
+    and counted."""
+    from data import parse_sources, read_records
+    from generate import prompt_ids
 
     records, ids = [], []
-    for src in parse_sources(args.train_data_paths):
-        if src.type != "jsonl":
-            raise ValueError(f"--train_data_paths {src.spec}: train_grpo.py reads jsonl: prompt files for now")
-        r, i = read_prompts_file(Path(src.path), None, tokenizer, template)
-        records += r
-        ids += i
+    for src in parse_sources(getattr(args, f"{split}_data_paths"), getattr(args, f"{split}_data_splits") or None,
+                             getattr(args, f"{split}_num_samples") or None):
+        for where, record in read_records(src, "prompt", args.seed):
+            ids.append(prompt_ids(record, where, None, tokenizer, template))
+            records.append(record)
     room = args.max_seq_len - args.max_completion_length
     kept = [k for k, p in enumerate(ids) if len(p) <= room]
     if len(kept) < len(ids):
-        parallel.print0(f"prompts: dropped {len(ids) - len(kept)} of {len(ids)} longer than --max_seq_len "
+        parallel.print0(f"{split} prompts: dropped {len(ids) - len(kept)} of {len(ids)} longer than --max_seq_len "
                         f"{args.max_seq_len} - --max_completion_length {args.max_completion_length} = {room} tokens")
     if not kept:
-        raise ValueError(f"no prompt leaves room for --max_completion_length {args.max_completion_length} within "
-                         f"--max_seq_len {args.max_seq_len}; raise --max_seq_len")
+        raise ValueError(f"--{split}_data_paths: no prompt leaves room for --max_completion_length "
+                         f"{args.max_completion_length} within --max_seq_len {args.max_seq_len}; raise --max_seq_len")
     return Prompts([records[k] for k in kept], [ids[k] for k in kept])
 
 
@@ -328,22 +330,17 @@ class PromptLoader:
 # -- rollouts --------------------------------------------------------------------------------------------------
 @contextmanager
 def whole_weights(run: tc.Run):
-    """The bare Transformer with its whole weights, for generation: under FSDP2 every shard group is gathered
-    (the blocks regather around their own forwards; the root's norm and output are read directly) and
-    resharded after; DDP and a single process hold whole weights already."""
-    from torch.distributed.fsdp import FSDPModule
-
-    sharded = [m for m in run.bare_model.modules() if isinstance(m, FSDPModule)]
+    """The bare Transformer in eval mode with its whole weights, for generation: under FSDP2 every shard group is
+    gathered once and kept through the decoding steps, so each rank decodes on its own, for as many steps as its
+    own rows need (parallel.gathered); DDP and a single process hold whole weights already."""
     was_training = run.model.training
     run.model.eval()
     try:
-        if sharded:  # FSDP2 sets itself up in the root's first forward: one token through it, then gather all
+        if run.args.dp == "fsdp" and dist.is_initialized():  # FSDP2 sets itself up in the root's first forward
             run.model(torch.zeros(1, 1, dtype=torch.long, device=run.d.device))
-        for m in sharded:
-            m.unshard()
-        yield run.bare_model
+        with parallel.gathered(run.bare_model) as model:
+            yield model
     finally:
-        parallel.reshard(run.bare_model)
         run.model.train(was_training)
 
 
@@ -372,12 +369,7 @@ def make_rollouts(run: tc.Run, prompts: Prompts, micro_batches: list, funcs: lis
             prompt_ids += p
     rollout_time = time.perf_counter() - t0
     records = [prompts.records[k] for indices in micro_batches for k in indices for _ in range(G)]
-    inputs = [reward_inputs(r) for r in records]
-    stopped = [bool(c) and c[-1] in stops for c in completion_ids]
-    texts = [tokenizer.decode(c[:-1] if s else c) for c, s in zip(completion_ids, stopped)]
-    completions = [[{"role": "assistant", "content": t}] if chat else t for t, (_, chat, _) in zip(texts, inputs)]
-    columns = {k: [c.get(k) for _, _, c in inputs] for k in dict.fromkeys(k for _, _, c in inputs for k in c)}
-    values, rewards = compute_rewards(funcs, weights, [p for p, _, _ in inputs], completions, completion_ids, columns)
+    inputs, texts, stopped, values, rewards = score(funcs, weights, records, completion_ids, tokenizer, stops)
 
     # Batch statistics over every rank's rollouts: counts, sums and squares (float64), then min and max.
     scored = ~rewards.isnan()
@@ -416,6 +408,44 @@ def make_rollouts(run: tc.Run, prompts: Prompts, micro_batches: list, funcs: lis
             "tokens": int(total_length), "completions": int(n)}
 
 
+def score(funcs: list, weights: list, records: list, completion_ids: list, tokenizer, stops: set) -> tuple:
+    """The reward functions on completions of `records` (one record per completion) -> (reward_inputs of each
+    record, the completions' texts (a stop token is not text), whether a stop token ended each, the values
+    per function [N, F] and the rewards [N], as compute_rewards)."""
+    inputs = [reward_inputs(r) for r in records]
+    stopped = [bool(c) and c[-1] in stops for c in completion_ids]
+    texts = [tokenizer.decode(c[:-1] if s else c) for c, s in zip(completion_ids, stopped)]
+    completions = [[{"role": "assistant", "content": t}] if chat else t for t, (_, chat, _) in zip(texts, inputs)]
+    columns = {k: [c.get(k) for _, _, c in inputs] for k in dict.fromkeys(k for _, _, c in inputs for k in c)}
+    if not records:  # a rank without validation prompts: nothing to call the functions on
+        return inputs, texts, stopped, torch.zeros(0, len(funcs), dtype=torch.float64), torch.zeros(0)
+    values, rewards = compute_rewards(funcs, weights, [p for p, _, _ in inputs], completions, completion_ids, columns)
+    return inputs, texts, stopped, values, rewards
+
+
+def validate(run: tc.Run, val: Prompts, funcs: list, weights: list, tokenizer, stops: set) -> dict:
+    """--val_data_paths: the mean reward of greedy completions (one per prompt, each rank its share of the
+    prompts, in batches of the rollouts' size), per function too, and their mean length."""
+    from generate import generate_batch
+
+    args, d = run.args, run.d
+    mine = list(range(d.rank, len(val.ids), d.world_size))
+    size, completion_ids = args.micro_batch_size_per_gpu * args.num_generations, []
+    with torch.no_grad(), whole_weights(run) as model, parallel.autocast(d, args.dp, run.param_dtype):
+        for k in range(0, len(mine), size):
+            completion_ids += generate_batch(model, [val.ids[i] for i in mine[k:k + size]], args.max_completion_length,
+                                             0.0, stop_ids=stops, pad_id=run.pad_id)
+    _, _, _, values, rewards = score(funcs, weights, [val.records[i] for i in mine], completion_ids, tokenizer, stops)
+    scored = ~rewards.isnan()
+    sums = torch.cat([torch.tensor([scored.sum().item(), rewards[scored].sum().item(),
+                                    sum(len(c) for c in completion_ids), len(mine)], dtype=torch.float64),
+                      (~values.isnan()).sum(0).double(), values.nansum(0)])
+    sums = parallel.all_reduce_sum(sums.to(d.device)).cpu().tolist()
+    F_ = len(funcs)
+    return {"val/reward": sums[1] / max(sums[0], 1), "val/completions/mean_length": sums[2] / max(sums[3], 1),
+            **{f"val/rewards/{name}/mean": sums[4 + F_ + j] / max(sums[4 + j], 1) for j, (name, _) in enumerate(funcs)}}
+
+
 def write_rollouts(run: tc.Run, lines: list, step: int):
     """rollouts.jsonl in the output dir: every rank's lines, written by rank 0."""
     if dist.is_initialized():
@@ -428,20 +458,43 @@ def write_rollouts(run: tc.Run, lines: list, step: int):
                 f.write(json.dumps({"step": step, **line}, ensure_ascii=False) + "\n")
 
 
+def restart_rollouts(run: tc.Run):
+    """rollouts.jsonl at the start: empty; on --resume, its lines up to the resumed step (a rollout batch sampled
+    after the checkpoint is sampled again; a line cut short by a kill ends what is kept)."""
+    if not run.d.main:
+        return
+    path, kept = Path(run.args.output_dir) / "rollouts.jsonl", []
+    if run.args.resume and path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] > run.step:
+                        break
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break
+                kept.append(line)
+    tc.atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
+
+
 def build_reference(run: tc.Run):
-    """beta > 0: batch -> the reference's log-probs of its completion tokens [N], from a frozen copy of the
-    initial weights: in the compute dtype (nothing updates it), eval mode, FSDP2-sharded like the policy (as
-    train_dpo's --reference model)."""
+    """beta > 0: batch -> the reference's log-probs of its completion tokens [N]: the initial weights. With
+    --lora, the policy with its adapters off (no second copy); else (or when --lora_unfrozen_params train base
+    weights) a frozen copy in the compute dtype (nothing updates it), eval mode, FSDP2-sharded like the policy
+    (as train_dpo's --reference model)."""
     import lora
 
     args, d = run.args, run.d
-    ref_model, tensor = lora.meta_model(args.ckpt_paths)
-    ref_model = ref_model.to(dtype=run.param_dtype).requires_grad_(False).eval()
-    ref_model = parallel.parallelize(ref_model, d, args.dp, run.param_dtype, False, args.compile, tensor)
+    if args.lora and not run.lora_config["unfrozen"]:
+        ref_model = run.model
+    else:
+        ref_model, tensor = lora.meta_model(args.ckpt_paths)
+        ref_model = ref_model.to(dtype=run.param_dtype).requires_grad_(False).eval()
+        ref_model = parallel.parallelize(ref_model, d, args.dp, run.param_dtype, False, args.compile, tensor)
 
     @torch.no_grad()
     def reference(batch):
-        with parallel.autocast(d, args.dp, run.param_dtype):
+        with lora.adapters_off(run.bare_model, ref_model is run.model), parallel.autocast(d, args.dp,
+                                                                                           run.param_dtype):
             logps, _ = completion_logprobs(ref_model, batch, d.device)
         parallel.reshard(ref_model)
         return logps
@@ -449,21 +502,16 @@ def build_reference(run: tc.Run):
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-UNSUPPORTED = {"resume": "--resume", "lora": "--lora", "val_data_paths": "--val_data_paths (validation prompts)",
-               "pack_samples": "--pack_samples (GRPO always packs a prompt with its completions)",
-               "train_data_splits": "--train_data_splits", "train_num_samples": "--train_num_samples"}
-
-
 def setup(args: GRPOArgs, d: parallel.Dist) -> tuple:
-    """tc.setup's steps for prompt data: the output dir, seeds, tokenizer and template, the prompts and their
-    loader, the policy, AdamW, the step count (rollout batches x --num_iterations)."""
+    """tc.setup's steps for prompt data: the output dir, seeds, tokenizer and template, the prompts (and
+    validation prompts) and their loader, the policy (LoRA, parallelized), AdamW, the step count (rollout
+    batches x --num_iterations)."""
     import random
 
     from tokenize_chat import load_template, load_tokenizer, stop_token_ids
 
-    for name, flag in UNSUPPORTED.items():
-        if getattr(args, name):
-            raise ValueError(f"{flag} is not supported by train_grpo.py yet")
+    if args.pack_samples:
+        raise ValueError("--pack_samples: train_grpo.py always packs a prompt with its completions; drop the flag")
     if not args.reward_funcs:
         raise ValueError("--reward_funcs is required: path/to/file.py:name of each reward function")
     if args.reward_weights and len(args.reward_weights) != len(args.reward_funcs):
@@ -483,20 +531,24 @@ def setup(args: GRPOArgs, d: parallel.Dist) -> tuple:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    base = tc.base_fingerprints(args, d)
     tokenizer = load_tokenizer(tc.native_dir(args.ckpt_paths[0]))
     template = load_template(args.template_config, tokenizer)
     prompts = load_prompts(args, tokenizer, template)
+    val = load_prompts(args, tokenizer, template, "val") if args.val_data_paths else None
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     loader = PromptLoader(len(prompts.ids), args.micro_batch_size_per_gpu, args.seed, d.rank, d.world_size)
+    steps = tc.total_steps(args, loader) * (1 if args.train_steps else args.num_iterations)
+    tc.check_finished(args, steps)
     model, bare_model, lora_config, input_dtype = tc.load_model(args, d)
     optimizer = tc.build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
-    steps = tc.total_steps(args, loader) * (1 if args.train_steps else args.num_iterations)
-    run = tc.Run(args, d, template, None, None, pad_id, loader, None, model, bare_model, lora_config, input_dtype,
+    run = tc.Run(args, d, template, None, None, pad_id, loader, val, model, bare_model, lora_config, input_dtype,
                  parallel.resolve_dtype(args.param_dtype, d.device), optimizer, steps)
-    run.base = []
+    run.base = base
     parallel.print0(f"rollout batch: {args.micro_batch_size_per_gpu} prompts x {args.gradient_accum_steps} "
                     f"accumulation x {d.world_size} processes, {args.num_generations} completions each; "
-                    f"{args.num_iterations} optimizer step(s) per rollout batch; {steps} steps")
+                    f"{args.num_iterations} optimizer step(s) per rollout batch; {loader.num_steps()} micro-batches "
+                    f"per epoch of {len(prompts.ids)} prompts; {steps} steps")
     return run, prompts, funcs, weights, tokenizer, set(stop_token_ids(tokenizer, template))
 
 
@@ -512,18 +564,23 @@ def train(args: GRPOArgs, d: parallel.Dist):
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     run, prompts, funcs, weights, tokenizer, stops = setup(args, d)
     reference = build_reference(run) if args.beta != 0 else None
-    tc.start(run)
-    if d.main:
-        (Path(args.output_dir) / "rollouts.jsonl").write_text("")
+    # A checkpoint between the --num_iterations steps of one rollout batch holds the batch: resume trains on it.
+    resumed = tc.start(run).get("rollouts")
+    restart_rollouts(run)
     while run.step < run.steps:
-        rollouts = make_rollouts(run, prompts, tc.next_step(run), funcs, weights, tokenizer, stops, reference)
+        if resumed:
+            rollouts, first, resumed = resumed, resumed["iteration"], None
+            begin_step(run)
+        else:
+            rollouts, first = make_rollouts(run, prompts, tc.next_step(run), funcs, weights, tokenizer, stops,
+                                            reference), 0
+            write_rollouts(run, rollouts.pop("lines"), run.step + 1)
         batches = rollouts["batches"]
         # The step's global denominator first, so every micro-batch's gradient is already correctly scaled.
         denominator = loss_denominator(args.loss_type, rollouts["tokens"], rollouts["completions"],
                                        args.max_completion_length)
-        write_rollouts(run, rollouts["lines"], run.step + 1)
-        for iteration in range(args.num_iterations):
-            if iteration:
+        for iteration in range(first, args.num_iterations):
+            if iteration > first:
                 if run.step >= run.steps:
                     break
                 begin_step(run)
@@ -538,8 +595,9 @@ def train(args: GRPOArgs, d: parallel.Dist):
                     if iteration == 0:  # before this rollout batch's first update: the old log-probs
                         batch["old_logps"] = logps.detach()
                     advantages = batch["advantages"].to(d.device)
+                    ref_logps = batch["ref_logps"].to(d.device) if "ref_logps" in batch else None
                     numerator, _, kl, rho = grpo_loss_sum(
-                        logps, batch["old_logps"], batch.get("ref_logps"), advantages, completion, args.loss_type,
+                        logps, batch["old_logps"].to(d.device), ref_logps, advantages, completion, args.loss_type,
                         args.epsilon, args.epsilon_high, args.beta)
                     loss = numerator / denominator
                 # FSDP and DDP average gradients over ranks; the loss is already a global mean, so undo that.
@@ -565,6 +623,11 @@ def train(args: GRPOArgs, d: parallel.Dist):
                        "clip_ratio/low_mean": totals[2] / tokens, "clip_ratio/low_min": float(low_min),
                        "clip_ratio/high_mean": totals[3] / tokens, "clip_ratio/high_max": float(high_max),
                        "clip_ratio/region_mean": totals[4] / tokens}
+            if tc.val_due(run):
+                metrics.update(validate(run, run.val_loader, funcs, weights, tokenizer, stops))
+            more = iteration + 1 < args.num_iterations and run.step < run.steps
+            run.state = {"rollouts": {**rollouts, "iteration": iteration + 1,  # what a checkpoint now must keep
+                                      "batches": [{k: v.cpu() for k, v in b.items()} for b in batches]}} if more else None
             if tc.end_step(run, metrics):
                 return
     tc.save_final(run)

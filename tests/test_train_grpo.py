@@ -1,11 +1,13 @@
 """train_grpo.py: the loss family against a per-sample reference written here with plain loops (float64)."""
 
+import json
 import math
 import random
 
 import pytest
 import torch
 
+import train_common as tc
 import train_grpo as grpo
 
 
@@ -351,3 +353,265 @@ def test_two_processes_fsdp_and_ddp_agree(chat, tmp_path):
         assert a["reward"] == b["reward"] and a["reward_std"] > 0
         for k in ("loss", "kl", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), k
+
+
+# -- gradients across micro-batches, accumulation and processes ----------------------------------------------
+_optimizer_step = tc.optimizer_step
+
+
+def fixed_rollouts(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, generator, pad_id, G):
+    """generate_batch's stand-in: completions that depend on the prompt alone (not on the rank, the micro-batch
+    or the weights), of lengths 1..max_new_tokens, some ended by a stop token."""
+    out = []
+    for p in prompts:
+        for g in range(G):
+            rng = random.Random(f"{p}/{g}")
+            c = [rng.randrange(3, 200) for _ in range(rng.randint(1, max_new_tokens))]
+            if rng.random() < 0.3:
+                c[-1] = min(stop_ids)
+            out.append(c)
+    return out
+
+
+def dumping_optimizer_step(run, loss, tokens):
+    """tc.optimizer_step that first saves the step's whole gradients (gathered from FSDP2's shards) to
+    $GRAD_DUMP, rank 0 writing."""
+    import os
+
+    grads = {}
+    for name, p in run.model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name.removeprefix("module.")] = g.detach().clone()
+    if run.d.main:
+        torch.save(grads, os.environ["GRAD_DUMP"])
+    return _optimizer_step(run, loss, tokens)
+
+
+MOD5_PY = "def mod5(completion_ids, **kw):\n    return [float(sum(ids) % 5) for ids in completion_ids]\n"
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_gradients_equal_across_micro_batches_accumulation_and_processes(chat, tmp_path, monkeypatch, loss_type):
+    """On the same rollouts (fixed completions, so sampling plays no part), the first step's gradients are the same
+    for micro 1 x accum 8, micro 8 x accum 1 and (dapo) 2 FSDP processes x micro 1 x accum 4, to 1e-6 relative:
+    the loss is normalised once over the whole step (TRL #5619's bug class)."""
+    import generate
+
+    from sft_fixtures import to_argv, torchrun_patched
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    monkeypatch.setattr(generate, "generate_batch", fixed_rollouts)
+    monkeypatch.setattr(tc, "optimizer_step", dumping_optimizer_step)
+
+    def flags(out, micro, accum):
+        return to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+                        "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}",
+                        "num_generations": 4, "max_completion_length": 8, "micro_batch_size_per_gpu": micro,
+                        "gradient_accum_steps": accum, "train_steps": 1, "loss_type": loss_type, "output_dir": out})
+
+    grads = {}
+    for micro, accum in ((1, 8), (8, 1)):
+        monkeypatch.setenv("GRAD_DUMP", str(tmp_path / f"g{micro}.pt"))
+        grpo.main(flags(tmp_path / f"m{micro}", micro, accum))
+        grads[micro] = torch.load(tmp_path / f"g{micro}.pt")
+    if loss_type == "dapo":
+        prelude = f"""
+            import os, generate, train_common
+            from test_train_grpo import fixed_rollouts, dumping_optimizer_step
+            os.environ["GRAD_DUMP"] = {str(tmp_path / "g2.pt")!r}
+            train_common.optimizer_step = dumping_optimizer_step
+            generate.generate_batch = fixed_rollouts
+        """
+        torchrun_patched(tmp_path, prelude, "train_grpo.py", [*flags(tmp_path / "two", 1, 4), "--dp", "fsdp"])
+        grads[2] = torch.load(tmp_path / "g2.pt")
+    for other in [k for k in grads if k != 1]:
+        assert grads[other].keys() == grads[1].keys()
+        for name, g in grads[1].items():
+            rel = float((grads[other][name] - g).norm() / g.norm().clamp(min=1e-30))
+            assert rel <= 1e-6, (other, name, rel)
+    assert sum(float(g.norm()) for g in grads[1].values()) > 0
+
+
+def test_fsdp_ranks_decode_their_own_number_of_steps(chat, tmp_path):
+    """Two FSDP2 processes whose rollouts stop at different lengths (rank 1 decodes 3 tokens, rank 0 up to 8):
+    each decodes on its own gathered weights, nothing waits on the other."""
+    from sft_fixtures import to_argv, torchrun_patched
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    prelude = """
+        import os, generate
+        _generate_batch = generate.generate_batch
+        def generate_batch(model, prompts, max_new_tokens, *args, **kwargs):
+            n = max_new_tokens if os.environ["RANK"] == "0" else 3
+            return _generate_batch(model, prompts, n, *args, **kwargs)
+        generate.generate_batch = generate_batch
+    """
+    out = tmp_path / "out"
+    torchrun_patched(tmp_path, prelude, "train_grpo.py", to_argv({
+        "ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+        "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 2,
+        "max_completion_length": 8, "micro_batch_size_per_gpu": 1, "gradient_accum_steps": 1, "train_steps": 2,
+        "dp": "fsdp", "dist_timeout": 0.5, "output_dir": out}))
+    lengths = sorted(len(json.loads(x)["completion_ids"]) for x in (out / "rollouts.jsonl").open())
+    assert lengths[0] <= 3 < lengths[-1], lengths
+
+
+# -- resume, LoRA, validation, sources ------------------------------------------------------------------------
+def stopping_rewards(path, signal_name: str, at_call: int, marker):
+    """A reward file whose function sends its own process `signal_name` at its `at_call`-th call, once (a marker
+    file remembers), then scores as mod5."""
+    path.write_text(f"""
+import os, signal
+from pathlib import Path
+calls = 0
+
+def mod5(completion_ids, **kw):
+    global calls
+    calls += 1
+    if calls == {at_call} and not Path({str(marker)!r}).exists():
+        Path({str(marker)!r}).touch()
+        os.kill(os.getpid(), signal.{signal_name})
+    return [float(sum(ids) % 5) for ids in completion_ids]
+""")
+    return path
+
+
+def test_resume_after_sigterm_and_kill9_reproduces_the_run(chat, tmp_path):
+    """--num_iterations 2, 8 steps (rollout batches at steps 1, 3, 5, 7). SIGTERM during step 3's rollouts stops
+    after step 3 with a checkpoint that holds the rollout batch in use (mid-batch); kill -9 during step 7's
+    rollouts leaves the step 4 checkpoint and step 5's rollouts.jsonl lines after it. Each resumed run's
+    rollouts.jsonl and losses equal the uninterrupted run's."""
+    import subprocess
+    import sys
+
+    import parallel
+    from sft_fixtures import REPO, env, metrics, to_argv
+
+    _, native, _, _ = chat
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+
+    def flags(out, rewards, **more):
+        return to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+                        "train_data_paths": f"jsonl:{prompts}", "num_generations": 4, "max_completion_length": 6,
+                        "micro_batch_size_per_gpu": 2, "gradient_accum_steps": 1, "num_iterations": 2,
+                        "train_steps": 8, "beta": 0.04, "lr": 1e-3, "output_dir": out, **more})
+
+    full = tmp_path / "full"
+    grpo.main(flags(full, stopping_rewards(tmp_path / "never.py", "SIGTERM", 0, tmp_path / "m0")))
+
+    def same_as_full(out):
+        assert (out / "rollouts.jsonl").read_text() == (full / "rollouts.jsonl").read_text()
+        assert [m["step"] for m in metrics(out)] == list(range(1, 9))
+        for a, b in zip(metrics(out), metrics(full), strict=True):
+            for k in ("loss", "kl", "reward", "grad_norm"):
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+    out = tmp_path / "term"
+    rewards = stopping_rewards(tmp_path / "term.py", "SIGTERM", 2, tmp_path / "m1")
+    with pytest.raises(SystemExit) as e:
+        grpo.main(flags(out, rewards))
+    assert e.value.code == 143
+    [latest] = parallel.checkpoint_dirs(out)
+    assert latest.name == "step_00000003"
+    assert torch.load(latest / "extra_rank0.pt", weights_only=False)["state"]["rollouts"]["iteration"] == 1
+    grpo.main(flags(out, rewards, resume=True))
+    same_as_full(out)
+
+    out = tmp_path / "kill"
+    rewards = stopping_rewards(tmp_path / "kill.py", "SIGKILL", 4, tmp_path / "m2")
+    proc = subprocess.run([sys.executable, str(REPO / "train_grpo.py"), *flags(out, rewards, save_freq=4)],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in parallel.checkpoint_dirs(out)] == ["step_00000004"]
+    assert {json.loads(x)["step"] for x in (out / "rollouts.jsonl").open()} == {1, 3, 5}
+    grpo.main(flags(out, rewards, save_freq=4, resume=True))
+    same_as_full(out)
+
+
+def test_lora_with_its_adapters_off_as_the_reference(chat, tmp_path):
+    """--lora --beta: the reference is the policy with its adapters off (B = 0 at the start, so the first step's
+    KL is exactly 0; the second, after an update, is not); step checkpoints hold the adapters alone; the output
+    dir generates."""
+    import generate as gen
+    import parallel
+    from sft_fixtures import metrics, to_argv
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    out = tmp_path / "out"
+    grpo.main(to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+                       "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 4,
+                       "max_completion_length": 6, "micro_batch_size_per_gpu": 2, "num_iterations": 2, "train_steps": 3,
+                       "beta": 0.1, "lora": True, "lora_rank": 4, "lora_alpha": 8, "lr": 1e-2, "save_freq": 1,
+                       "max_checkpoints": 1, "output_dir": out}))
+    m = metrics(out)
+    assert m[0]["kl"] == 0 and m[1]["kl"] > 0
+    from torch.distributed.checkpoint import FileSystemReader
+    held = [k for k in FileSystemReader(str(parallel.checkpoint_dirs(out)[-1])).read_metadata().state_dict_metadata
+            if k.startswith("model.")]
+    assert held and all(".lora_" in k for k in held), held
+    gen.main(["--ckpt_paths", str(out), "--prompt", "What is 1 plus 2?", "--max_new_tokens", "4"])
+
+
+def test_validation_is_the_mean_reward_of_greedy_completions(chat, tmp_path):
+    """--val_data_paths with --val_freq 2 over 3 steps: val/reward at steps 2 and 3; at step 3 it equals the mean
+    reward of the saved model's greedy completions of the validation prompts, computed here."""
+    from generate import generate_batch
+    from model import Transformer
+    from sft_fixtures import metrics, to_argv
+    from tokenize_chat import stop_token_ids
+
+    _, native, tok, tpl = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text(MOD5_PY)
+    val = write_prompts(tmp_path / "val.jsonl", n=5)
+    out = tmp_path / "out"
+    grpo.main(to_argv({"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:mod5",
+                       "train_data_paths": f"jsonl:{write_prompts(tmp_path / 'prompts.jsonl')}", "num_generations": 2,
+                       "max_completion_length": 6, "micro_batch_size_per_gpu": 2, "train_steps": 3, "lr": 1e-2,
+                       "val_data_paths": f"jsonl:{val}", "val_freq": 2, "output_dir": out}))
+    m = metrics(out)
+    assert ["val/reward" in x for x in m] == [False, True, True]
+    model = Transformer.from_pretrained(out).eval()
+    records, ids = __import__("generate").read_prompts_file(val, None, tok, tpl)
+    completions = generate_batch(model, ids, 6, 0.0, stop_ids=stop_token_ids(tok, tpl), pad_id=tok.eos_id)
+    expected = sum(sum(c) % 5 for c in completions) / len(completions)
+    assert m[2]["val/reward"] == pytest.approx(expected, abs=1e-9)
+    assert m[2]["val/rewards/mod5/mean"] == m[2]["val/reward"]
+    assert m[2]["val/completions/mean_length"] == pytest.approx(sum(map(len, completions)) / len(completions))
+
+
+def test_prompts_from_a_saved_dataset_with_its_columns_and_a_subset(chat, tmp_path, capsys):
+    """A local: (save_to_disk) prompt source: its other columns reach the reward function by name,
+    --train_num_samples draws a subset; a record that is not a prompt names its row."""
+    import datasets
+
+    from sft_fixtures import to_argv
+
+    _, native, _, _ = chat
+    rewards = tmp_path / "r.py"
+    rewards.write_text("def uses_answer(completion_ids, answer, **kw):\n"
+                       "    return [float(a) + len(c) for c, a in zip(completion_ids, answer)]\n")
+    rows = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(10)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "out"
+    base = {"ckpt_paths": native, "template_config": "chatml", "reward_funcs": f"{rewards}:uses_answer",
+            "num_generations": 2, "max_completion_length": 4, "micro_batch_size_per_gpu": 2, "train_steps": 2,
+            "output_dir": out}
+    grpo.main(to_argv({**base, "train_data_paths": f"local:{tmp_path / 'ds'}", "train_num_samples": 4}))
+    lines = [json.loads(x) for x in (out / "rollouts.jsonl").open()]
+    answers = {r["prompt"]: r["answer"] for r in rows}
+    for x in lines:
+        assert x["reward"] == float(answers[x["prompt"]]) + len(x["completion_ids"])
+    assert len({x["prompt"] for x in lines}) == 4  # 4 of the 10 prompts, each in one of 2 steps x 2 prompts
+    datasets.Dataset.from_list([{"prompt": [{"role": "assistant", "content": "Hi"}], "answer": "1"}] * 4) \
+        .save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(SystemExit) as e:
+        grpo.main(to_argv({**base, "train_data_paths": f"local:{tmp_path / 'bad'}", "overwrite": True}))
+    assert e.value.code == 1
+    assert f"local:{tmp_path / 'bad'} [train] row 0: the last message is 'assistant'" in capsys.readouterr().err
